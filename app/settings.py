@@ -20,6 +20,10 @@ from pydantic_settings import (
 )
 
 from knowledge.embedding import EmbeddingSettings
+from llms.base import GenerationOptions
+from llms.llamacpp import LlamaCppSettings
+from llms.openai_backend import OpenAISettings
+from llms.transformers_backend import TransformersSettings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yml"
 
@@ -57,6 +61,52 @@ class SearchSettings(_Section):
     top_k: int = Field(5, ge=1, le=100)
 
 
+class LLMSettings(_Section):
+    backend: str = Field("default", description="default, openai, moss, llama, baichuan, or a plugin's name")
+    max_concurrent: int = Field(2, ge=1, description="generations at once per process; more wait in a queue")
+    default: LlamaCppSettings = LlamaCppSettings()
+    openai: OpenAISettings = OpenAISettings()
+    moss: TransformersSettings = TransformersSettings(model="fnlp/moss-moon-003-sft", context_window=2048)
+    llama: TransformersSettings = TransformersSettings(model="meta-llama/Llama-2-7b-chat-hf", context_window=4096)
+    baichuan: TransformersSettings = TransformersSettings(model="baichuan-inc/Baichuan2-7B-Chat", context_window=4096)
+    plugins: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options of plugin backends")
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        section = getattr(self, name, None)
+        if isinstance(section, BaseModel):
+            return section.model_dump()
+        return dict(self.plugins.get(name, {}))
+
+
+SEED_SYSTEM_PROMPT_ZH = "学习以下文段, 用中文回答用户问题。如果无法从中得到答案，忽略文段内容并用中文回答用户问题。"
+SEED_SYSTEM_PROMPT_EN = (
+    "Study the passages below and answer the user's question in English. If the answer cannot be found in "
+    "them, ignore the passages and answer the question in English."
+)
+
+
+class ChatSettings(_Section):
+    system_prompt_zh: str = SEED_SYSTEM_PROMPT_ZH
+    system_prompt_en: str = SEED_SYSTEM_PROMPT_EN
+    context_template_zh: str = (
+        "{passages}\n\n问题：{question}\n（请尽量引用上面文段的原文作答，并注明出处编号；"
+        "如果文段中没有答案，先说明“文段中没有找到答案”。）"
+    )
+    context_template_en: str = (
+        "{passages}\n\nQuestion: {question}\n(Quote the passages above where you can and cite their numbers; "
+        "if they do not contain the answer, say so first.)"
+    )
+    passage_template: str = "[{n}] {file}{page}\n{text}"
+    top_k: int = Field(5, ge=0, le=50, description="passages retrieved per question; 0 = no retrieval")
+    generation: GenerationOptions = GenerationOptions(temperature=0.3)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the UI to the network")
+    port: int = Field(7860, ge=1, le=65535)
+    max_upload_mb: float = Field(100.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ZHIKU_",
@@ -72,6 +122,9 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     store: StoreSettings = StoreSettings()
     search: SearchSettings = SearchSettings()
+    llm: LLMSettings = LLMSettings()
+    chat: ChatSettings = ChatSettings()
+    server: ServerSettings = ServerSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -207,6 +207,11 @@ class FaissKnowledgeBase:
             kb._write_manifest()
         return kb
 
+    def is_stale(self) -> bool:
+        """Whether another process committed a newer generation since this one was opened."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return row is not None and int(row[0]) != self.manifest.generation
+
     def check_compatible(self, model_id: str, dim: int) -> None:
         """Vectors of two models never mix: refuse, and say how to fix it."""
         m = self.manifest

@@ -30,3 +30,12 @@ def register_loaders(register: RegisterLoader) -> None:
 @hookspec
 def register_embedders(register: RegisterEmbedder) -> None:
     """Register embedding backends by name, e.g. ``register("my-embedder", factory)``."""
+
+
+# register(name, factory): factory(options: dict) -> llms.base.ChatBackend
+RegisterLLM = Callable[[str, Any], None]
+
+
+@hookspec
+def register_llms(register: RegisterLLM) -> None:
+    """Register chat backends by name, e.g. ``register("my-llm", factory)``."""

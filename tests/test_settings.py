@@ -6,13 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import DEFAULT_CONFIG, ConfigError, load_settings
+from app.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 
 
 def test_repo_config_matches_the_defaults() -> None:
     s = load_settings(DEFAULT_CONFIG)
     assert s.data_dir == DEFAULT_CONFIG.parent / "memory"
     assert (s.chunking.chunk_size, s.chunking.chunk_overlap, s.embedding.backend) == (300, 50, "auto")
+
+
+def test_config_yml_spells_out_exactly_the_code_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    # config.yml is where users read the defaults: it must not drift from the typed models
+    for var in [v for v in __import__("os").environ if v.startswith("ZHIKU_")]:
+        monkeypatch.delenv(var)
+    from_file = load_settings(DEFAULT_CONFIG).model_dump(exclude={"data_dir"})
+    assert from_file == Settings().model_dump(exclude={"data_dir"})
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:

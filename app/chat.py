@@ -6,6 +6,7 @@ each call gets the conversation's history and settings, so browser sessions neve
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import uuid
@@ -147,6 +148,8 @@ class ChatService:
         yield SourcesEvent([Source.from_hit(h) for h in hits])
         backend, slot = self._backend_and_slot()
         messages = fit_messages(backend, self.build_messages(request, hits), options.max_new_tokens)
-        with slot:  # bounded concurrency: extra requests wait here, in arrival order
-            for piece in backend.stream(messages, options):
+        # bounded concurrency: extra requests wait here; closing() ends the generation as soon as the
+        # consumer stops (UI stop button, client gone) instead of whenever the generator is collected
+        with slot, contextlib.closing(backend.stream(messages, options)) as pieces:
+            for piece in pieces:
                 yield TextEvent(piece)

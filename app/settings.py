@@ -88,14 +88,8 @@ SEED_SYSTEM_PROMPT_EN = (
 class ChatSettings(_Section):
     system_prompt_zh: str = SEED_SYSTEM_PROMPT_ZH
     system_prompt_en: str = SEED_SYSTEM_PROMPT_EN
-    context_template_zh: str = (
-        "{passages}\n\n问题：{question}\n（请尽量引用上面文段的原文作答，并注明出处编号；"
-        "如果文段中没有答案，先说明“文段中没有找到答案”。）"
-    )
-    context_template_en: str = (
-        "{passages}\n\nQuestion: {question}\n(Quote the passages above where you can and cite their numbers; "
-        "if they do not contain the answer, say so first.)"
-    )
+    context_template_zh: str = "{passages}\n\n问题：{question}\n（回答时请引用上面文段的原文。）"
+    context_template_en: str = "{passages}\n\nQuestion: {question}\n(Quote the passages above in your answer.)"
     passage_template: str = "[{n}] {file}{page}\n{text}"
     top_k: int = Field(5, ge=0, le=50, description="passages retrieved per question; 0 = no retrieval")
     generation: GenerationOptions = GenerationOptions(temperature=0.3)

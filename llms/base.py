@@ -7,7 +7,7 @@ window; :func:`fit_messages` trims history oldest-first so that the prompt plus 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -54,10 +54,11 @@ class ChatBackend(Protocol):
         ...
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
-        """Prompt tokens of ``messages`` in this backend's own format (generation prompt included)."""
+        """Prompt tokens of ``messages`` in this backend's own format (with the generation prompt when the
+        last message is the user's)."""
         ...
 
-    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
         """Yield the reply in pieces; stops at the model's end marker, a stop string or max_new_tokens."""
         ...
 
@@ -68,8 +69,10 @@ LLMFactory = Callable[[dict[str, Any]], ChatBackend]
 def fit_messages(backend: ChatBackend, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:
     """Drop the oldest turns (never the system prompt or the newest user message) until the prompt plus
     ``max_new_tokens`` fits the context window. Assistant replies go with the user turn before them."""
-    system = [m for m in messages if m.role == "system"][:1]
-    turns = [m for m in messages if m.role != "system"]
+    if any(m.role == "system" for m in messages[1:]):
+        raise ValueError("a system message may only come first")
+    system = list(messages[:1]) if messages and messages[0].role == "system" else []
+    turns = list(messages[len(system) :])
     if not turns or turns[-1].role != "user":
         raise ValueError("the last message must be the user's")
     budget = backend.context_window - max_new_tokens

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ class LlamaCppBackend:
         llm = self._load()
         return len(llm.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True))
 
-    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
         with self._lock:
             llm = self._load()
             chunks = llm.create_chat_completion(
@@ -182,7 +182,7 @@ class ExtractiveBackend:
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return sum(len(m.content) for m in messages)
 
-    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
         last = messages[-1]
         zh = any("\u4e00" <= ch <= "\u9fff" for ch in last.content)
         if not last.context:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -58,7 +58,7 @@ class OpenAIBackend:
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return sum(estimate_tokens(m.content) + 4 for m in messages) + 2  # + role/turn markers
 
-    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
         from openai import APIConnectionError, APIStatusError
 
         try:

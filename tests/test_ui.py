@@ -219,6 +219,9 @@ def effective_prompt(page: Any) -> str:
 def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
     context, page = open_page(browser, server)
     choose(page, "kb", "samples")
+    # a prompt that asks for more than two words, so the answer visibly streams in several steps
+    prompt = "学习以下文段，先复述文段中与问题有关的原文，再用中文回答用户问题。"
+    page.locator("#system-prompt textarea").fill(prompt)
     page.evaluate(WATCH_ANSWER)
     ask(page, QUESTION)
     wait_answered(page, 1)
@@ -234,7 +237,7 @@ def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
     assert len(set(partials)) >= 2, f"expected the answer to grow in at least two steps, saw {seen}"
     assert all(final.startswith(p) for p in partials), seen
     assert "taohuayuanji.txt" in page.locator("#sources").inner_text()
-    assert effective_prompt(page) == server.service.settings.chat.system_prompt_zh
+    assert effective_prompt(page) == prompt
     assert page.locator("#question textarea").input_value() == ""
 
     SCREENSHOT.parent.mkdir(exist_ok=True)

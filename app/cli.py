@@ -173,6 +173,52 @@ def serve(
         launch(ChatService(app), host=host, port=port)
 
 
+@cli.command("eval")
+def evaluate_cmd(
+    questions: Annotated[Path, typer.Argument(help="JSON Lines: {question, answers: [...], lang?, id?} per line")],
+    kb: KbOpt,
+    budget: Annotated[int, typer.Option(help="context budget in characters for recall@budget")] = 1500,
+    k: Annotated[
+        int | None, typer.Option("-k", "--top-k", help="passages in the context (default: chat.top_k)")
+    ] = None,
+    compare: Annotated[bool, typer.Option(help="also run plain vector top-k, side by side")] = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Measure retrieval on questions with known answers: recall@1/3/5/10, recall@budget, MRR, latency."""
+    from knowledge.evaluation import evaluate, load_questions
+    from knowledge.retrieval import RetrievalSettings
+
+    with _app(config, data_dir) as app, app.open_kb(kb, readonly=True) as store:
+        qs = load_questions(questions)
+        top = k or app.settings.chat.top_k
+        pipelines = {"pipeline": app.retriever(store)}
+        if compare:
+            plain = RetrievalSettings(mode="vector", expand_window=0, min_similarity=0.0)
+            pipelines["vector"] = app.retriever(store, plain)
+        results = {
+            name: evaluate(
+                qs,
+                r.search,
+                lambda q, b, r=r: [p.text for p in r.context(q, top, budget=b, measure=len)],  # type: ignore[misc]
+                budget_chars=budget,
+            ).to_json()
+            for name, r in pipelines.items()
+        }
+    if as_json:
+        out = dict(results["pipeline"])
+        if compare:
+            out["compare"] = {"vector": results["vector"]}
+        _print_json(out)
+        return
+    names = list(results)
+    typer.echo(f"{'':>20}" + "".join(f"{n:>12}" for n in names))
+    for key, value in results["pipeline"].items():
+        if isinstance(value, int | float):
+            typer.echo(f"{key:>20}" + "".join(f"{results[n][key]:>12}" for n in names))
+
+
 @kb_cli.command("list")
 def kb_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """List knowledge bases."""

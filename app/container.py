@@ -17,7 +17,7 @@ from knowledge.catalog import Catalog
 from knowledge.embedding import Embedder, EmbedderFactory, auto_backend, backend_of
 from knowledge.ingest import Ingestor
 from knowledge.loaders import LoaderRegistry
-from knowledge.retrieval import VectorRetriever
+from knowledge.retrieval import CrossEncoderReranker, Reranker, RetrievalSettings, Retriever
 from knowledge.store import FaissKnowledgeBase, Manifest, StoreError
 from llms import plugin as llms_plugin
 from llms.base import LLMFactory
@@ -31,6 +31,7 @@ class Zhiku:
         self.settings = settings
         self._entry_points = entry_points
         self._embedders: dict[str, Embedder] = {}
+        self._rerankers: dict[str, Reranker] = {}
 
     @cached_property
     def plugins(self) -> pluggy.PluginManager:
@@ -106,5 +107,13 @@ class Zhiku:
             max_file_mb=s.ingest.max_file_mb,
         )
 
-    def retriever(self, kb: FaissKnowledgeBase) -> VectorRetriever:
-        return VectorRetriever(kb, self.embedder(kb.manifest))
+    def retriever(self, kb: FaissKnowledgeBase, settings: RetrievalSettings | None = None) -> Retriever:
+        """The configured retrieval pipeline (or ``settings``, e.g. plain vector top-k to compare)."""
+        settings = settings or self.settings.retrieval
+        reranker = self.reranker(settings.reranker) if settings.reranker else None
+        return Retriever(kb, self.embedder(kb.manifest), settings, reranker)
+
+    def reranker(self, model: str) -> Reranker:
+        if model not in self._rerankers:
+            self._rerankers[model] = CrossEncoderReranker(model)
+        return self._rerankers[model]

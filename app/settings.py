@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from knowledge.embedding import EmbeddingSettings
+from knowledge.retrieval import RetrievalSettings
 from llms.base import GenerationOptions
 from llms.llamacpp import LlamaCppSettings
 from llms.openai_backend import OpenAISettings
@@ -90,6 +91,8 @@ class ChatSettings(_Section):
     system_prompt_en: str = SEED_SYSTEM_PROMPT_EN
     context_template_zh: str = "{passages}\n\n问题：{question}\n（回答时请引用上面文段的原文。）"
     context_template_en: str = "{passages}\n\nQuestion: {question}\n(Quote the passages above in your answer.)"
+    no_context_template_zh: str = "（知识库中没有找到与问题相关的文段。）\n问题：{question}"
+    no_context_template_en: str = "(No relevant passage was found in the knowledge base.)\nQuestion: {question}"
     passage_template: str = "[{n}] {file}{page}\n{text}"
     top_k: int = Field(5, ge=0, le=50, description="passages retrieved per question; 0 = no retrieval")
     generation: GenerationOptions = GenerationOptions(temperature=0.3)
@@ -116,6 +119,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     store: StoreSettings = StoreSettings()
     search: SearchSettings = SearchSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
     llm: LLMSettings = LLMSettings()
     chat: ChatSettings = ChatSettings()
     server: ServerSettings = ServerSettings()

@@ -25,6 +25,7 @@ import numpy as np
 from knowledge.chunking import ChineseTextSplitter
 from knowledge.cleaning import clean_pages
 from knowledge.embedding import Embedder
+from knowledge.lexical import fts_document
 from knowledge.loaders import LoaderRegistry, LoadError, load_file
 from knowledge.store import FaissKnowledgeBase, FileRecord, NewChunk
 
@@ -111,7 +112,16 @@ def parse_file(path: str, registry: LoaderRegistry, chunk_size: int, chunk_overl
     for c in chunks:
         h = text_hash(c.embed_text)
         embed_texts[h] = c.embed_text
-        new.append(NewChunk(text=c.text, text_hash=h, page=c.page, offset=c.offset, heading=c.heading))
+        new.append(
+            NewChunk(
+                text=c.text,
+                text_hash=h,
+                page=c.page,
+                offset=c.offset,
+                heading=c.heading,
+                tokens=fts_document(c.embed_text),
+            )
+        )
     encoding = pages[0].metadata.get("encoding") if pages else None
     return ParsedFile(path, len(pages), encoding, new, embed_texts)
 

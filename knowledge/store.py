@@ -210,8 +210,26 @@ class FaissKnowledgeBase:
             )
         kb = cls(root, conn, manifest, gpu)
         if not readonly:
+            kb._backfill_lexical_index()
             kb._write_manifest()
         return kb
+
+    def _backfill_lexical_index(self) -> None:
+        """Knowledge bases written before the BM25 index existed get it on their first writable open."""
+        one = self._conn.execute
+        if one("SELECT COUNT(*) FROM texts_fts").fetchone()[0] == one("SELECT COUNT(*) FROM texts").fetchone()[0]:
+            return
+        from knowledge.lexical import fts_document
+
+        rows = one(
+            "SELECT t.id, COALESCE((SELECT heading FROM chunks c WHERE c.text_id = t.id LIMIT 1), ''), t.text "
+            "FROM texts t WHERE t.id NOT IN (SELECT rowid FROM texts_fts)"
+        ).fetchall()
+        with self._conn:
+            self._conn.executemany(
+                "INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)",
+                [(i, fts_document(f"{heading}\n{text}" if heading else text)) for i, heading, text in rows],
+            )
 
     def is_stale(self) -> bool:
         """Whether another process committed a newer generation since this one was opened."""

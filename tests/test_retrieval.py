@@ -145,3 +145,45 @@ def test_retriever_refuses_an_empty_question(app: Zhiku, tmp_path: Path) -> None
     with pytest.raises(ValueError, match="empty"):
         Retriever(kb, app.embedder(kb.manifest)).search("  ", 3)
     kb.close()
+
+
+def tiny_cross_encoder(folder: Path) -> Path:
+    """A random-weight BERT cross-encoder with a vocabulary written here (no download)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set("长江黄河中国最长的河流第二天气很好今"))]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+def test_cross_encoder_reranker_reorders_by_its_own_scores(app: Zhiku, tmp_path: Path) -> None:
+    from knowledge.retrieval import CrossEncoderReranker
+
+    reranker = CrossEncoderReranker(str(tiny_cross_encoder(tmp_path / "ce")))
+    hits = [_hit("今天天气很好"), _hit("长江是中国最长的河流"), _hit("黄河是第二长河")]
+    ranked = reranker.rerank("长江", hits)
+    assert sorted(h.chunk.text for h in ranked) == sorted(h.chunk.text for h in hits)
+    assert [h.score for h in ranked] == sorted((h.score for h in ranked), reverse=True)
+    # the configured pipeline runs it: the order is the reranker's, not the fusion's
+    kb = make_kb(app, tmp_path / "docs", {"a.txt": "长江是中国最长的河流。", "b.txt": "黄河是中国第二长河。"})
+    settings = RetrievalSettings(min_similarity=0.0, reranker=str(tmp_path / "ce"))
+    pipeline = app.retriever(kb, settings)
+    assert pipeline.reranker is not None
+    got = pipeline.search("长江", 2)
+    expected = reranker.rerank(
+        "长江", app.retriever(kb, settings.model_copy(update={"reranker": None})).search("长江", 2)
+    )
+    assert [h.chunk.text for h in got] == [h.chunk.text for h in expected]
+    kb.close()

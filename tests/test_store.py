@@ -117,3 +117,15 @@ def test_loading_never_unpickles(kb: FaissKnowledgeBase, tmp_path: Path, monkeyp
         monkeypatch.setattr(pickle, name, forbidden)
     with FaissKnowledgeBase.open(tmp_path / "kb", readonly=True) as again:
         assert again.search(EMB.embed_query("一段文字。"), 1)[0].chunk.text == "一段文字。"
+
+
+def test_a_knowledge_base_without_bm25_index_gets_one_on_open(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+    put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。"])
+    with kb._conn:  # as written by a version before the BM25 index
+        kb._conn.execute("DELETE FROM texts_fts")
+    kb.close()
+    with FaissKnowledgeBase.open(tmp_path / "kb") as again:
+        assert again.check() == []
+        from knowledge.lexical import fts_query
+
+        assert len(again.lexical_search(fts_query("黄河"), 5)) == 1

@@ -133,7 +133,11 @@ class SentenceTransformerEmbedder:
         self._model.max_seq_length = min(max_seq_length, self._model.max_seq_length or max_seq_length)
         self.batch_size = batch_size
         self._name = model
-        dim = self._model.get_embedding_dimension()
+        # sentence-transformers 6.2 renamed get_sentence_embedding_dimension; accept either
+        dimension = (
+            getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        )
+        dim = dimension()
         if dim is None:
             raise ValueError(f"{model}: sentence-transformers cannot tell its embedding dimension")
         self.dim = int(dim)

@@ -105,6 +105,7 @@ class Zhiku:
             workers=s.ingest.workers,
             commit_every=s.ingest.commit_every,
             max_file_mb=s.ingest.max_file_mb,
+            max_file_seconds=s.ingest.max_file_seconds,
         )
 
     def retriever(self, kb: FaissKnowledgeBase, settings: RetrievalSettings | None = None) -> Retriever:

@@ -173,6 +173,12 @@ def scan(
     return files, unsupported, missing
 
 
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """End a pool whose worker is stuck in a parse (the executor has no public way to)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()
+
+
 class Ingestor:
     """Feeds files into one knowledge base. Build one per run; it holds no global state."""
 
@@ -187,6 +193,7 @@ class Ingestor:
         workers: int = 0,
         commit_every: int = 64,
         max_file_mb: float = 200.0,
+        max_file_seconds: float = 0.0,
     ) -> None:
         kb.check_compatible(embedder.model_id, embedder.dim)
         self.kb = kb
@@ -197,6 +204,7 @@ class Ingestor:
         self.workers = workers or (os.cpu_count() or 1)
         self.commit_every = commit_every
         self.max_bytes = int(max_file_mb * 1024 * 1024)
+        self.max_seconds = max_file_seconds  # 0: no limit (and single-process parsing stays in-process)
 
     def run(
         self,
@@ -278,40 +286,71 @@ class Ingestor:
         self, todo: list[tuple[Path, FileRecord]]
     ) -> Iterator[tuple[Path, FileRecord, ParsedFile | FileOutcome]]:
         args = (self.registry, self.chunk_size, self.chunk_overlap)
-        if self.workers <= 1 or len(todo) <= 1:
-            for path, rec in todo:
+        if (self.workers <= 1 or len(todo) <= 1) and not self.max_seconds:
+            for path, rec in todo:  # in-process: no pool to start, nothing to time out
                 yield path, rec, _parse_safely(str(path), *args)
             return
         queue = list(reversed(todo))
         # spawn, not fork: the parent may hold torch/BLAS threads that do not survive a fork
         ctx = multiprocessing.get_context("spawn")
+        # with a time limit, only as many tasks as workers are in flight, so submitted = started
+        in_flight = self.workers if self.max_seconds else self.workers * 4
         while queue:
-            with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
-                running: dict[Future[ParsedFile | FileOutcome], tuple[Path, FileRecord]] = {}
-                try:
-                    while queue or running:
-                        while queue and len(running) < self.workers * 4:  # bounded: memory stays flat
-                            path, rec = queue.pop()
-                            running[pool.submit(_parse_safely, str(path), *args)] = (path, rec)
-                        done, _ = wait(running, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            path, rec = running.pop(fut)
-                            yield path, rec, fut.result()
-                except BrokenProcessPool:
-                    # A parser crashed its process (e.g. a native library fault). Retry the in-flight files
-                    # one at a time in fresh pools so only the culprit fails.
-                    for path, rec in running.values():
-                        yield path, rec, self._parse_isolated(path, ctx)
-                    running.clear()
+            pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            running: dict[Future[ParsedFile | FileOutcome], tuple[Path, FileRecord, float]] = {}
+            try:
+                while queue or running:
+                    while queue and len(running) < in_flight:  # bounded: memory stays flat
+                        path, rec = queue.pop()
+                        running[pool.submit(_parse_safely, str(path), *args)] = (path, rec, time.monotonic())
+                    done, _ = wait(running, timeout=1.0 if self.max_seconds else None, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        path, rec, _ = running[fut]
+                        result = fut.result()  # a crashed worker raises here, leaving its file in `running`
+                        del running[fut]
+                        yield path, rec, result
+                    late = [f for f, (*_, t0) in running.items() if self._too_slow(t0)]
+                    if late:
+                        for fut in late:
+                            path, rec, _ = running.pop(fut)
+                            yield path, rec, self._timed_out(path)
+                        # a running task cannot be cancelled: end the pool, redo the innocent in-flight files
+                        queue.extend((path, rec) for path, rec, _ in running.values())
+                        running.clear()
+                        _kill(pool)
+                        break
+            except BrokenProcessPool:
+                # A parser crashed its process (e.g. a native library fault). Retry the in-flight files
+                # one at a time in fresh pools so only the culprit fails.
+                for path, rec, _ in running.values():
+                    yield path, rec, self._parse_isolated(path, ctx)
+                running.clear()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _too_slow(self, started: float) -> bool:
+        return bool(self.max_seconds) and time.monotonic() - started > self.max_seconds
+
+    def _timed_out(self, path: Path) -> FileOutcome:
+        return FileOutcome(
+            str(path),
+            "failed",
+            reason=f"{path.name}: parsing took longer than {self.max_seconds:g} s (ingest.max_file_seconds); "
+            "check the file, or raise the limit",
+        )
 
     def _parse_isolated(self, path: Path, ctx: Any) -> ParsedFile | FileOutcome:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            try:
-                return pool.submit(
-                    _parse_safely, str(path), self.registry, self.chunk_size, self.chunk_overlap
-                ).result()
-            except BrokenProcessPool:
-                return FileOutcome(str(path), "failed", reason=f"{path.name}: the parser crashed on this file")
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        try:
+            fut = pool.submit(_parse_safely, str(path), self.registry, self.chunk_size, self.chunk_overlap)
+            return fut.result(timeout=self.max_seconds or None)
+        except BrokenProcessPool:
+            return FileOutcome(str(path), "failed", reason=f"{path.name}: the parser crashed on this file")
+        except TimeoutError:
+            _kill(pool)
+            return self._timed_out(path)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _commit(
         self,

@@ -26,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def write_config(path: Path, data_dir: Path, extra: str = "") -> Path:
     path.write_text(
         f"data_dir: {data_dir}\n"
-        "ingest:\n  workers: 1\n  commit_every: 2\n"
+        "ingest:\n  workers: 1\n  commit_every: 2\n  max_file_seconds: 0\n"
         "chunking:\n  chunk_size: 120\n  chunk_overlap: 20\n"
         "embedding:\n  backend: hashing\n" + extra,
         encoding="utf-8",

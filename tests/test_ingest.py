@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+from langchain_core.documents import Document
 
 from app.container import Zhiku
+from plugins.hookspecs import RegisterLoader, hookimpl
 from tests.conftest import DATA
 from tests.helpers import make_corpus
 
@@ -102,3 +106,37 @@ def test_knowledge_base_names_cannot_escape(app: Zhiku, name: str) -> None:
 
     with pytest.raises(InvalidNameError):
         app.open_kb(name, create=True)
+
+
+def slow_loader(path: Path) -> list[Document]:
+    time.sleep(60)  # a parser stuck on a hostile file
+    return []
+
+
+def crashing_loader(path: Path) -> list[Document]:
+    os._exit(3)  # a native parser fault takes its whole process down
+
+
+class HostilePlugin:
+    @hookimpl
+    def register_loaders(self, register: RegisterLoader) -> None:
+        register(".slow", slow_loader)
+        register(".crash", crashing_loader)
+
+
+def test_a_stuck_or_crashing_parser_fails_only_its_file(app: Zhiku, tmp_path: Path) -> None:
+    app.plugins.register(HostilePlugin())
+    app.settings.ingest.workers = 2
+    app.settings.ingest.max_file_seconds = 3
+    docs = tmp_path / "docs"
+    make_corpus(docs)
+    (docs / "stuck.slow").write_text("x", encoding="utf-8")
+    (docs / "boom.crash").write_text("x", encoding="utf-8")
+    started = time.monotonic()
+    report, _, stored = ingest(app, docs)
+    assert time.monotonic() - started < 40
+    reasons = {Path(f.path).name: f.reason for f in report.failures}
+    assert set(reasons) == {"stuck.slow", "boom.crash"}
+    assert "longer than 3 s (ingest.max_file_seconds)" in reasons["stuck.slow"]
+    assert "parser crashed" in reasons["boom.crash"]
+    assert report.count("added") == 6 and len(stored) == 6

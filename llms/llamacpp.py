@@ -43,14 +43,6 @@ class LlamaCppSettings(BaseModel):
     n_gpu_layers: int = Field(0, description="layers offloaded to a GPU build of llama.cpp; -1 = all")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def bundled_parts() -> list[Path] | None:
     """Paths of the six model parts, or None when a part package is not installed."""
     parts = []

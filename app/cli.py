@@ -264,8 +264,11 @@ def kb_info(
 
 @kb_cli.command("check")
 def kb_check(name: Annotated[str, typer.Argument()], config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Consistency check: every vector has its chunk, every chunk its vector, counts match."""
-    with _app(config, data_dir) as app, app.open_kb(name, readonly=True) as store:
+    """Consistency check: every vector has its chunk, every chunk its vector, counts match.
+
+    Opens the knowledge base for writing, like any maintenance: a manifest or index file that a crash
+    left behind the docstore is brought up to date from it first."""
+    with _app(config, data_dir) as app, app.open_kb(name) as store:
         problems = store.check()
     if problems:
         for p in problems:

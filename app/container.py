@@ -77,9 +77,9 @@ class Zhiku:
         path = self.catalog.path(name)
         if not create:
             return FaissKnowledgeBase.open(path, gpu=self.settings.store.gpu, readonly=readonly)
-        if self.catalog.exists(name):
+        try:  # an existing knowledge base keeps its own manifest; `create` only fills a missing one
             kb = FaissKnowledgeBase.open(path, gpu=self.settings.store.gpu)
-        else:
+        except StoreError:
             embedder = self.embedder()
             chunking = self.settings.chunking
             manifest = Manifest(embedder.model_id, embedder.dim, chunking.chunk_size, chunking.chunk_overlap)

@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-from knowledge.store import DB_NAME
+from knowledge.store import DB_NAME, MANIFEST_NAME
 
 # Letters (any script, so Chinese names work), digits, '_', '-', '.'; no leading dot; at most 64.
 _NAME = re.compile(r"^[^\W_][\w.-]{0,63}$")
@@ -33,7 +33,10 @@ class Catalog:
 
     def path(self, name: str) -> Path:
         path = self.root / validate_name(name)
-        # belt and braces: the resolved folder must sit directly in the root (no symlink tricks)
+        # belt and braces: a knowledge base is a real folder directly in the root. A symbolic link is refused
+        # even when it dangles (creating the base would follow it) or points at another base.
+        if path.is_symlink():
+            raise InvalidNameError(f"knowledge base {name!r} is a symbolic link; remove that link")
         if path.exists() and path.resolve().parent != self.root.resolve():
             raise InvalidNameError(f"knowledge base {name!r} resolves outside the data dir; remove that link")
         return path
@@ -44,7 +47,12 @@ class Catalog:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / DB_NAME).exists() and _NAME.match(p.name))
+        # the manifest is written last when a knowledge base is created: without it, it is not one yet
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (p / DB_NAME).exists() and (p / MANIFEST_NAME).exists() and _NAME.match(p.name)
+        )
 
     def delete(self, name: str) -> None:
         path = self.path(name)

@@ -175,13 +175,17 @@ class FaissKnowledgeBase:
         create: Manifest | None = None,
         gpu: str = "auto",
         readonly: bool = False,
+        _in_place: bool = False,
     ) -> FaissKnowledgeBase:
         """Open a knowledge base; with ``create`` a missing one is created with that manifest."""
         db = root / DB_NAME
         if not db.exists():
             if create is None:
                 raise StoreError(f"knowledge base {root.name!r} does not exist; create it with `ingest`")
-            root.mkdir(parents=True, exist_ok=True)
+            if _in_place:
+                root.mkdir(parents=True, exist_ok=True)
+            else:
+                cls._create(root, create, gpu)
         try:
             if readonly:
                 conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
@@ -213,6 +217,26 @@ class FaissKnowledgeBase:
             kb._backfill_lexical_index()
             kb._write_manifest()
         return kb
+
+    @classmethod
+    def _create(cls, root: Path, manifest: Manifest, gpu: str) -> None:
+        """Build a new knowledge base in a hidden folder and rename it into place: a process killed half
+        way leaves no half-made knowledge base behind, only a hidden folder the next creation replaces."""
+        import shutil
+
+        root.parent.mkdir(parents=True, exist_ok=True)
+        building = root.parent / f".creating-{root.name}"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir()
+        cls.open(building, create=manifest, gpu=gpu, _in_place=True).close()
+        if root.exists() and not (root / DB_NAME).exists():
+            shutil.rmtree(root)  # an empty or unfinished folder of that name: nothing to keep
+        try:
+            building.rename(root)
+        except OSError as err:  # another process created it first
+            shutil.rmtree(building, ignore_errors=True)
+            if not (root / DB_NAME).exists():
+                raise StoreError(f"cannot create knowledge base {root.name!r}: {err}") from err
 
     def _backfill_lexical_index(self) -> None:
         """Knowledge bases written before the BM25 index existed get it on their first writable open."""
@@ -395,8 +419,39 @@ class FaissKnowledgeBase:
 
     # ----- writing -------------------------------------------------------------------------------
     @contextlib.contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        """One writer at a time per knowledge base, from the SQLite commit to the index file on disk.
+
+        Holding it, no other process is writing a temp file here, so stale ones (a writer killed while
+        writing the index or manifest) can be removed safely.
+        """
+        import fcntl
+
+        with (self.root / "write.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+            for stale in self.root.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+            yield
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """All changes inside are committed together, then the index file and manifest are written."""
+        with self._writer_lock():
+            if self.is_stale():  # another process committed since we loaded: start from its state
+                self.manifest = Manifest.from_meta(dict(self._conn.execute("SELECT key, value FROM meta").fetchall()))
+                self._index = self._search_index = None
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[Transaction]:
+        try:
+            yield from self._transaction_unguarded()
+        except (sqlite3.Error, OSError) as err:  # disk full, read-only folder, ...: one clear line
+            raise StoreError(
+                f"could not save knowledge base {self.root.name!r} ({err}); what was saved before is intact. "
+                "Free disk space or fix the folder's permissions, then run the same command again."
+            ) from err
+
+    def _transaction_unguarded(self) -> Iterator[Transaction]:
         index = self._load_index()
         tx = Transaction(self, index)
         try:
@@ -417,8 +472,10 @@ class FaissKnowledgeBase:
         if tx.changed:
             self.manifest = Manifest.from_meta(dict(self._conn.execute("SELECT key, value FROM meta").fetchall()))
             self._search_index = None
-            self._persist_index(index)
-            self._write_manifest()
+            try:
+                self._persist_index(index)  # if this fails, the next open rebuilds the index from SQLite
+            finally:
+                self._write_manifest()  # the manifest follows the committed docstore either way
 
     def _persist_index(self, index: Any) -> None:
         faiss = _faiss()

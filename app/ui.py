@@ -16,10 +16,11 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.auth import Users, make_auth
 from app.chat import ChatRequest, ChatService, Source, SourcesEvent, TextEvent
 from app.presets import PresetStore
 from knowledge.catalog import InvalidNameError, validate_name
@@ -120,6 +121,48 @@ def safe_filename(raw: str) -> str:
         suffix = Path(name).suffix
         name = name[: len(name) - len(suffix) - 1] + suffix
     return name
+
+
+def check_uploads(
+    paths: Sequence[str | Path], extensions: Collection[str], max_upload_mb: float
+) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Uploaded files by their safe name, and (name, reason) for those refused: unusable names, types no
+    loader reads, files over the size limit, and anything that is not a regular file."""
+    rejected: list[tuple[str, str]] = []
+    accepted: dict[str, Path] = {}
+    for raw in paths:
+        src = Path(raw)
+        try:
+            filename = safe_filename(src.name)
+        except ValueError as err:
+            rejected.append((src.name, _explain(err)))
+            continue
+        if Path(filename).suffix.lower() not in extensions:
+            rejected.append((filename, f"不支持的文件类型 / unsupported type; 支持 supported: {', '.join(extensions)}"))
+        elif src.is_symlink() or not src.is_file():
+            rejected.append((filename, "不是普通文件 / not a regular file"))
+        elif (size_mb := src.stat().st_size / 2**20) > max_upload_mb:
+            rejected.append(
+                (filename, f"{size_mb:.1f} MB，超过上传上限 / over the upload limit of {max_upload_mb:g} MB")
+            )
+        else:
+            accepted[filename] = src
+    return accepted, rejected
+
+
+def upload_destination(data_dir: Path, kb: str, filename: str) -> Path:
+    """Where an uploaded file is stored: ``<data_dir>/uploads/<kb>/<safe name>``. Raises ValueError when the
+    name is unusable or the place is not directly in that folder (e.g. a symbolic link as the knowledge
+    base's folder or in place of the file). ``uploads`` itself may be a link an administrator made."""
+    uploads = data_dir / "uploads"
+    folder = uploads / validate_name(kb)
+    dest = folder / safe_filename(filename)
+    for path in (folder, dest):
+        if path.is_symlink():
+            raise ValueError(f"{path.name}: a symbolic link in the uploads folder; remove it")
+    if dest.resolve().parent != folder.resolve() or folder.resolve().parent != uploads.resolve():
+        raise ValueError(f"{dest.name}: unsafe file name")
+    return dest
 
 
 def kb_choices(service: ChatService) -> list[str]:
@@ -307,39 +350,21 @@ def build_ui(service: ChatService) -> gr.Blocks:
             gr.Warning(_explain(err))
             return f"{ERROR_MARK} {_md_cell(_explain(err))}", gr.skip(), gr.skip()
 
-        rejected: list[tuple[str, str]] = []
-        accepted: dict[str, Path] = {}
-        for raw in paths:
-            src = Path(raw)
-            try:
-                filename = safe_filename(src.name)
-            except ValueError as err:
-                rejected.append((src.name, _explain(err)))
-                continue
-            size_mb = src.stat().st_size / 2**20 if src.is_file() else 0.0
-            if Path(filename).suffix.lower() not in extensions:
-                rejected.append(
-                    (filename, f"不支持的文件类型 / unsupported type; 支持 supported: {', '.join(extensions)}")
-                )
-            elif size_mb > max_upload_mb:
-                rejected.append(
-                    (filename, f"{size_mb:.1f} MB，超过上传上限 / over the upload limit of {max_upload_mb:g} MB")
-                )
-            else:
-                accepted[filename] = src
+        accepted, rejected = check_uploads(paths, extensions, max_upload_mb)
 
         report = None
         try:
             if accepted:
-                folder = settings.data_dir / "uploads" / name
-                folder.mkdir(parents=True, exist_ok=True)
                 copied: list[Path] = []
                 progress(0, desc="复制文件 / copying files")
                 for filename, src in accepted.items():
-                    dest = folder / filename
-                    if dest.resolve().parent != folder.resolve():  # belt and braces after safe_filename
-                        rejected.append((filename, "unsafe file name"))
+                    try:
+                        dest = upload_destination(settings.data_dir, name, filename)
+                    except ValueError as err:  # belt and braces after safe_filename
+                        rejected.append((filename, _explain(err)))
                         continue
+                    folder = dest.parent
+                    folder.mkdir(parents=True, exist_ok=True)
                     fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=folder)
                     os.close(fd)
                     try:
@@ -553,18 +578,30 @@ def build_ui(service: ChatService) -> gr.Blocks:
     return demo
 
 
-def launch(service: ChatService, host: str | None = None, port: int | None = None, **kwargs: Any) -> None:
+def launch(
+    service: ChatService,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    auth: Users | None = None,
+    **kwargs: Any,
+) -> None:
     """Serve the UI on ``host:port`` (default: ``server.host`` / ``server.port`` from the config).
 
-    Extra keyword arguments go to ``gr.Blocks.launch`` (e.g. ``prevent_thread_lock=True`` in tests);
-    a public share link is never created.
+    ``auth``: (user name, password hash) pairs (hashes from :func:`app.auth.hash_password`, format
+    ``scrypt$n$r$p$salt$hash``); when given, every page and API call needs a login. Plain passwords are
+    refused. Extra keyword arguments go to ``gr.Blocks.launch`` (e.g. ``prevent_thread_lock=True`` in
+    tests); a public share link is never created.
     """
     if kwargs.pop("share", False):
         raise ValueError("Zhiku never creates a public share link; bind server.host to expose the UI")
+    if "auth" in kwargs or "auth_dependency" in kwargs:
+        raise ValueError("pass users with hashed passwords as launch(auth=[(name, hash)])")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
     server = service.settings.server
+    checker = make_auth(auth) if auth is not None else None  # a bad hash fails here, before serving
     demo = build_ui(service)
     theme = gr.themes.Soft(
         font=["Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", "Source Han Sans SC", "sans-serif"],
@@ -578,5 +615,8 @@ def launch(service: ChatService, host: str | None = None, port: int | None = Non
         "theme": theme,
         "css": CSS,
     }
+    if checker is not None:
+        options["auth"] = checker
+        options["auth_message"] = "知库 Zhiku：请登录 / please log in"
     options.update(kwargs)
     demo.launch(share=False, **options)

@@ -47,11 +47,12 @@ class Catalog:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        # the manifest is written last when a knowledge base is created: without it, it is not one yet
+        # the manifest is written last when a knowledge base is created: without it, it is not one yet;
+        # a symbolic link is never one (Catalog.path refuses it)
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if (p / DB_NAME).exists() and (p / MANIFEST_NAME).exists() and _NAME.match(p.name)
+            if _NAME.match(p.name) and not p.is_symlink() and (p / DB_NAME).exists() and (p / MANIFEST_NAME).exists()
         )
 
     def delete(self, name: str) -> None:

@@ -75,6 +75,8 @@ def sections(text: str) -> list[tuple[str, int, int, str]]:
         body_at = match.end()
     if text[body_at:].strip():
         out.append((heading, heading_at, body_at, text[body_at:]))
+    elif heading:  # headings with no text after them (a page's last line, a one-line file): keep them as text
+        out.append(("", heading_at, heading_at, text[heading_at:]))
     return out
 
 

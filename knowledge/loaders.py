@@ -9,7 +9,9 @@ from __future__ import annotations
 import codecs
 import itertools
 import logging
+import re
 import unicodedata
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -21,6 +23,7 @@ from langchain_core.documents import Document
 from pdfminer.pdfdocument import PDFEncryptionError, PDFPasswordIncorrect
 from pdfminer.pdfexceptions import PDFException
 from pdfminer.pdfparser import PDFSyntaxError
+from pdfminer.pdftypes import LITERALS_FLATE_DECODE, PDFStream, resolve1
 from pdfminer.psexceptions import PSEOF, PSException
 from pdfplumber.page import Page
 from pdfplumber.utils.exceptions import MalformedPDFException, PdfminerException
@@ -59,6 +62,13 @@ Loader = Callable[[Path], list[Document]]  # a loader returns RAW (uncleaned) pa
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+_MAX_DETAIL = 160  # a parser's message can quote a whole damaged object: keep the reason readable
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,6 +194,37 @@ def _utf16_by_nuls(data: bytes) -> str | None:
     return None
 
 
+_MIN_UTF16_TEXT_SHARE = 0.95  # of the visible characters: ideographs, CJK punctuation, full-width forms, ASCII
+_MIN_UTF16_HAN_SHARE = 0.6  # of the visible characters: common ideographs (U+4E00-U+9FFF)
+_MIN_UTF16_CHARS = 16  # shorter random data reads as a few ideographs too often
+
+
+def _chinese_text_char(ch: str) -> bool:
+    return (
+        "\u4e00" <= ch <= "\u9fff"
+        or "\u3000" <= ch <= "\u303f"
+        or "\uff00" <= ch <= "\uffef"
+        or " " < ch <= "~"
+        or ch in "“”‘’…—·"
+    )
+
+
+def _utf16_chinese(data: bytes) -> tuple[str, str, int] | None:
+    """(text, codec, 0) when the data is Chinese text in UTF-16 without a BOM, else None."""
+    if len(data) < 2 * _MIN_UTF16_CHARS or len(data) % 2:
+        return None
+    for codec in _utf16_order(data, "utf-16-le"):
+        text = _strict(data, codec)
+        if text is None or not _plausible(text, codec):
+            continue
+        visible = [ch for ch in text if not ch.isspace()]
+        han = sum(1 for ch in visible if "\u4e00" <= ch <= "\u9fff")
+        texty = sum(1 for ch in visible if _chinese_text_char(ch))
+        if visible and texty >= _MIN_UTF16_TEXT_SHARE * len(visible) and han >= _MIN_UTF16_HAN_SHARE * len(visible):
+            return text, codec, 0
+    return None
+
+
 def _chardet_guess(data: bytes) -> list[str]:
     """Codecs for chardet's guess, the guess first, then its supersets (GB2312/GBK -> gb18030)."""
     # No confidence cut-off: chardet is often unsure but right about short GBK/Big5 text.
@@ -252,6 +293,12 @@ def _decode(data: bytes) -> tuple[str, str, int]:
         text = _strict(data, codec)
         if text is not None and _plausible(text, codec):
             return text, codec, 0
+    # 5. Chinese in UTF-16 without a BOM: few NULs (CJK code units have no zero byte), and chardet often
+    # gives up on it. Only a strict decode that reads as Chinese text counts: what is left here, binary
+    # data, fails it (lone surrogates, symbols from all over the BMP).
+    chinese = _utf16_chinese(data)
+    if chinese is not None:
+        return chinese
 
     if _control_bytes(data) > _MAX_CONTROL_RATIO * len(data):
         raise ValueError(_binary_reason(data))
@@ -324,6 +371,9 @@ _Y_TOLERANCE = 3
 _SCANNED_MIN_CHARS_PER_PAGE = 20  # less text than this on pages covered by an image: a scan
 _MAX_ROTATED_SHARE = 0.3  # rotated text under this share of a page is margin stamps and sidebars
 _OCR_FIX = "run OCR on it first (e.g. ocrmypdf in.pdf out.pdf) and ingest the result"
+# pdfminer writes a glyph it cannot map to Unicode as "(cid:123)": never text worth storing. Encrypted PDFs
+# with CID fonts come out like this (pdfminer does not decrypt the strings that name the font's encoding).
+_UNMAPPED_GLYPH = re.compile(r"\(cid:\d+\)")
 
 
 def _pdf_header_error(path: Path) -> LoadError | None:
@@ -355,7 +405,7 @@ def _looks_like_text(head: bytes) -> bool:
 def _pdf_error(path: Path, err: BaseException) -> LoadError:
     """Translate what pdfplumber/pdfminer raised (PdfminerException wraps the pdfminer error)."""
     cause = err.args[0] if isinstance(err, PdfminerException) and err.args else err
-    detail = f"{type(cause).__name__}: {_one_line(str(cause))}".rstrip(": ")
+    detail = f"{type(cause).__name__}: {_shorten(_one_line(str(cause)), _MAX_DETAIL)}".rstrip(": ")
     if isinstance(cause, PDFPasswordIncorrect):
         return LoadError(
             path,
@@ -527,10 +577,23 @@ def _region_text(page: Page, top: float, bottom: float, x0: float, x1: float) ->
     return str(region.extract_text(x_tolerance_ratio=_X_TOLERANCE_RATIO, y_tolerance=_Y_TOLERANCE))
 
 
-def load_pdf(path: Path) -> list[Document]:
+# Guards against hostile PDFs. A page's content streams (and the form XObjects and fonts it uses) are
+# decompressed in memory by pdfminer: a few-KB "PDF bomb" can expand to gigabytes, so the expanded size is
+# checked first, with a bounded decompression. The page limit bounds the work on one file. Both are
+# keyword arguments of load_pdf; the defaults are far above real documents (a dense page is 10-500 KB).
+MAX_PAGES = 20_000
+MAX_PAGE_STREAM_MB = 64.0
+_MAX_RESOURCE_DEPTH = 8  # form XObjects inside form XObjects ...
+
+
+def load_pdf(
+    path: Path, *, max_pages: int = MAX_PAGES, max_page_stream_mb: float = MAX_PAGE_STREAM_MB
+) -> list[Document]:
     """One Document per page that has text, metadata {"source": str(path), "page": 1-based int}.
 
-    Encrypted, damaged, truncated, empty, page-less and text-less (scanned) PDFs raise LoadError.
+    Encrypted, damaged, truncated, empty, page-less and text-less (scanned) PDFs raise LoadError, and so
+    do PDFs of more than ``max_pages`` pages or with a page whose streams expand to more than
+    ``max_page_stream_mb`` MB (a decompression bomb).
     """
     path = Path(path)
     header_error = _pdf_header_error(path)
@@ -542,34 +605,157 @@ def load_pdf(path: Path) -> list[Document]:
         raise _pdf_error(path, err) from err
     except OSError as err:
         raise _os_error(path, err) from err
+    pages: list[Page] | None = None
     try:
-        return _pdf_documents(path, pdf)
+        pages = pdf.pages
+        return _pdf_documents(path, pages, max_pages, int(max_page_stream_mb * 2**20))
     except LoadError:
         raise
     except (PdfminerException, MalformedPDFException, PSException) as err:
         raise _pdf_error(path, err) from err
+    except RecursionError as err:
+        raise LoadError(path, "the PDF is malformed: its objects nest too deeply", "export it to PDF again") from err
     except Exception as err:
         # pdfminer raises plain KeyError/TypeError/ValueError/zlib.error... on damaged files; one bad
         # file must not stop an ingest, so it is reported like any other unreadable PDF.
         raise _pdf_error(path, err) from err
     finally:
+        _close_pdf(pdf, pages_parsed=pages is not None)
+
+
+def _close_pdf(pdf: pdfplumber.PDF, *, pages_parsed: bool) -> None:
+    """Close without parsing again. pdfplumber's close() walks the page tree to close the pages: when that
+    walk failed (a damaged tree) or was interrupted, it would fail (or loop) again, replace the LoadError
+    being reported and leak the file handle. Pages that were never parsed have nothing to close."""
+    if pages_parsed:
         pdf.close()
+    else:
+        pdf.flush_cache()
+        if not pdf.stream_is_external:
+            pdf.stream.close()
 
 
-def _pdf_documents(path: Path, pdf: pdfplumber.PDF) -> list[Document]:
-    pages = pdf.pages
+def _expanded_size(stream: PDFStream, limit: int) -> int:
+    """The decoded size of a stream, or more than ``limit`` if it is larger. FlateDecode is expanded in
+    1 MB steps and never past the limit; other filters barely expand and count at their encoded size."""
+    if stream.data is not None:
+        return len(stream.data)
+    data = stream.rawdata or b""
+    if stream.decipher is not None and stream.objid is not None and stream.genno is not None:
+        data = stream.decipher(stream.objid, stream.genno, data, stream.attrs)
+    filters = stream.get_filters()
+    for n, (name, _params) in enumerate(filters):
+        if name not in LITERALS_FLATE_DECODE:
+            break
+        keep = n + 1 < len(filters)  # the next filter needs this one's output; the last one's is only counted
+        inflate, pending, parts, size = zlib.decompressobj(), data, [], 0
+        try:
+            while pending and size <= limit:
+                part = inflate.decompress(pending, 1 << 20)
+                size += len(part)
+                pending = inflate.unconsumed_tail
+                if keep:
+                    parts.append(part)
+                if not part:
+                    break
+        except zlib.error:
+            return max(size, len(data))  # damaged: pdfminer repairs what it can, no larger than this
+        if size > limit or not keep:
+            return size
+        data = b"".join(parts)
+    return len(data)
+
+
+def _page_streams(page: Page) -> Iterable[PDFStream]:
+    """The streams pdfminer decodes to read a page's text: its contents, and the form XObjects and fonts
+    (ToUnicode maps, embedded font programs) of its resources, recursively; each object once."""
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> Iterable[PDFStream]:
+        obj = resolve1(obj)
+        if isinstance(obj, PDFStream):
+            if id(obj) in seen:
+                return
+            seen.add(id(obj))
+            subtype = resolve1(obj.attrs.get("Subtype"))
+            if getattr(subtype, "name", None) == "Image":
+                return  # image data is not decoded to extract text
+            yield obj
+            if depth < _MAX_RESOURCE_DEPTH:
+                yield from walk(obj.attrs.get("Resources"), depth + 1)
+        elif isinstance(obj, dict) and depth < _MAX_RESOURCE_DEPTH:
+            if id(obj) in seen:
+                return
+            seen.add(id(obj))
+            for key in ("Font", "XObject", "ToUnicode", "FontDescriptor", "FontFile", "FontFile2", "FontFile3"):
+                if key in obj:
+                    value = resolve1(obj[key])
+                    values = value.values() if isinstance(value, dict) and key in ("Font", "XObject") else [value]
+                    for item in values:
+                        yield from walk(item, depth + 1)
+            for key in ("DescendantFonts",):
+                for item in resolve1(obj.get(key)) or []:
+                    yield from walk(item, depth + 1)
+        elif isinstance(obj, list) and depth < _MAX_RESOURCE_DEPTH:
+            for item in obj:
+                yield from walk(item, depth + 1)
+
+    page_obj = page.page_obj
+    yield from walk(page_obj.contents, 0)
+    yield from walk(page_obj.resources, 0)
+
+
+def _check_page_size(path: Path, page: Page, limit: int, sizes: dict[int, tuple[PDFStream, int]]) -> None:
+    """LoadError when the streams of a page expand to more than ``limit`` bytes. ``sizes`` remembers the
+    streams measured on earlier pages (fonts are shared), so each is decompressed here at most once."""
+    total = 0
+    for stream in _page_streams(page):
+        if id(stream) not in sizes:
+            sizes[id(stream)] = (stream, _expanded_size(stream, limit))  # the stream is kept: ids stay unique
+        total += sizes[id(stream)][1]
+        if total > limit:
+            raise LoadError(
+                path,
+                f"page {page.page_number} expands to more than {limit / 2**20:g} MB of content (a decompression bomb?)",
+                "check where the file comes from; if it is genuine, export it to PDF again",
+            )
+
+
+def _encrypted(pages: list[Page]) -> bool:
+    return bool(pages) and getattr(pages[0].page_obj.doc, "encryption", None) is not None
+
+
+def _pdf_documents(path: Path, pages: list[Page], max_pages: int, max_page_bytes: int) -> list[Document]:
     if not pages:
         raise LoadError(path, "the PDF has no pages", "export it to PDF again")
+    if len(pages) > max_pages:
+        raise LoadError(
+            path, f"the PDF has {len(pages)} pages, more than the {max_pages} allowed", "split it into parts"
+        )
     documents: list[Document] = []
     chars = 0
     scanned_look = False
+    sizes: dict[int, tuple[PDFStream, int]] = {}
+    unmapped = 0
     for page in pages:
+        _check_page_size(path, page, max_page_bytes, sizes)
         text = _page_text(page)
+        if "(cid:" in text:
+            text, glyphs = _UNMAPPED_GLYPH.subn("", text)
+            unmapped += glyphs
         chars += sum(1 for ch in text if not ch.isspace())
         scanned_look = scanned_look or _covered_by_image(page)
         if text.strip():
             documents.append(Document(page_content=text, metadata={"source": str(path), "page": page.page_number}))
         page.close()  # frees the page's parsed objects; long PDFs otherwise keep them all in memory
+    if unmapped > chars:
+        raise LoadError(
+            path,
+            f"{unmapped} of its {unmapped + chars} characters cannot be decoded: its fonts have no Unicode "
+            "mapping" + (" (the PDF is encrypted)" if _encrypted(pages) else ""),
+            "save an unencrypted copy (e.g. qpdf --decrypt in.pdf out.pdf), print it to a new PDF, or run OCR "
+            "(ocrmypdf --force-ocr in.pdf out.pdf)",
+        )
     if not documents:
         raise LoadError(
             path, f"no extractable text on any of its {len(pages)} page(s); it is probably scanned", _OCR_FIX

@@ -170,7 +170,8 @@ def serve(
     from app.ui import launch
 
     with _app(config, data_dir) as app:
-        launch(ChatService(app), host=host, port=port)
+        users = [(u.name, u.password_hash) for u in app.settings.server.users]
+        launch(ChatService(app), host=host, port=port, auth=users or None)
 
 
 @cli.command("eval")

@@ -99,10 +99,16 @@ class ChatSettings(_Section):
     generation: GenerationOptions = GenerationOptions(temperature=0.3)
 
 
+class UserSettings(_Section):
+    name: str = Field(min_length=1)
+    password_hash: str = Field(description="scrypt$n$r$p$salt$hash, made with `python -m app.auth`")
+
+
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the UI to the network")
     port: int = Field(7860, ge=1, le=65535)
     max_upload_mb: float = Field(100.0, gt=0)
+    users: list[UserSettings] = Field(default_factory=list, description="UI logins; empty: no login")
 
 
 class Settings(BaseSettings):

@@ -292,11 +292,11 @@ def random_delay(rng: random.Random) -> float:
     """Short delays kill the run while it starts, scans, opens and parses; longer ones while it embeds and
     commits; the longest let it make progress, so commits happen between kills."""
     r = rng.random()
-    if r < 0.3:
+    if r < 0.35:
         return rng.uniform(0.05, 0.5)
-    if r < 0.75:
-        return rng.uniform(0.5, 1.4)
-    return rng.uniform(1.4, 3.0)
+    if r < 0.8:
+        return rng.uniform(0.5, 1.2)
+    return rng.uniform(1.2, 2.6)
 
 
 def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Path) -> None:
@@ -422,15 +422,34 @@ def _build_kb(tmp_path: Path, paragraphs: int) -> tuple[Path, Path, Path]:
     return config, data, tmp_path / "docs"
 
 
-@pytest.fixture
-def small_kb(tmp_path: Path) -> tuple[Path, Path, Path]:
-    return _build_kb(tmp_path, 30)
+@pytest.fixture(scope="module")
+def small_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return _build_kb(tmp_path_factory.mktemp("small-kb"), 30)
 
 
-@pytest.fixture
-def large_kb(tmp_path: Path) -> tuple[Path, Path, Path]:
+@pytest.fixture(scope="module")
+def large_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """Its index file (~250 KB) is far larger than the pages one small commit writes (~60 KB)."""
-    return _build_kb(tmp_path, 160)
+    return _build_kb(tmp_path_factory.mktemp("large-kb"), 160)
+
+
+def _copy(template: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A test's own copy of a template knowledge base (built once per module: embedding is the slow part)."""
+    import shutil
+
+    config, data, docs = template
+    shutil.copytree(data, tmp_path / "data")
+    return config, tmp_path / "data", docs
+
+
+@pytest.fixture
+def small_kb(small_template: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    return _copy(small_template, tmp_path)
+
+
+@pytest.fixture
+def large_kb(large_template: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    return _copy(large_template, tmp_path)
 
 
 def _state(config: Path, data: Path) -> tuple[int, dict[str, Any], list[str]]:

@@ -61,7 +61,8 @@ def sections(text: str) -> list[tuple[str, int, int, str]]:
     """Split a page at heading paragraphs into (heading, heading offset, body offset, body).
 
     Text before the first heading has heading "". Consecutive headings (a chapter, then a section)
-    are joined with a space.
+    are joined with a space. Headings with no body after them (the last line of a page, a file of one
+    short line) become a section of their own with heading "", so their text is never dropped.
     """
     out: list[tuple[str, int, int, str]] = []
     heading, heading_at, body_at = "", 0, 0

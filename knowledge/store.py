@@ -149,6 +149,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _connect_readonly(db: Path) -> sqlite3.Connection:
+    """A read-only connection. In a folder nobody may write to (a shared or mounted knowledge base) WAL mode
+    cannot create its shared-memory file, so the database is opened as immutable, which is then true."""
+    uri = db.resolve().as_uri()  # percent-encodes '?' and '#' in the data dir's path
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.access(db.parent, os.W_OK):
+            raise
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+    return conn
+
+
 def _faiss() -> Any:
     import faiss  # lazily: importing faiss costs time and is not needed to list knowledge bases
 
@@ -188,7 +203,7 @@ class FaissKnowledgeBase:
                 cls._create(root, create, gpu)
         try:
             if readonly:
-                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+                conn = _connect_readonly(db)
             else:
                 conn = sqlite3.connect(db, check_same_thread=False, timeout=60)
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -196,7 +211,10 @@ class FaissKnowledgeBase:
                 conn.executescript(_SCHEMA)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"knowledge base {root.name!r}: {db.name} is unreadable ({err})") from err
+            raise StoreError(
+                f"knowledge base {root.name!r}: cannot open {db.name} ({err}). If the folder is read-only, fix its "
+                f"permissions; if the file is damaged, `python -m app kb delete {root.name}` and ingest again."
+            ) from err
         if not meta:
             if create is None:
                 raise StoreError(f"knowledge base {root.name!r} has no metadata; delete it and ingest again")
@@ -214,8 +232,15 @@ class FaissKnowledgeBase:
             )
         kb = cls(root, conn, manifest, gpu)
         if not readonly:
-            kb._backfill_lexical_index()
-            kb._write_manifest()
+            try:
+                kb._backfill_lexical_index()
+                kb._write_manifest()
+            except (sqlite3.Error, OSError) as err:  # a read-only folder or a full disk: one clear line
+                kb.close()
+                raise StoreError(
+                    f"cannot write to knowledge base {root.name!r} ({err}); nothing was changed. Fix the folder's "
+                    "permissions or free disk space, then run the same command again."
+                ) from err
         return kb
 
     @classmethod

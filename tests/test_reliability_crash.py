@@ -452,11 +452,14 @@ def large_kb(large_template: tuple[Path, Path, Path], tmp_path: Path) -> tuple[P
     return _copy(large_template, tmp_path)
 
 
+STATE_QUERY = "黄河被称为什么？"
+
+
 def _state(config: Path, data: Path) -> tuple[int, dict[str, Any], list[str]]:
     """(kb check exit code, kb info, texts of the top search hits)."""
     check = run_cli("kb", "check", KB, *app_args(config, data))
     info = run_cli("kb", "info", KB, "--json", *app_args(config, data))
-    found = run_cli("search", "黄河被称为什么？", "--kb", KB, "-k", "3", "--json", *app_args(config, data))
+    found = run_cli("search", STATE_QUERY, "--kb", KB, "-k", "3", "--json", *app_args(config, data))
     assert info.returncode == 0 and found.returncode == 0, info.stderr + found.stderr
     parsed = json.loads(info.stdout)
     parsed.pop("updated_at")
@@ -614,10 +617,33 @@ def test_failed_commit_in_process_rolls_back_to_the_previous_state(
         assert (kb.counts(), {f.path: f.sha256 for f in kb.files()}, kb.manifest.generation) == before
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
+def _without_root_file_access() -> None:
+    """Runs in the child before exec: as root, drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set, so the exec'd process obeys file modes like any user (CI and containers often run as root)."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _can_drop_root_file_access() -> bool:
+    try:
+        done = subprocess.run(["true"], preexec_fn=_without_root_file_access, check=False)
+    except subprocess.SubprocessError:  # the preexec_fn raised: no CAP_SETPCAP here
+        return False
+    return done.returncode == 0
+
+
 def test_read_only_knowledge_base_folder_is_reported_and_left_intact(
     tmp_path: Path, small_kb: tuple[Path, Path, Path]
 ) -> None:
+    """A permission error during the save: one `error:` line naming the cause, exit code 2, nothing changed."""
+    if not _can_drop_root_file_access():
+        pytest.skip("running as root without CAP_SETPCAP: file modes cannot be enforced on this process")
     config, data, _ = small_kb
     before = _state(config, data)
     kb_dir = data / "kb" / KB
@@ -625,12 +651,21 @@ def test_read_only_knowledge_base_folder_is_reported_and_left_intact(
     try:
         for p in modes:
             p.chmod(0o555 if p.is_dir() else 0o444)
-        denied = run_cli("ingest", str(_new_file(tmp_path, 2)), "--kb", KB, "-q", *app_args(config, data))
-        assert denied.returncode != 0 and denied.stderr.strip()
-        assert _state(config, data) == before
+        denied = run_cli("ingest", str(_new_file(tmp_path, 2)), "--kb", KB, "-q", *app_args(config, data),
+                         preexec_fn=_without_root_file_access)  # fmt: skip
+        # a read-only knowledge base (shared, mounted) can still be searched
+        searched = run_cli("search", STATE_QUERY, "--kb", KB, "-k", "3", "--json", *app_args(config, data),
+                           preexec_fn=_without_root_file_access)  # fmt: skip
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+    assert denied.returncode == 2, denied.stderr
+    assert "Traceback" not in denied.stderr
+    last = denied.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ("ermission" in last or "read-only" in last or "readonly" in last), last
+    assert _state(config, data) == before
+    assert searched.returncode == 0, searched.stderr
+    assert [h["text"] for h in json.loads(searched.stdout)] == before[2]
 
 
 def _half_created(data: Path) -> Path:

@@ -90,6 +90,20 @@ def fit_messages(backend: ChatBackend, messages: Sequence[Message], max_new_toke
         turns = turns[2:] if len(turns) > 2 and turns[1].role == "assistant" else turns[1:]
 
 
+def chat_completion_request(messages: Sequence[Message], options: GenerationOptions) -> dict[str, Any]:
+    """The OpenAI chat-completion arguments both llama-cpp-python and OpenAI-compatible servers take
+    (top_k is not among them: each passes it its own way)."""
+    return {
+        "messages": [{"role": m.role, "content": m.content} for m in messages],
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "max_tokens": options.max_new_tokens,
+        "stop": list(options.stop) or None,
+        "seed": options.seed,
+        "stream": True,
+    }
+
+
 def apply_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` at the first stop string; the flag says whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)

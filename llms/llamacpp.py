@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llms.base import ChatBackend, GenerationOptions, Message, stream_with_stops
+from llms.base import ChatBackend, GenerationOptions, Message, chat_completion_request, stream_with_stops
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +145,7 @@ class LlamaCppBackend:
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
         with self._lock:
             llm = self._load()
-            chunks = llm.create_chat_completion(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                temperature=options.temperature,
-                top_p=options.top_p,
-                top_k=options.top_k,
-                max_tokens=options.max_new_tokens,
-                stop=list(options.stop) or None,
-                seed=options.seed,
-                stream=True,
-            )
+            chunks = llm.create_chat_completion(**chat_completion_request(messages, options), top_k=options.top_k)
             pieces = (c["choices"][0]["delta"].get("content") or "" for c in chunks)
             try:
                 yield from stream_with_stops((p for p in pieces if p), options.stop)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from llms.base import GenerationOptions, Message, stream_with_stops
+from llms.base import GenerationOptions, Message, chat_completion_request, stream_with_stops
 
 _CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
 
@@ -64,14 +64,8 @@ class OpenAIBackend:
         try:
             response = self._api().chat.completions.create(
                 model=self.settings.model,
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                temperature=options.temperature,
-                top_p=options.top_p,
-                max_tokens=options.max_new_tokens,
-                stop=list(options.stop) or None,
-                seed=options.seed,
-                stream=True,
-                extra_body={"top_k": options.top_k} if options.top_k else None,
+                **chat_completion_request(messages, options),
+                extra_body={"top_k": options.top_k} if options.top_k else None,  # vLLM and llama.cpp read it
             )
         except APIConnectionError as err:
             raise ConnectionError(

@@ -321,7 +321,9 @@ def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Pat
         while stats.kills < MIN_KILLS:
             assert time.monotonic() - started < MAX_LOOP_S, f"only {stats.kills} kills in {MAX_LOOP_S:.0f} s"
             workers = 2 if stats.kills % 4 == 3 else 1  # a quarter of the runs parse in a process pool
-            delay = random_delay(rng)
+            # every 10 kills one run may finish, and the corpus is rewritten: the next kills hit updates,
+            # deletions and additions, not only a first ingest
+            delay = 300.0 if rounds < stats.kills // 10 else random_delay(rng)
             before = generation(data)
             temps = {p.name for p in kb_dir.glob(".*.tmp")}
             proc = start_cli("ingest", str(docs), "--kb", KB, "--prune", "-q", "--workers", str(workers),
@@ -550,20 +552,29 @@ def test_manifest_never_silently_disagrees_with_the_docstore(tmp_path: Path, lar
     assert matches or (check.returncode != 0 and "manifest" in check.stderr)
 
 
-def test_failed_index_write_in_process_is_raised_and_leaves_the_base_usable(
-    app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ENOSPC from the atomic writer (index or manifest) reaches the caller; the base stays consistent."""
-    import knowledge.store as store
+def _ingested_with_more_to_come(app: Any, tmp_path: Path, more: dict[str, str]) -> Path:
+    """Knowledge base "t" from the helpers' corpus, and a folder of ``more`` files (name: text) to add next."""
     from tests.helpers import make_corpus
 
     make_corpus(tmp_path / "docs")
     with app.open_kb("t", create=True) as kb:
         app.ingestor(kb).run([tmp_path / "docs"], progress=False)
-        before = {f.path: f.chunks for f in kb.files()}
     extra = tmp_path / "extra"
     extra.mkdir()
-    (extra / "more.txt").write_text("另一个文件，讲的是泰山和西湖。\n\n它有两段。", encoding="utf-8")
+    for name, text in more.items():
+        (extra / name).write_text(text, encoding="utf-8")
+    return extra
+
+
+def test_failed_index_write_in_process_is_raised_and_leaves_the_base_usable(
+    app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC from the atomic writer (index or manifest) reaches the caller; the base stays consistent."""
+    import knowledge.store as store
+
+    extra = _ingested_with_more_to_come(app, tmp_path, {"more.txt": "另一个文件，讲的是泰山和西湖。\n\n它有两段。"})
+    with app.open_kb("t", readonly=True) as kb:
+        before = {f.path: f.chunks for f in kb.files()}
 
     def disk_full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -587,16 +598,11 @@ def test_failed_commit_in_process_rolls_back_to_the_previous_state(
 ) -> None:
     """The docstore refuses the write (disk full inside SQLite): nothing of the batch is kept."""
     import knowledge.store as store
-    from tests.helpers import make_corpus
 
-    make_corpus(tmp_path / "docs")
-    with app.open_kb("t", create=True) as kb:
-        app.ingestor(kb).run([tmp_path / "docs"], progress=False)
+    more = {f"more{i}.txt": f"第{i}个新文件，讲的是泰山和西湖。" for i in range(3)}
+    extra = _ingested_with_more_to_come(app, tmp_path, more)
+    with app.open_kb("t", readonly=True) as kb:
         before = (kb.counts(), {f.path: f.sha256 for f in kb.files()}, kb.manifest.generation)
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    for i in range(3):
-        (extra / f"more{i}.txt").write_text(f"第{i}个新文件，讲的是泰山和西湖。", encoding="utf-8")
     real_put = store.Transaction.put_file
     calls = 0
 

@@ -77,14 +77,13 @@ class Zhiku:
         path = self.catalog.path(name)
         if not create:
             return FaissKnowledgeBase.open(path, gpu=self.settings.store.gpu, readonly=readonly)
-        try:  # an existing knowledge base keeps its own manifest; `create` only fills a missing one
-            kb = FaissKnowledgeBase.open(path, gpu=self.settings.store.gpu)
-        except StoreError:
-            embedder = self.embedder()
-            chunking = self.settings.chunking
-            manifest = Manifest(embedder.model_id, embedder.dim, chunking.chunk_size, chunking.chunk_overlap)
-            kb = FaissKnowledgeBase.open(path, create=manifest, gpu=self.settings.store.gpu)
         chunking = self.settings.chunking
+
+        def new_manifest() -> Manifest:  # only for a missing base: an existing one keeps its own manifest
+            embedder = self.embedder()
+            return Manifest(embedder.model_id, embedder.dim, chunking.chunk_size, chunking.chunk_overlap)
+
+        kb = FaissKnowledgeBase.open(path, create=new_manifest, gpu=self.settings.store.gpu)
         if (kb.manifest.chunk_size, kb.manifest.chunk_overlap) != (chunking.chunk_size, chunking.chunk_overlap):
             kb.close()
             raise StoreError(

@@ -373,6 +373,10 @@ class Ingestor:
             vectors = dict(zip(missing, matrix, strict=True))
         outcomes = []
         with self.kb.transaction() as tx:
+            # another writer may have removed texts since `missing` was computed (the lock is held now)
+            late = sorted(set(wanted) - self.kb.known_hashes(wanted) - vectors.keys())
+            if late:
+                vectors.update(zip(late, self.embedder.embed_documents([wanted[h] for h in late]), strict=True))
             for rec, parsed in pending:
                 existed = self.kb.file_record(rec.path) is not None
                 full = FileRecord(

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -135,10 +135,20 @@ class Hit:
         }
 
 
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; like the docstore, follow the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -149,19 +159,67 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _connect_readonly(db: Path) -> sqlite3.Connection:
-    """A read-only connection. In a folder nobody may write to (a shared or mounted knowledge base) WAL mode
-    cannot create its shared-memory file, so the database is opened as immutable, which is then true."""
+def _sqlite_code(err: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of an error (extended codes carry it in their low byte)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+_NO_ACCESS = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH}
+
+
+def _open_error(name: str, db: Path, err: sqlite3.Error) -> str:
+    """What to tell the user when the docstore cannot be opened: the advice depends on why."""
+    code = _sqlite_code(err)
+    if code in _NO_ACCESS:
+        return (
+            f"knowledge base {name!r}: cannot open {db.name} ({err}). The user running Zhiku needs write access "
+            f"to the folder {db.parent} (SQLite keeps its journal next to the file); fix that, then run the "
+            "same command again."
+        )
+    if code in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}:
+        return f"knowledge base {name!r} is locked by another process ({err}); run the command again later."
+    if code in {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}:
+        return (
+            f"knowledge base {name!r}: {db.name} is damaged ({err}). Rebuild it: `python -m app kb delete "
+            f"{name}` and ingest again."
+        )
+    return f"knowledge base {name!r}: cannot open {db.name} ({err}); check the disk, then run the command again."
+
+
+def _file_signature(db: Path) -> tuple[int, ...]:
+    """Changes whenever a writer touches the database or its write-ahead log."""
+    main = db.stat()
+    wal = db.with_name(db.name + "-wal")
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    return (main.st_ino, main.st_size, main.st_mtime_ns, wal_size)
+
+
+def _connect_readonly(db: Path, name: str) -> tuple[sqlite3.Connection, tuple[int, ...] | None]:
+    """A read-only connection, and for an immutable one the file signature it was opened at.
+
+    In WAL mode even a reader must create the shared-memory file next to the database, which fails in a
+    folder this user cannot write to (a shared or mounted knowledge base). There the database is opened as
+    immutable, which skips locking and never reads the write-ahead log: only when no log holds commits,
+    and the signature lets :meth:`FaissKnowledgeBase.is_stale` notice a writer (the caller then reopens).
+    """
     uri = db.resolve().as_uri()  # percent-encodes '?' and '#' in the data dir's path
     conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
     try:
         conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError:
+        return conn, None
+    except sqlite3.OperationalError as err:
         conn.close()
-        if os.access(db.parent, os.W_OK):
+        if _sqlite_code(err) not in _NO_ACCESS or os.access(db.parent, os.W_OK):
             raise
-        return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
-    return conn
+        signature = _file_signature(db)
+        if signature[-1]:
+            raise StoreError(
+                f"knowledge base {name!r} has commits in {db.name}-wal that only a process with write access "
+                f"to {db.parent} can read; open it once as its owner (e.g. `python -m app kb check {name}`), or "
+                "give this user write access."
+            ) from err
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False), signature
 
 
 def _faiss() -> Any:
@@ -173,11 +231,19 @@ def _faiss() -> Any:
 class FaissKnowledgeBase:
     """One knowledge base folder. Open with :meth:`open`; write inside :meth:`transaction`."""
 
-    def __init__(self, root: Path, conn: sqlite3.Connection, manifest: Manifest, gpu: str = "auto") -> None:
+    def __init__(
+        self,
+        root: Path,
+        conn: sqlite3.Connection,
+        manifest: Manifest,
+        gpu: str = "auto",
+        immutable_at: tuple[int, ...] | None = None,
+    ) -> None:
         self.root = root
         self._conn = conn
         self.manifest = manifest
         self._gpu = gpu
+        self._immutable_at = immutable_at  # set when opened immutable: SQLite then cannot see new commits
         self._index: Any = None
         self._search_index: Any = None
 
@@ -187,60 +253,71 @@ class FaissKnowledgeBase:
         cls,
         root: Path,
         *,
-        create: Manifest | None = None,
+        create: Manifest | Callable[[], Manifest] | None = None,
         gpu: str = "auto",
         readonly: bool = False,
         _in_place: bool = False,
+        _name: str | None = None,
     ) -> FaissKnowledgeBase:
-        """Open a knowledge base; with ``create`` a missing one is created with that manifest."""
+        """Open a knowledge base; with ``create`` a missing one is created with that manifest (or with what
+        the callable returns, called only then: making a manifest may load an embedding model)."""
+        name = _name or root.name  # a base being created lives in a hidden folder; messages use its name
         db = root / DB_NAME
         if not db.exists():
             if create is None:
-                raise StoreError(f"knowledge base {root.name!r} does not exist; create it with `ingest`")
+                raise StoreError(f"knowledge base {name!r} does not exist; create it with `ingest`")
             if _in_place:
                 root.mkdir(parents=True, exist_ok=True)
             else:
-                cls._create(root, create, gpu)
+                cls._create(root, create() if callable(create) else create, gpu)
+        immutable_at = None
         try:
             if readonly:
-                conn = _connect_readonly(db)
+                conn, immutable_at = _connect_readonly(db, name)
             else:
                 conn = sqlite3.connect(db, check_same_thread=False, timeout=60)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA)
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError as err:
-            raise StoreError(
-                f"knowledge base {root.name!r}: cannot open {db.name} ({err}). If the folder is read-only, fix its "
-                f"permissions; if the file is damaged, `python -m app kb delete {root.name}` and ingest again."
-            ) from err
-        if not meta:
-            if create is None:
-                raise StoreError(f"knowledge base {root.name!r} has no metadata; delete it and ingest again")
-            with conn:
-                conn.executemany(
-                    "INSERT INTO meta(key, value) VALUES(?, ?)",
-                    [(k, str(v)) for k, v in asdict(create).items() if k not in {"files", "chunks", "vectors"}],
-                )
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        manifest = Manifest.from_meta(meta)
-        if manifest.format_version != FORMAT_VERSION:
-            raise StoreError(
-                f"knowledge base {root.name!r} has format version {manifest.format_version}; this Zhiku reads "
-                f"version {FORMAT_VERSION}. Rebuild it: `python -m app kb delete {root.name}` and ingest again."
-            )
-        kb = cls(root, conn, manifest, gpu)
-        if not readonly:
+        except sqlite3.Error as err:
+            raise StoreError(_open_error(name, db, err)) from err
+        try:
             try:
-                kb._backfill_lexical_index()
-                kb._write_manifest()
-            except (sqlite3.Error, OSError) as err:  # a read-only folder or a full disk: one clear line
-                kb.close()
+                if not readonly:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=FULL")
+                    conn.executescript(_SCHEMA)
+                has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if has_meta.fetchone() else {}
+            except sqlite3.Error as err:
+                raise StoreError(_open_error(name, db, err)) from err
+            if not meta:
+                if create is None:
+                    raise StoreError(f"knowledge base {name!r} has no metadata; delete it and ingest again")
+                made = create() if callable(create) else create
+                with conn:
+                    conn.executemany(
+                        "INSERT INTO meta(key, value) VALUES(?, ?)",
+                        [(k, str(v)) for k, v in asdict(made).items() if k not in {"files", "chunks", "vectors"}],
+                    )
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            manifest = Manifest.from_meta(meta)
+            if manifest.format_version != FORMAT_VERSION:
                 raise StoreError(
-                    f"cannot write to knowledge base {root.name!r} ({err}); nothing was changed. Fix the folder's "
-                    "permissions or free disk space, then run the same command again."
-                ) from err
+                    f"knowledge base {name!r} has format version {manifest.format_version}; this Zhiku reads "
+                    f"version {FORMAT_VERSION}. Rebuild it: `python -m app kb delete {name}` and ingest again."
+                )
+            kb = cls(root, conn, manifest, gpu, immutable_at)
+            if not readonly:
+                try:
+                    kb._backfill_lexical_index()
+                    kb._write_manifest()
+                except (sqlite3.Error, OSError) as err:  # a read-only folder or a full disk: one clear line
+                    raise StoreError(
+                        f"cannot write to knowledge base {name!r} ({err}); what was saved before is intact. Free "
+                        f"disk space, or give the user running Zhiku write access to {root}, then run the same "
+                        "command again."
+                    ) from err
+        except BaseException:
+            conn.close()  # a failed open must not leak the connection (a server opens bases all day)
+            raise
         return kb
 
     @classmethod
@@ -249,16 +326,22 @@ class FaissKnowledgeBase:
         way leaves no half-made knowledge base behind, only a hidden folder the next creation replaces."""
         import shutil
 
-        root.parent.mkdir(parents=True, exist_ok=True)
         building = root.parent / f".creating-{root.name}"
-        shutil.rmtree(building, ignore_errors=True)
-        building.mkdir()
-        cls.open(building, create=manifest, gpu=gpu, _in_place=True).close()
-        if root.exists() and not (root / DB_NAME).exists():
-            shutil.rmtree(root)  # an empty or unfinished folder of that name: nothing to keep
         try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir()
+        except OSError as err:
+            raise StoreError(
+                f"cannot create knowledge base {root.name!r} ({err}); the user running Zhiku needs write access "
+                f"to {root.parent}."
+            ) from err
+        cls.open(building, create=manifest, gpu=gpu, _in_place=True, _name=root.name).close()
+        try:
+            if root.exists() and not (root / DB_NAME).exists():
+                shutil.rmtree(root)  # an empty or unfinished folder of that name: nothing to keep
             building.rename(root)
-        except OSError as err:  # another process created it first
+        except OSError as err:  # another process created it first, or the folder cannot be changed
             shutil.rmtree(building, ignore_errors=True)
             if not (root / DB_NAME).exists():
                 raise StoreError(f"cannot create knowledge base {root.name!r}: {err}") from err
@@ -282,6 +365,11 @@ class FaissKnowledgeBase:
 
     def is_stale(self) -> bool:
         """Whether another process committed a newer generation since this one was opened."""
+        if self._immutable_at is not None:  # SQLite would go on serving the old pages: look at the files
+            try:
+                return _file_signature(self.root / DB_NAME) != self._immutable_at
+            except OSError:
+                return True
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return row is not None and int(row[0]) != self.manifest.generation
 
@@ -473,7 +561,8 @@ class FaissKnowledgeBase:
         except (sqlite3.Error, OSError) as err:  # disk full, read-only folder, ...: one clear line
             raise StoreError(
                 f"could not save knowledge base {self.root.name!r} ({err}); what was saved before is intact. "
-                "Free disk space or fix the folder's permissions, then run the same command again."
+                f"Free disk space, or give the user running Zhiku write access to {self.root}, then run the same "
+                "command again."
             ) from err
 
     def _transaction_unguarded(self) -> Iterator[Transaction]:
@@ -483,6 +572,7 @@ class FaissKnowledgeBase:
             with self._conn:  # one SQLite transaction: commit on success, roll back on error
                 self._conn.execute("BEGIN IMMEDIATE")
                 yield tx
+                tx.drop_unused_texts()
                 if tx.changed:
                     generation = self.manifest.generation + 1
                     now = time.time()
@@ -553,28 +643,42 @@ class Transaction:
         self._conn = kb._conn
         self._index = index
         self.changed = False
+        self._maybe_unused: set[int] = set()  # texts whose chunks were removed: dropped at the end if unused
 
     def remove_file(self, path: str) -> int:
-        """Drop a file's chunks, and the vectors no other chunk uses. Returns the chunks removed."""
-        text_ids = [r[0] for r in self._conn.execute("SELECT DISTINCT text_id FROM chunks WHERE path = ?", (path,))]
+        """Drop a file's chunks; the vectors no other chunk uses go at the end of the transaction. Returns
+        the chunks removed."""
+        self._maybe_unused.update(
+            r[0] for r in self._conn.execute("SELECT DISTINCT text_id FROM chunks WHERE path = ?", (path,))
+        )
         removed = self._conn.execute("DELETE FROM chunks WHERE path = ?", (path,)).rowcount
         self._conn.execute("DELETE FROM files WHERE path = ?", (path,))
-        if text_ids:
-            marks = ",".join("?" * len(text_ids))
-            unused = [
-                r[0]
-                for r in self._conn.execute(
-                    f"SELECT id FROM texts WHERE id IN ({marks}) AND id NOT IN (SELECT text_id FROM chunks)",
-                    text_ids,
-                )
-            ]
-            if unused:
-                marks = ",".join("?" * len(unused))
-                self._conn.execute(f"DELETE FROM texts WHERE id IN ({marks})", unused)
-                self._conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", unused)
-                self._index.remove_ids(np.asarray(unused, dtype=np.int64))
         self.changed = True
         return removed
+
+    def drop_unused_texts(self) -> None:
+        """Delete the texts (and vectors) that lost their last chunk in this transaction. Only at the end:
+        a file rewritten with some paragraphs kept, or a paragraph moving to another file of the same
+        batch, reuses the stored text and vector (the caller did not embed them again)."""
+        candidates = sorted(self._maybe_unused)
+        self._maybe_unused.clear()
+        unused: list[int] = []
+        for start in range(0, len(candidates), 500):  # stay below SQLite's variable limit
+            part = candidates[start : start + 500]
+            marks = ",".join("?" * len(part))
+            unused += [
+                r[0]
+                for r in self._conn.execute(
+                    f"SELECT id FROM texts WHERE id IN ({marks}) AND id NOT IN (SELECT text_id FROM chunks)", part
+                )
+            ]
+        for start in range(0, len(unused), 500):
+            part = unused[start : start + 500]
+            marks = ",".join("?" * len(part))
+            self._conn.execute(f"DELETE FROM texts WHERE id IN ({marks})", part)
+            self._conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", part)
+        if unused:
+            self._index.remove_ids(np.asarray(unused, dtype=np.int64))
 
     def put_file(
         self,
@@ -605,6 +709,8 @@ class Transaction:
                 continue
             row = self._conn.execute("SELECT id FROM texts WHERE hash = ?", (c.text_hash,)).fetchone()
             if row is None:
+                if c.text_hash not in vectors:  # a caller bug, or texts another writer removed meanwhile
+                    raise KeyError(f"no vector for the new text {c.text_hash} of {record.path}")
                 vec = np.ascontiguousarray(vectors[c.text_hash], dtype=np.float32)
                 cur = self._conn.execute(
                     "INSERT INTO texts(hash, text, vector) VALUES(?, ?, ?)",

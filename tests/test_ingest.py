@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.documents import Document
@@ -93,6 +94,69 @@ def test_unchanged_texts_are_not_embedded_twice(app: Zhiku, tmp_path: Path) -> N
     report, _, _ = ingest(app, tmp_path / "docs")
     assert report.count("added") == 1 and report.new_vectors == 0
     assert embedder.calls == calls  # type: ignore[attr-defined]
+
+
+def test_edits_and_moves_reuse_the_vectors_of_unchanged_paragraphs(app: Zhiku, tmp_path: Path) -> None:
+    """Editing one paragraph of a file, or moving paragraphs to another file in the same run, keeps the stored
+    vectors of the text that did not change (both once ended the ingest with a KeyError)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    # one paragraph per chunk (chunk_size 120): about 100 characters each
+    sentence = "长江是中国最长的河流，流经十一个省级行政区，全长约六千三百公里。"
+    paragraphs = [f"第{i}段：" + sentence * 3 for i in range(6)]
+    a, b = docs / "a.txt", docs / "b.txt"
+    a.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    b.write_text("黄河是中国第二长河。", encoding="utf-8")
+    _, first, _ = ingest(app, docs)
+    assert first["chunks"] == 7
+
+    a.write_text("\n\n".join([*paragraphs[:-1], "改写过的最后一段：珠穆朗玛峰是世界最高峰。"]), encoding="utf-8")
+    edited, counts, _ = ingest(app, docs)
+    assert (edited.failures, edited.count("updated"), edited.new_vectors) == ([], 1, 1)
+    assert counts["vectors"] == first["vectors"]  # the old last paragraph's vector is gone, the new one in
+
+    embedder = app.embedder()
+    calls = embedder.calls  # type: ignore[attr-defined]
+    a.write_text("\n\n".join(paragraphs[3:5]), encoding="utf-8")
+    b.write_text("\n\n".join(paragraphs[:3]), encoding="utf-8")  # and b's own text is gone
+    moved, counts, stored = ingest(app, docs)
+    assert (moved.failures, moved.count("updated"), moved.new_vectors) == ([], 2, 0)
+    assert embedder.calls == calls  # type: ignore[attr-defined]
+    assert counts == {"files": 2, "chunks": 5, "vectors": 5}
+    assert (stored[str(a.resolve())].chunks, stored[str(b.resolve())].chunks) == (2, 3)
+    with app.open_kb("t") as store:
+        assert store.check() == []
+        hit = app.retriever(store).search(paragraphs[0], 1)[0].chunk
+        assert (hit.text, hit.source) == (paragraphs[0], str(b.resolve()))
+
+
+def test_texts_another_writer_removed_meanwhile_are_embedded_at_the_commit(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run decides what to embed before it takes the writer lock; if another process removed one of
+    those stored texts in between, the commit embeds it instead of failing."""
+    from knowledge.store import FaissKnowledgeBase
+
+    paragraph = "泰山位于山东省泰安市，是五岳之首，海拔约一千五百米。"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "more").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text(paragraph, encoding="utf-8")
+    (tmp_path / "more" / "b.txt").write_text(paragraph, encoding="utf-8")
+    ingest(app, tmp_path / "docs")
+    real_transaction = FaissKnowledgeBase.transaction
+
+    def another_writer_first(self: FaissKnowledgeBase) -> Any:
+        monkeypatch.setattr(FaissKnowledgeBase, "transaction", real_transaction)
+        with FaissKnowledgeBase.open(self.root) as other, other.transaction() as tx:
+            tx.remove_file(str((tmp_path / "docs" / "a.txt").resolve()))  # its text was the only copy
+        return real_transaction(self)
+
+    monkeypatch.setattr(FaissKnowledgeBase, "transaction", another_writer_first)
+    report, counts, _ = ingest(app, tmp_path / "more")
+    assert (report.failures, report.count("added"), report.new_vectors) == ([], 1, 1)  # embedded again
+    assert counts == {"files": 1, "chunks": 1, "vectors": 1}
+    with app.open_kb("t") as store:
+        assert store.check() == []
 
 
 def test_missing_path_is_reported(app: Zhiku, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ thread, and on a machine whose cores are busy with other work one embedding call
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -27,6 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -274,6 +276,20 @@ def generation(data: Path) -> int | None:
 
 
 # ----- the kill loop --------------------------------------------------------------------------------
+def wait_for_a_commit(
+    proc: subprocess.Popen[str], data: Path, before: int | None, rng: random.Random, limit: float
+) -> bool:
+    """Wait until the run commits a generation, then a random moment more (into the index and manifest
+    writes, or the next batch). True while the run is still going, False once it has ended."""
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and time.monotonic() < deadline:
+        if generation(data) != before:
+            time.sleep(rng.uniform(0.0, 0.4))
+            break
+        time.sleep(0.02)
+    return proc.poll() is None
+
+
 @dataclass
 class KillStats:
     kills: int = 0
@@ -323,24 +339,33 @@ def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Pat
             workers = 2 if stats.kills % 4 == 3 else 1  # a quarter of the runs parse in a process pool
             # every 10 kills one run may finish, and the corpus is rewritten: the next kills hit updates,
             # deletions and additions, not only a first ingest
-            delay = 300.0 if rounds < stats.kills // 10 else random_delay(rng)
+            let_finish = rounds < stats.kills // 10
+            # every 5th kill waits for the run's first commit, then strikes a moment later: timing alone
+            # lands few kills there once the runs are short incremental ones
+            after_a_commit = not let_finish and stats.kills % 5 == 2
+            delay = max(1.0, MAX_LOOP_S - (time.monotonic() - started)) if let_finish else random_delay(rng)
             before = generation(data)
             temps = {p.name for p in kb_dir.glob(".*.tmp")}
             proc = start_cli("ingest", str(docs), "--kb", KB, "--prune", "-q", "--workers", str(workers),
                              *app_args(config, data))  # fmt: skip
             try:
+                if after_a_commit and wait_for_a_commit(proc, data, before, rng, MAX_LOOP_S):
+                    raise subprocess.TimeoutExpired(proc.args, 0)  # still running after its commit: kill it
                 out, err = proc.communicate(timeout=delay)
+                running = False
             except subprocess.TimeoutExpired:
-                kill_group(proc)
-                stats.kills += 1
-                phase = "start-up" if delay < 0.5 else "working"
-                stats.by_phase[phase] = stats.by_phase.get(phase, 0) + 1
-            else:
+                running = True
+            if not running:
                 assert proc.returncode == 0, f"an uninterrupted ingest failed: {err}"
                 stats.finished_runs += 1
                 rounds += 1
                 mutate_corpus(docs, rng, pool, rounds)  # give the next runs updates and removals to die in
                 continue
+            kill_group(proc)
+            assert not let_finish, "an uninterrupted ingest did not finish within the test's time limit"
+            stats.kills += 1
+            phase = "after a commit" if after_a_commit else "start-up" if delay < 0.5 else "working"
+            stats.by_phase[phase] = stats.by_phase.get(phase, 0) + 1
 
             # ----- after every kill -----
             if {p.name for p in kb_dir.glob(".*.tmp")} - temps:
@@ -623,55 +648,123 @@ def test_failed_commit_in_process_rolls_back_to_the_previous_state(
         assert (kb.counts(), {f.path: f.sha256 for f in kb.files()}, kb.manifest.generation) == before
 
 
-def _without_root_file_access() -> None:
-    """Runs in the child before exec: as root, drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
-    set, so the exec'd process obeys file modes like any user (CI and containers often run as root)."""
-    if os.geteuid() != 0:
-        return
+def _file_modes_enforced() -> Any:
+    """A preexec_fn under which a child process obeys file modes, even as root (CI and containers often run
+    as root); None where that cannot be had.
+
+    As root, it drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set before the exec. A probe
+    checks that the child is really refused: an inheritable CAP_DAC_OVERRIDE (some container runtimes grant
+    one) would survive the drop.
+    """
     import ctypes
+    import tempfile
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child, after fork, only calls it
+
+    def obey_file_modes() -> None:
+        if os.geteuid() != 0:
+            return
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder).chmod(0o555)
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[1] + '/x', 'w')", folder],
+                                   preexec_fn=obey_file_modes, capture_output=True, text=True)  # fmt: skip
+        except subprocess.SubprocessError:  # prctl refused: no CAP_SETPCAP here
+            return None
+        finally:
+            Path(folder).chmod(0o755)
+    return obey_file_modes if "PermissionError" in probe.stderr else None
 
 
-def _can_drop_root_file_access() -> bool:
-    try:
-        done = subprocess.run(["true"], preexec_fn=_without_root_file_access, check=False)
-    except subprocess.SubprocessError:  # the preexec_fn raised: no CAP_SETPCAP here
-        return False
-    return done.returncode == 0
+@pytest.fixture(scope="module")
+def as_a_user() -> Any:
+    """preexec_fn for run_cli: the child obeys file modes."""
+    preexec = _file_modes_enforced()
+    if preexec is None:
+        pytest.skip("file modes cannot be enforced on a child process here (root without CAP_SETPCAP)")
+    return preexec
 
 
-def test_read_only_knowledge_base_folder_is_reported_and_left_intact(
-    tmp_path: Path, small_kb: tuple[Path, Path, Path]
-) -> None:
-    """A permission error during the save: one `error:` line naming the cause, exit code 2, nothing changed."""
-    if not _can_drop_root_file_access():
-        pytest.skip("running as root without CAP_SETPCAP: file modes cannot be enforced on this process")
-    config, data, _ = small_kb
-    before = _state(config, data)
-    kb_dir = data / "kb" / KB
-    modes = {p: p.stat().st_mode for p in [kb_dir, *kb_dir.iterdir()]}
+@contextlib.contextmanager
+def _read_only(*folders: Path) -> Iterator[None]:
+    """Make folders (and the files in them) read-only for the duration."""
+    modes = {p: p.stat().st_mode for folder in folders for p in [folder, *folder.iterdir()]}
     try:
         for p in modes:
             p.chmod(0o555 if p.is_dir() else 0o444)
-        denied = run_cli("ingest", str(_new_file(tmp_path, 2)), "--kb", KB, "-q", *app_args(config, data),
-                         preexec_fn=_without_root_file_access)  # fmt: skip
-        # a read-only knowledge base (shared, mounted) can still be searched
-        searched = run_cli("search", STATE_QUERY, "--kb", KB, "-k", "3", "--json", *app_args(config, data),
-                           preexec_fn=_without_root_file_access)  # fmt: skip
+        yield
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
-    assert denied.returncode == 2, denied.stderr
-    assert "Traceback" not in denied.stderr
-    last = denied.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and ("ermission" in last or "read-only" in last or "readonly" in last), last
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), done.stderr
+    return last
+
+
+def test_read_only_knowledge_base_folder_is_reported_and_left_intact(
+    tmp_path: Path, small_kb: tuple[Path, Path, Path], as_a_user: Any
+) -> None:
+    """A permission error during the save: one `error:` line naming the cause, exit code 2, nothing changed;
+    the read-only base can still be searched (a shared or mounted knowledge base)."""
+    config, data, _ = small_kb
+    before = _state(config, data)
+    with _read_only(data / "kb" / KB):
+        denied = run_cli("ingest", str(_new_file(tmp_path, 2)), "--kb", KB, "-q", *app_args(config, data),
+                         preexec_fn=as_a_user)  # fmt: skip
+        searched = run_cli("search", STATE_QUERY, "--kb", KB, "-k", "3", "--json", *app_args(config, data),
+                           preexec_fn=as_a_user)  # fmt: skip
+    last = _one_error_line(denied)
+    assert "readonly database" in last or "Permission denied" in last, last  # the real cause, not only advice
+    assert "write access" in last, last  # and what to do
     assert _state(config, data) == before
     assert searched.returncode == 0, searched.stderr
     assert [h["text"] for h in json.loads(searched.stdout)] == before[2]
+
+
+def test_a_read_only_base_with_unmerged_commits_is_refused_not_read_stale(
+    small_kb: tuple[Path, Path, Path], as_a_user: Any
+) -> None:
+    """Commits still in the write-ahead log (a writer killed, or a copy made while one ran) cannot be read
+    without write access to the folder: the search says so instead of answering from older data."""
+    config, data, _ = small_kb
+    db = data / "kb" / KB / "docstore.sqlite"
+    leave_wal = (
+        "import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_autocheckpoint=0'); "
+        "c.execute(\"INSERT INTO meta(key, value) VALUES('unmerged', '1')\"); c.commit(); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", leave_wal, str(db)], check=True)
+    db.with_name(db.name + "-shm").unlink()
+    assert db.with_name(db.name + "-wal").stat().st_size > 0
+    with _read_only(data / "kb" / KB):
+        searched = run_cli("search", STATE_QUERY, "--kb", KB, "--json", *app_args(config, data),
+                           preexec_fn=as_a_user)  # fmt: skip
+    if searched.returncode == 0:  # this SQLite could read the log: then the commit must be visible
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT value FROM meta WHERE key = 'unmerged'").fetchone() == ("1",)
+    else:
+        last = _one_error_line(searched)
+        assert "-wal" in last and "write access" in last, last
+
+
+def test_creating_a_knowledge_base_without_write_access_is_one_clear_error(
+    tmp_path: Path, small_kb: tuple[Path, Path, Path], as_a_user: Any
+) -> None:
+    config, data, _ = small_kb
+    with _read_only(data / "kb"):
+        denied = run_cli("ingest", str(_new_file(tmp_path, 1)), "--kb", "new", "-q", *app_args(config, data),
+                         preexec_fn=as_a_user)  # fmt: skip
+    last = _one_error_line(denied)
+    assert "cannot create knowledge base 'new'" in last and "write access" in last, last
+    assert sorted(p.name for p in (data / "kb").iterdir()) == [KB]  # nothing half made
 
 
 def _half_created(data: Path) -> Path:

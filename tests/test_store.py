@@ -129,3 +129,74 @@ def test_a_knowledge_base_without_bm25_index_gets_one_on_open(kb: FaissKnowledge
         from knowledge.lexical import fts_query
 
         assert len(again.lexical_search(fts_query("黄河"), 5)) == 1
+
+
+def test_a_failed_write_during_open_is_one_clear_error_and_closes_the_docstore(
+    kb: FaissKnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writable open also writes (the BM25 backfill, the manifest): a permission error there is a
+    StoreError that says what to do, and the connection it opened is closed, not leaked."""
+    import sqlite3
+
+    import knowledge.store as store
+
+    put(kb, "/a.txt", ["长江是中国最长的河流。"])
+    kb.close()
+    opened: list[sqlite3.Connection] = []
+    real_connect = sqlite3.connect
+
+    def recording_connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        opened.append(real_connect(*args, **kwargs))  # type: ignore[arg-type]
+        return opened[-1]
+
+    def denied(path: Path, data: bytes) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(store.sqlite3, "connect", recording_connect)
+    monkeypatch.setattr(store, "atomic_write_bytes", denied)
+    with pytest.raises(StoreError, match=r"cannot write to knowledge base .kb.*Permission denied.*write access"):
+        FaissKnowledgeBase.open(tmp_path / "kb")
+    [conn] = opened
+    with pytest.raises(sqlite3.ProgrammingError):  # closed
+        conn.execute("SELECT 1")
+
+
+@pytest.mark.parametrize(
+    ("content", "advice"),
+    [(b"this is not a database" * 100, r"damaged.*kb delete kb"), (b"", None)],
+    ids=["not-a-database", "empty-file"],
+)
+def test_a_damaged_docstore_says_to_rebuild(tmp_path: Path, content: bytes, advice: str | None) -> None:
+    root = tmp_path / "kb"
+    root.mkdir()
+    (root / "docstore.sqlite").write_bytes(content)
+    if advice is None:  # an empty file is a valid empty database: no metadata, so not a knowledge base
+        advice = "has no metadata; delete it"
+    for readonly in (True, False):
+        with pytest.raises(StoreError, match=advice):
+            FaissKnowledgeBase.open(root, readonly=readonly)
+
+
+def test_an_immutable_reader_notices_a_writer(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+    """In a folder the reader cannot write to, SQLite is opened immutable and would serve old pages for
+    ever; the file signature makes is_stale() true after any commit, so the caller reopens."""
+    import sqlite3
+
+    import knowledge.store as store
+
+    put(kb, "/a.txt", ["长江是中国最长的河流。"])
+    db = tmp_path / "kb" / "docstore.sqlite"
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?immutable=1", uri=True)
+    reader = FaissKnowledgeBase(tmp_path / "kb", conn, kb.manifest, immutable_at=store._file_signature(db))
+    assert not reader.is_stale()
+    put(kb, "/b.txt", ["黄河是中国第二长河。"])
+    assert reader.is_stale()
+    reader.close()
+
+
+def test_index_and_manifest_files_follow_the_umask_like_the_docstore(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+    """Others who may read the docstore (a shared knowledge base) may read the index and manifest too."""
+    put(kb, "/a.txt", ["长江是中国最长的河流。"])
+    root = tmp_path / "kb"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in root.iterdir() if p.suffix in {".sqlite", ".faiss", ".json"}}
+    assert len(modes) == 3 and len(set(modes.values())) == 1, modes

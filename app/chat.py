@@ -105,6 +105,7 @@ class ChatService:
             store = self._kbs.get(kb)
             if store is None or store.is_stale():
                 if store is not None:
+                    del self._kbs[kb]  # closed now: never left cached if the reopen fails
                     store.close()
                 store = self._kbs[kb] = self.zhiku.open_kb(kb, readonly=True)
             return self.zhiku.retriever(store).context(question, k)

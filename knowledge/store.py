@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -135,27 +134,22 @@ class Hit:
         }
 
 
-def _umask() -> int:
-    """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # mode 0666 here, so the kernel applies the umask (and default ACLs) as for the docstore; mkstemp's
+    # fixed 0600 would hide the index of a shared knowledge base from the users who may read its docstore
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; like the docstore, follow the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        Path(tmp).replace(path)
+        tmp.replace(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -190,8 +184,10 @@ def _open_error(name: str, db: Path, err: sqlite3.Error) -> str:
 def _file_signature(db: Path) -> tuple[int, ...]:
     """Changes whenever a writer touches the database or its write-ahead log."""
     main = db.stat()
-    wal = db.with_name(db.name + "-wal")
-    wal_size = wal.stat().st_size if wal.exists() else 0
+    try:
+        wal_size = db.with_name(db.name + "-wal").stat().st_size
+    except FileNotFoundError:  # no log, or the last writer just merged and removed it
+        wal_size = 0
     return (main.st_ino, main.st_size, main.st_mtime_ns, wal_size)
 
 
@@ -307,8 +303,10 @@ class FaissKnowledgeBase:
             kb = cls(root, conn, manifest, gpu, immutable_at)
             if not readonly:
                 try:
-                    kb._backfill_lexical_index()
-                    kb._write_manifest()
+                    with kb._writer_lock():  # another writer's lock clears temp files: never write beside one
+                        kb._reload_if_stale()
+                        kb._backfill_lexical_index()
+                        kb._write_manifest()
                 except (sqlite3.Error, OSError) as err:  # a read-only folder or a full disk: one clear line
                     raise StoreError(
                         f"cannot write to knowledge base {name!r} ({err}); what was saved before is intact. Free "
@@ -550,10 +548,13 @@ class FaissKnowledgeBase:
     def transaction(self) -> Iterator[Transaction]:
         """All changes inside are committed together, then the index file and manifest are written."""
         with self._writer_lock():
-            if self.is_stale():  # another process committed since we loaded: start from its state
-                self.manifest = Manifest.from_meta(dict(self._conn.execute("SELECT key, value FROM meta").fetchall()))
-                self._index = self._search_index = None
+            self._reload_if_stale()
             yield from self._transaction()
+
+    def _reload_if_stale(self) -> None:
+        if self.is_stale():  # another process committed since we loaded: start from its state
+            self.manifest = Manifest.from_meta(dict(self._conn.execute("SELECT key, value FROM meta").fetchall()))
+            self._index = self._search_index = None
 
     def _transaction(self) -> Iterator[Transaction]:
         try:

@@ -134,3 +134,29 @@ def test_no_relevant_passage_is_said_in_the_prompt(service: tuple[ChatService, E
     assert isinstance(events[0], SourcesEvent) and events[0].sources == []
     user = backend.seen[-1][-1]
     assert user.content.startswith("（知识库中没有找到与问题相关的文段。）") and user.context == ()
+
+
+def test_a_failed_reopen_of_a_changed_knowledge_base_is_retried_next_time(
+    service: tuple[ChatService, EchoBackend], app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service keeps knowledge bases open and reopens one after an ingest commits; when that reopen fails
+    (a permission problem, say) the error reaches this question and the next question tries again, instead
+    of meeting a closed connection."""
+    from knowledge.store import StoreError
+
+    chat, _ = service
+    assert chat.retrieve("docs", "长江", 2)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "new.txt").write_text("新文件：泰山是五岳之首。", encoding="utf-8")
+    with app.open_kb("docs") as kb:
+        app.ingestor(kb).run([tmp_path / "more"], progress=False)  # the cached store is stale now
+    real_open = app.open_kb
+
+    def refused(name: str, **kwargs: object) -> object:
+        raise StoreError(f"knowledge base {name!r}: cannot open docstore.sqlite (permission denied)")
+
+    monkeypatch.setattr(app, "open_kb", refused)
+    with pytest.raises(StoreError, match="permission denied"):
+        chat.retrieve("docs", "泰山", 2)
+    monkeypatch.setattr(app, "open_kb", real_open)
+    assert any("泰山" in p.text for p in chat.retrieve("docs", "泰山", 2))

@@ -200,3 +200,23 @@ def test_index_and_manifest_files_follow_the_umask_like_the_docstore(kb: FaissKn
     root = tmp_path / "kb"
     modes = {p.name: p.stat().st_mode & 0o777 for p in root.iterdir() if p.suffix in {".sqlite", ".faiss", ".json"}}
     assert len(modes) == 3 and len(set(modes.values())) == 1, modes
+
+
+def test_a_writable_open_waits_for_the_writer_lock(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+    """A writable open writes the manifest; the writer who holds the lock deletes temp files it finds, so
+    the open must wait for it (three processes writing at once once lost a manifest temp file this way)."""
+    import fcntl
+    import threading
+
+    kb.close()
+    opened: list[FaissKnowledgeBase] = []
+    with (tmp_path / "kb" / "write.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another writer, mid-commit
+        opener = threading.Thread(target=lambda: opened.append(FaissKnowledgeBase.open(tmp_path / "kb")))
+        opener.start()
+        opener.join(0.5)
+        assert opener.is_alive() and not opened  # waiting
+    opener.join(10)
+    assert len(opened) == 1
+    assert opened[0].check() == []
+    opened[0].close()

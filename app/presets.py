@@ -8,8 +8,6 @@ never file paths; they are validated anyway so that they stay printable and unam
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import unicodedata
 from pathlib import Path
@@ -60,17 +58,11 @@ class PresetStore:
         return {str(k): str(v) for k, v in data.items()}
 
     def _write(self, data: dict[str, str]) -> None:
+        from knowledge.store import atomic_write_bytes
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".presets-", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, ensure_ascii=False, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            Path(tmp).replace(self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        text = json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True)
+        atomic_write_bytes(self.path, text.encode("utf-8"))
 
     def list(self) -> dict[str, str]:
         """All presets, sorted by name."""

@@ -153,6 +153,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _batches(values: Sequence[Any]) -> Iterator[tuple[list[Any], str]]:
+    """Slices of at most 500 values, each with its "?,?,..." placeholders: SQLite limits the variables
+    one statement may bind."""
+    for start in range(0, len(values), 500):
+        part = list(values[start : start + 500])
+        yield part, ",".join("?" * len(part))
+
+
 def _sqlite_code(err: sqlite3.Error) -> int | None:
     """The primary SQLite result code of an error (extended codes carry it in their low byte)."""
     code = getattr(err, "sqlite_errorcode", None)
@@ -414,19 +422,14 @@ class FaissKnowledgeBase:
         }
 
     def known_hashes(self, hashes: Iterable[str]) -> set[str]:
-        wanted = list(set(hashes))
         found: set[str] = set()
-        for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
-            part = wanted[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in _batches(list(set(hashes))):
             found.update(r[0] for r in self._conn.execute(f"SELECT hash FROM texts WHERE hash IN ({marks})", part))
         return found
 
     def chunks_by_id(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
         out: dict[int, StoredChunk] = {}
-        for start in range(0, len(ids), 500):
-            part = list(ids[start : start + 500])
-            marks = ",".join("?" * len(part))
+        for part, marks in _batches(ids):
             for row in self._conn.execute(
                 "SELECT c.id, t.text, c.path, c.page, c.offset, c.heading, c.prev_id, c.next_id "
                 f"FROM chunks c JOIN texts t ON t.id = c.text_id WHERE c.id IN ({marks})",
@@ -664,18 +667,14 @@ class Transaction:
         candidates = sorted(self._maybe_unused)
         self._maybe_unused.clear()
         unused: list[int] = []
-        for start in range(0, len(candidates), 500):  # stay below SQLite's variable limit
-            part = candidates[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in _batches(candidates):
             unused += [
                 r[0]
                 for r in self._conn.execute(
                     f"SELECT id FROM texts WHERE id IN ({marks}) AND id NOT IN (SELECT text_id FROM chunks)", part
                 )
             ]
-        for start in range(0, len(unused), 500):
-            part = unused[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in _batches(unused):
             self._conn.execute(f"DELETE FROM texts WHERE id IN ({marks})", part)
             self._conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", part)
         if unused:

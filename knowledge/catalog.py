@@ -6,13 +6,14 @@ import re
 import shutil
 from pathlib import Path
 
+from common.errors import ZhikuError
 from knowledge.store import DB_NAME, MANIFEST_NAME
 
 # Letters (any script, so Chinese names work), digits, '_', '-', '.'; no leading dot; at most 64.
 _NAME = re.compile(r"^[^\W_][\w.-]{0,63}$")
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(ZhikuError, ValueError):
     """A knowledge-base name that could escape the data dir or is otherwise unusable."""
 
 

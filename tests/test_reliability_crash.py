@@ -596,6 +596,7 @@ def test_failed_index_write_in_process_is_raised_and_leaves_the_base_usable(
 ) -> None:
     """ENOSPC from the atomic writer (index or manifest) reaches the caller; the base stays consistent."""
     import knowledge.store as store
+    import knowledge.vectors as vectors
 
     extra = _ingested_with_more_to_come(app, tmp_path, {"more.txt": "另一个文件，讲的是泰山和西湖。\n\n它有两段。"})
     with app.open_kb("t", readonly=True) as kb:
@@ -606,6 +607,7 @@ def test_failed_index_write_in_process_is_raised_and_leaves_the_base_usable(
 
     with app.open_kb("t", create=True) as kb:
         monkeypatch.setattr(store, "atomic_write_bytes", disk_full)  # after the open, which writes too
+        monkeypatch.setattr(vectors, "atomic_write_bytes", disk_full)  # the index file
         with pytest.raises(StoreError, match="could not save knowledge base") as raised:
             app.ingestor(kb).run([extra], progress=False)
         monkeypatch.undo()
@@ -770,12 +772,13 @@ def test_creating_a_knowledge_base_without_write_access_is_one_clear_error(
 def _half_created(data: Path) -> Path:
     """What a kill between the creation of the docstore's tables and its metadata row leaves."""
     import knowledge.store as store
+    from knowledge.docstore import SCHEMA
 
     kb_dir = data / "kb" / KB
     kb_dir.mkdir(parents=True)
     conn = sqlite3.connect(kb_dir / store.DB_NAME)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(store._SCHEMA)
+    conn.executescript(SCHEMA)
     conn.close()
     return kb_dir
 

@@ -42,7 +42,9 @@ def test_tokens_for_chinese_and_english() -> None:
 def test_bm25_finds_a_rare_word_and_follows_updates_and_deletes(app: Zhiku, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     kb = make_kb(app, docs, {"a.txt": "钼铁矿石的冶炼方法。", "b.txt": "今天天气很好。"})
-    assert [h.chunk.source for h in kb.hits_for_texts(kb.lexical_search(fts_query("钼铁矿石"), 5))] == [
+    with kb.snapshot() as snap:
+        found = [h.chunk.source for h in snap.hits_for_texts(snap.lexical_search(fts_query("钼铁矿石"), 5))]
+    assert found == [
         str((docs / "a.txt").resolve())
     ]
     (docs / "a.txt").write_text("铜矿的开采历史。", encoding="utf-8")

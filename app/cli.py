@@ -1,7 +1,8 @@
-"""Command line: ``python -m app ingest|search|kb ...``.
+"""Command line: ``python -m app ingest|search|chat|eval|serve|kb ...``.
 
 Every subcommand takes ``--config`` and ``--data-dir``. JSON output (``--json``) is a contract other
-tools rely on; its shapes are documented in README.md and must stay stable.
+tools rely on; its shapes are documented in README.md and must stay stable. Every failure a user can fix
+is one ``error: ...`` line and exit code 2 (:func:`_app` is the one place that catches them).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Annotated, Any
 
 import typer
 
+from app.chat import ChatRequest, SourcesEvent, TextEvent
 from app.container import Zhiku
-from app.settings import ConfigError, load_settings
-from knowledge.catalog import InvalidNameError
+from app.settings import load_settings
+from common.errors import ZhikuError
 from knowledge.ingest import FileOutcome
 from knowledge.store import StoreError
-from plugins.registry import UnknownNameError
 
 cli = typer.Typer(
     help="Zhiku (知库): chat with your documents. Ingest folders of PDF/TXT into knowledge bases and search them.",
@@ -37,6 +38,8 @@ DataDirOpt = Annotated[
 ]
 KbOpt = Annotated[str, typer.Option("--kb", help="knowledge base name")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
+HostOpt = Annotated[str | None, typer.Option(help="bind address (default: server.host, 127.0.0.1)")]
+PortOpt = Annotated[int | None, typer.Option(help="port (default: server.port)")]
 
 # Exit codes: 0 ok, 1 some files failed to ingest, 2 bad usage, config or knowledge base.
 EXIT_FILES_FAILED = 1
@@ -45,11 +48,16 @@ EXIT_ERROR = 2
 
 @contextmanager
 def _app(config: Path | None, data_dir: Path | None) -> Iterator[Zhiku]:
-    """Build the app, turning expected errors into one clear line and exit code 2."""
+    """Build the app and check its configuration; the error boundary of every command: a ZhikuError (or an
+    operating-system error such as a missing file) becomes one ``error:`` line and its exit code."""
     try:
-        yield Zhiku(load_settings(config, data_dir=data_dir))
-    except (ConfigError, StoreError, InvalidNameError, UnknownNameError, FileNotFoundError, ValueError) as err:
+        yield Zhiku(load_settings(config, data_dir=data_dir)).check()
+    except ZhikuError as err:
         typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        typer.echo(f"error: {err.strerror or err}{where}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
 
 
@@ -69,22 +77,21 @@ def ingest(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Ingest PDF/TXT/MD files into a knowledge base (created if missing), incrementally."""
+    failures: list[FileOutcome] = []
+
+    def show(outcome: FileOutcome) -> None:
+        if outcome.status == "failed":
+            failures.append(outcome)
+
     with _app(config, data_dir) as app:
         if workers is not None:
             app.settings.ingest.workers = workers
-        with app.open_kb(kb, create=True) as store:
-            failures: list[FileOutcome] = []
-
-            def show(outcome: FileOutcome) -> None:
-                if outcome.status == "failed":
-                    failures.append(outcome)
-
-            report = app.ingestor(store).run(
-                paths, prune=prune, progress=not quiet and sys.stderr.isatty(), on_outcome=show
-            )
-            counts = store.counts()
+        result = app.ingest.ingest(
+            kb, paths, prune=prune, progress=not quiet and sys.stderr.isatty(), on_outcome=show
+        )
+    report, counts = result.report, result.total
     if as_json:
-        _print_json({**report.to_json(), "kb": kb, "total": counts})
+        _print_json(result.to_json())
     else:
         for f in failures:
             typer.echo(f"FAILED {f.reason}", err=True)
@@ -110,8 +117,8 @@ def search(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Search a knowledge base: the top passages with source, page and score."""
-    with _app(config, data_dir) as app, app.open_kb(kb, readonly=True) as store:
-        hits = app.retriever(store).search(question, k or app.settings.search.top_k)
+    with _app(config, data_dir) as app:
+        hits = app.library.retriever(kb).search(question, k or app.settings.search.top_k)
     if as_json:
         _print_json([h.to_json() for h in hits])
         return
@@ -136,10 +143,8 @@ def chat(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Ask one question: the answer streams to the terminal, then its sources."""
-    from app.chat import ChatRequest, ChatService, SourcesEvent, TextEvent
-
     with _app(config, data_dir) as app:
-        service = ChatService(app)
+        service = app.chat
         changes = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         options = app.settings.chat.generation.model_copy(update={k: v for k, v in changes.items() if v is not None})
         sources = []
@@ -160,18 +165,17 @@ def chat(
 
 @cli.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="bind address (default: server.host, 127.0.0.1)")] = None,
-    port: Annotated[int | None, typer.Option(help="port (default: server.port)")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the chat web UI."""
-    from app.chat import ChatService
     from app.ui import launch
 
     with _app(config, data_dir) as app:
         users = [(u.name, u.password_hash) for u in app.settings.server.users]
-        launch(ChatService(app), host=host, port=port, auth=users or None)
+        launch(app, host=host, port=port, auth=users or None)
 
 
 @cli.command("eval")
@@ -191,13 +195,13 @@ def evaluate_cmd(
     from knowledge.evaluation import evaluate, load_questions
     from knowledge.retrieval import RetrievalSettings
 
-    with _app(config, data_dir) as app, app.open_kb(kb, readonly=True) as store:
+    with _app(config, data_dir) as app:
         qs = load_questions(questions)
         top = k or app.settings.chat.top_k
-        pipelines = {"pipeline": app.retriever(store)}
+        pipelines = {"pipeline": app.library.retriever(kb)}
         if compare:
             plain = RetrievalSettings(mode="vector", expand_window=0, min_similarity=0.0)
-            pipelines["vector"] = app.retriever(store, plain)
+            pipelines["vector"] = app.library.retriever(kb, plain)
         results = {
             name: evaluate(
                 qs,
@@ -224,7 +228,7 @@ def evaluate_cmd(
 def kb_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """List knowledge bases."""
     with _app(config, data_dir) as app:
-        names = app.catalog.names()
+        names = app.kbs.names()
     if as_json:
         _print_json(names)
     else:
@@ -239,27 +243,15 @@ def kb_info(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Files, chunks and embedding model of a knowledge base."""
-    with _app(config, data_dir) as app, app.open_kb(name, readonly=True) as store:
-        m = store.manifest
-        info = {
-            "name": name,
-            **store.counts(),
-            "embedding_model": m.embedding_model,
-            "dim": m.dim,
-            "chunk_size": m.chunk_size,
-            "chunk_overlap": m.chunk_overlap,
-            "format_version": m.format_version,
-            "updated_at": m.updated_at,
-            "sources": [
-                {"path": f.path, "pages": f.pages, "chunks": f.chunks, "sha256": f.sha256} for f in store.files()
-            ],
-        }
+    with _app(config, data_dir) as app:
+        info = app.kbs.info(name)
     if as_json:
         _print_json(info)
     else:
         typer.echo(
             f"{name}: {info['files']} files, {info['chunks']} chunks, {info['vectors']} vectors; "
-            f"embedding {m.embedding_model} ({m.dim}-d); chunks {m.chunk_size}/{m.chunk_overlap} characters"
+            f"embedding {info['embedding_model']} ({info['dim']}-d); "
+            f"chunks {info['chunk_size']}/{info['chunk_overlap']} characters"
         )
 
 
@@ -269,8 +261,8 @@ def kb_check(name: Annotated[str, typer.Argument()], config: ConfigOpt = None, d
 
     Opens the knowledge base for writing, like any maintenance: a manifest or index file that a crash
     left behind the docstore is brought up to date from it first."""
-    with _app(config, data_dir) as app, app.open_kb(name) as store:
-        problems = store.check()
+    with _app(config, data_dir) as app:
+        problems = app.kbs.check(name)
     if problems:
         for p in problems:
             typer.echo(f"problem: {p}", err=True)
@@ -288,10 +280,10 @@ def kb_delete(
     """Delete a knowledge base and everything in it."""
     with _app(config, data_dir) as app:
         if not app.catalog.exists(name):
-            raise FileNotFoundError(f"knowledge base {name!r} does not exist; `python -m app kb list` shows them")
+            raise StoreError(f"knowledge base {name!r} does not exist", "`python -m app kb list` shows them")
         if not yes and not typer.confirm(f"delete knowledge base {name!r}?"):
             raise typer.Exit(1)
-        app.catalog.delete(name)
+        app.kbs.delete(name)
     typer.echo(f"deleted {name}")
 
 

@@ -1,27 +1,35 @@
 """The composition root: builds Zhiku's parts from typed settings, once, and hands them out.
 
 Read this file to see what a running Zhiku is made of. It holds no module-level state: every CLI
-invocation, test or server process makes its own :class:`Zhiku`.
+invocation, test or server process makes its own :class:`Zhiku`. The services built here (chat, ingest,
+knowledge bases) are what the CLI, the UI and the HTTP API call; nothing they call comes back here.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pluggy
+from pydantic import BaseModel, ValidationError
 
-from app.settings import Settings
+from app.settings import ConfigError, Settings
 from knowledge import plugin as knowledge_plugin
 from knowledge.catalog import Catalog
-from knowledge.embedding import Embedder, EmbedderFactory, auto_backend, backend_of
+from knowledge.embedding import Embedder, EmbedderFactory, Embedders
 from knowledge.ingest import Ingestor
+from knowledge.library import KnowledgeLibrary
 from knowledge.loaders import LoaderRegistry
-from knowledge.retrieval import CrossEncoderReranker, Reranker, RetrievalSettings, Retriever
-from knowledge.store import FaissKnowledgeBase, Manifest, StoreError
+from knowledge.retrieval import Reranker, Rerankers, RetrievalSettings, Retriever
+from knowledge.store import KnowledgeBase, Manifest, StoreError
+from knowledge.vectors import VectorIndexFactory, VectorIndexKind
 from llms import plugin as llms_plugin
-from llms.base import LLMFactory
+from llms.base import ChatBackend, LLMCatalog, LLMFactory, LLMSpec, NoOptions
 from plugins.registry import Registry, build_plugin_manager
+
+if TYPE_CHECKING:
+    from app.services import ChatService, IngestService, KnowledgeBaseService
 
 BUILTIN_PLUGINS: tuple[ModuleType, ...] = (knowledge_plugin, llms_plugin)
 
@@ -30,9 +38,8 @@ class Zhiku:
     def __init__(self, settings: Settings, *, entry_points: bool = True) -> None:
         self.settings = settings
         self._entry_points = entry_points
-        self._embedders: dict[str, Embedder] = {}
-        self._rerankers: dict[str, Reranker] = {}
 
+    # ----- plugins -------------------------------------------------------------------------------
     @cached_property
     def plugins(self) -> pluggy.PluginManager:
         return build_plugin_manager(BUILTIN_PLUGINS, entry_points=self._entry_points)
@@ -50,50 +57,117 @@ class Zhiku:
         return registry
 
     @cached_property
-    def llm_factories(self) -> Registry[LLMFactory]:
-        registry: Registry[LLMFactory] = Registry("LLM backend")
-        self.plugins.hook.register_llms(register=registry.register)
+    def vector_index_factories(self) -> Registry[VectorIndexFactory]:
+        registry: Registry[VectorIndexFactory] = Registry("vector index")
+        self.plugins.hook.register_vector_indexes(register=registry.register)
         return registry
 
+    @cached_property
+    def llm_specs(self) -> Registry[LLMSpec]:
+        registry: Registry[LLMSpec] = Registry("LLM backend")
+
+        def register(name: str, factory: LLMFactory, settings: type[BaseModel] = NoOptions) -> None:
+            registry.register(name, LLMSpec(factory, settings))
+
+        self.plugins.hook.register_llms(register=register)
+        return registry
+
+    # ----- configuration checked against what plugins registered ---------------------------------
+    def llm_options(self, name: str) -> BaseModel:
+        """``llm.<name>`` validated against the settings model that backend registered."""
+        spec = self.llm_specs.get(name)
+        try:
+            return spec.settings.model_validate(self.settings.llm.sections().get(name) or {})
+        except ValidationError as err:
+            problems = "; ".join(
+                f"llm.{name}.{'.'.join(str(p) for p in e['loc'])}: "
+                + ("unknown key (check its spelling)" if e["type"] == "extra_forbidden" else str(e["msg"]))
+                for e in err.errors()
+            )
+            raise ConfigError(f"invalid configuration: {problems}") from None
+
+    def check(self) -> Zhiku:
+        """Validate what only the plugins can tell (backend sections, the chosen backend) at start-up."""
+        names = self.llm_specs.names()
+        for section in self.settings.llm.sections():
+            if section not in names:
+                raise ConfigError(
+                    f"llm.{section}: no LLM backend is named {section!r}",
+                    f"registered backends: {', '.join(names)}; fix the key or install the plugin that provides it",
+                )
+            self.llm_options(section)
+        # llm.backend itself is checked where a chat needs it: ingest and search run without the LLM
+        self.vector_kind  # noqa: B018 - resolves store.index now, so a wrong name fails at start-up
+        return self
+
+    @cached_property
+    def llms(self) -> LLMCatalog:
+        """Builds chat backends by name; every registered backend's section validated now."""
+        return LLMCatalog(self.llm_specs.get, {name: self.llm_options(name) for name in self.llm_specs.names()})
+
+    def backend(self, name: str | None = None) -> ChatBackend:
+        """A new chat backend (it loads its model lazily); the chat service keeps one per name."""
+        return self.llms.build(name or self.settings.llm.backend)
+
+    # ----- knowledge ------------------------------------------------------------------------------
     @cached_property
     def catalog(self) -> Catalog:
         return Catalog(self.settings.kb_root)
 
+    @cached_property
+    def embedders(self) -> Embedders:
+        return Embedders(self.settings.embedding, self.embedder_factories.get)
+
     def embedder(self, manifest: Manifest | None = None) -> Embedder:
         """The configured embedder; with ``backend: auto`` an existing knowledge base keeps its own model."""
-        cfg = self.settings.embedding
-        if manifest is not None and cfg.backend == "auto":
-            backend = backend_of(manifest.embedding_model)
-            if backend == "sentence-transformers":
-                cfg = cfg.model_copy(update={"model": manifest.embedding_model.split(":", 1)[1]})
-        else:
-            backend = auto_backend(cfg)
-        key = f"{backend}|{cfg.model}"
-        if key not in self._embedders:
-            self._embedders[key] = self.embedder_factories.get(backend)(cfg)
-        return self._embedders[key]
+        return self.embedders.for_model(manifest.embedding_model) if manifest else self.embedders.configured()
 
-    def open_kb(self, name: str, *, create: bool = False, readonly: bool = False) -> FaissKnowledgeBase:
+    @cached_property
+    def vector_kind(self) -> VectorIndexKind:
+        store = self.settings.store
+        return self.vector_index_factories.get(store.index)(store.gpu)
+
+    @cached_property
+    def rerankers(self) -> Rerankers:
+        return Rerankers()
+
+    def reranker(self, model: str) -> Reranker:
+        return self.rerankers.get(model)
+
+    @cached_property
+    def library(self) -> KnowledgeLibrary:
+        """The read side: open knowledge bases by name, one retriever each."""
+        return KnowledgeLibrary(
+            self.catalog,
+            kind=self.vector_kind,
+            embedder_for=self.embedders.for_model,
+            retrieval=self.settings.retrieval,
+            reranker_for=self.rerankers.get,
+        )
+
+    def open_kb(self, name: str, *, create: bool = False, readonly: bool = False) -> KnowledgeBase:
+        """A knowledge base of one's own (the library shares read-only ones): for writing, or a one-off read."""
         path = self.catalog.path(name)
         if not create:
-            return FaissKnowledgeBase.open(path, gpu=self.settings.store.gpu, readonly=readonly)
+            return KnowledgeBase.open(path, kind=self.vector_kind, readonly=readonly, name=name)
         chunking = self.settings.chunking
 
         def new_manifest() -> Manifest:  # only for a missing base: an existing one keeps its own manifest
             embedder = self.embedder()
             return Manifest(embedder.model_id, embedder.dim, chunking.chunk_size, chunking.chunk_overlap)
 
-        kb = FaissKnowledgeBase.open(path, create=new_manifest, gpu=self.settings.store.gpu)
+        kb = KnowledgeBase.open(path, create=new_manifest, kind=self.vector_kind, name=name)
         if (kb.manifest.chunk_size, kb.manifest.chunk_overlap) != (chunking.chunk_size, chunking.chunk_overlap):
             kb.close()
             raise StoreError(
                 f"knowledge base {name!r} was chunked with chunk_size={kb.manifest.chunk_size}, "
                 f"chunk_overlap={kb.manifest.chunk_overlap}; the config says {chunking.chunk_size}/"
-                f"{chunking.chunk_overlap}. Use the same settings, or rebuild: `python -m app kb delete {name}`."
+                f"{chunking.chunk_overlap}",
+                f"use the same settings, or rebuild: `python -m app kb delete {name}` and ingest again",
             )
         return kb
 
-    def ingestor(self, kb: FaissKnowledgeBase) -> Ingestor:
+    def ingestor(self, kb: KnowledgeBase) -> Ingestor:
         s = self.settings
         return Ingestor(
             kb,
@@ -107,13 +181,27 @@ class Zhiku:
             max_file_seconds=s.ingest.max_file_seconds,
         )
 
-    def retriever(self, kb: FaissKnowledgeBase, settings: RetrievalSettings | None = None) -> Retriever:
-        """The configured retrieval pipeline (or ``settings``, e.g. plain vector top-k to compare)."""
+    def retriever(self, kb: KnowledgeBase, settings: RetrievalSettings | None = None) -> Retriever:
+        """A retriever over a base opened with :meth:`open_kb` (the configured pipeline, or ``settings``)."""
         settings = settings or self.settings.retrieval
         reranker = self.reranker(settings.reranker) if settings.reranker else None
         return Retriever(kb, self.embedder(kb.manifest), settings, reranker)
 
-    def reranker(self, model: str) -> Reranker:
-        if model not in self._rerankers:
-            self._rerankers[model] = CrossEncoderReranker(model)
-        return self._rerankers[model]
+    # ----- services: what every entry point calls -------------------------------------------------
+    @cached_property
+    def chat(self) -> ChatService:
+        from app.services import ChatService
+
+        return ChatService(self.settings, self.library, self.llms.build)
+
+    @cached_property
+    def ingest(self) -> IngestService:
+        from app.services import IngestService
+
+        return IngestService(self.settings, self.open_kb, self.ingestor, self.library, self.loaders.extensions)
+
+    @cached_property
+    def kbs(self) -> KnowledgeBaseService:
+        from app.services import KnowledgeBaseService
+
+        return KnowledgeBaseService(self.settings, self.catalog, self.open_kb, self.library)

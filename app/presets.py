@@ -12,26 +12,33 @@ import threading
 import unicodedata
 from pathlib import Path
 
+from common.errors import ZhikuError
+from common.files import atomic_write_bytes
+
 FILE_NAME = "presets.json"
 MAX_NAME = 64
 MAX_TEXT = 20_000
 
 
+class PresetError(ZhikuError, ValueError):
+    """A preset that cannot be read, saved or found; the message says why and what to do."""
+
+
 def validate_preset_name(name: str) -> str:
-    """Return the name without surrounding whitespace, or raise ValueError saying what is wrong."""
+    """Return the name without surrounding whitespace, or raise PresetError saying what is wrong."""
     if not isinstance(name, str):
-        raise ValueError("preset name must be text")
+        raise PresetError("preset name must be text")
     name = name.strip()
     if not name:
-        raise ValueError("preset name is empty: give the preset a name (1-64 characters)")
+        raise PresetError("preset name is empty: give the preset a name (1-64 characters)")
     if len(name) > MAX_NAME:
-        raise ValueError(f"preset name is {len(name)} characters long; use at most {MAX_NAME}")
+        raise PresetError(f"preset name is {len(name)} characters long; use at most {MAX_NAME}")
     if "/" in name or "\\" in name:
-        raise ValueError(f"preset name {name!r} must not contain '/' or '\\'")
+        raise PresetError(f"preset name {name!r} must not contain '/' or '\\'")
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
-        raise ValueError(f"preset name {name!r} must not contain control characters")
+        raise PresetError(f"preset name {name!r} must not contain control characters")
     if name in (".", ".."):
-        raise ValueError(f"preset name {name!r} is not allowed")
+        raise PresetError(f"preset name {name!r} is not allowed")
     return name
 
 
@@ -48,21 +55,25 @@ class PresetStore:
         except FileNotFoundError:
             return {}
         except OSError as err:
-            raise ValueError(f"cannot read presets from {self.path.name}: {err.strerror or err}") from None
+            raise PresetError(f"cannot read presets from {self.path.name}: {err.strerror or err}") from None
         try:
             data = json.loads(raw) if raw.strip() else {}
         except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path.name} is not valid JSON ({err.msg}); fix or delete it") from None
+            raise PresetError(f"{self.path.name} is not valid JSON ({err.msg}); fix or delete it") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{self.path.name} must hold a JSON object of name: text")
+            raise PresetError(f"{self.path.name} must hold a JSON object of name: text")
         return {str(k): str(v) for k, v in data.items()}
 
     def _write(self, data: dict[str, str]) -> None:
-        from knowledge.store import atomic_write_bytes
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True)
-        atomic_write_bytes(self.path, text.encode("utf-8"))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, text.encode("utf-8"))
+        except OSError as err:  # a read-only data dir, a full disk: say which and what to do
+            raise PresetError(
+                f"cannot save presets to {self.path} ({err.strerror or err})",
+                f"give the user running Zhiku write access to {self.path.parent}, or free disk space",
+            ) from err
 
     def list(self) -> dict[str, str]:
         """All presets, sorted by name."""
@@ -70,22 +81,19 @@ class PresetStore:
             return dict(sorted(self._read().items()))
 
     def get(self, name: str) -> str:
-        name = validate_preset_name(name)
         with self._lock:
             data = self._read()
-        if name not in data:
-            raise ValueError(f"no preset named {name!r}")
-        return data[name]
+        return data[_existing(data, name)]
 
     def save(self, name: str, text: str) -> str:
         """Create or replace a preset; returns the (stripped) name it was saved under."""
         name = validate_preset_name(name)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError("preset text is empty: write the system prompt first")
+            raise PresetError("preset text is empty: write the system prompt first")
         if "\x00" in text:
-            raise ValueError("preset text must not contain NUL characters")
+            raise PresetError("preset text must not contain NUL characters")
         if len(text) > MAX_TEXT:
-            raise ValueError(f"preset text is {len(text)} characters long; use at most {MAX_TEXT}")
+            raise PresetError(f"preset text is {len(text)} characters long; use at most {MAX_TEXT}")
         with self._lock:
             data = self._read()
             data[name] = text
@@ -93,10 +101,14 @@ class PresetStore:
         return name
 
     def delete(self, name: str) -> None:
-        name = validate_preset_name(name)
         with self._lock:
             data = self._read()
-            if name not in data:
-                raise ValueError(f"no preset named {name!r}")
-            del data[name]
+            del data[_existing(data, name)]
             self._write(data)
+
+
+def _existing(data: dict[str, str], name: str) -> str:
+    name = validate_preset_name(name)
+    if name not in data:
+        raise PresetError(f"no preset named {name!r}", "pick one from the list, or save it first")
+    return name

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -19,17 +20,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from common.errors import ZhikuError
 from knowledge.embedding import EmbeddingSettings
 from knowledge.retrieval import RetrievalSettings
 from llms.base import GenerationOptions
-from llms.llamacpp import LlamaCppSettings
-from llms.openai_backend import OpenAISettings
-from llms.transformers_backend import TransformersSettings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yml"
 
 
-class ConfigError(ValueError):
+class ConfigError(ZhikuError, ValueError):
     """config.yml or an override is invalid; the message names the key and the file."""
 
 
@@ -56,6 +55,7 @@ class ChunkingSettings(_Section):
 
 
 class StoreSettings(_Section):
+    index: str = Field("faiss", description="vector index: faiss, or a plugin's name")
     gpu: Literal["auto", "on", "off"] = Field("auto", description="search on the GPU with faiss-gpu")
 
 
@@ -64,20 +64,17 @@ class SearchSettings(_Section):
 
 
 class LLMSettings(_Section):
+    """``llm:``. Every other key is a backend's own section (``llm.default``, ``llm.openai``, a plugin's
+    name, ...), validated against the settings model that backend registered, when the app is built."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     backend: str = Field("default", description="default, openai, moss, llama, baichuan, or a plugin's name")
     max_concurrent: int = Field(2, ge=1, description="generations at once per process; more wait in a queue")
-    default: LlamaCppSettings = LlamaCppSettings()
-    openai: OpenAISettings = OpenAISettings()
-    moss: TransformersSettings = TransformersSettings(model="fnlp/moss-moon-003-sft", context_window=2048)
-    llama: TransformersSettings = TransformersSettings(model="meta-llama/Llama-2-7b-chat-hf", context_window=4096)
-    baichuan: TransformersSettings = TransformersSettings(model="baichuan-inc/Baichuan2-7B-Chat", context_window=4096)
-    plugins: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options of plugin backends")
 
-    def options_for(self, name: str) -> dict[str, Any]:
-        section = getattr(self, name, None)
-        if isinstance(section, BaseModel):
-            return section.model_dump()
-        return dict(self.plugins.get(name, {}))
+    def sections(self) -> dict[str, Any]:
+        """Each backend section as written in the config (before validation)."""
+        return dict(self.model_extra or {})
 
 
 SEED_SYSTEM_PROMPT_ZH = "学习以下文段, 用中文回答用户问题。如果无法从中得到答案，忽略文段内容并用中文回答用户问题。"
@@ -97,6 +94,9 @@ class ChatSettings(_Section):
     passage_template: str = "[{n}] {file}{page}\n{text}"
     top_k: int = Field(5, ge=0, le=50, description="passages retrieved per question; 0 = no retrieval")
     generation: GenerationOptions = GenerationOptions(temperature=0.3)
+    max_question_chars: int = Field(8000, ge=1, description="longer questions (and system prompts) are refused")
+    max_history_messages: int = Field(64, ge=0, description="only the newest messages of a conversation are sent")
+    max_history_chars: int = Field(100_000, ge=0, description="a longer conversation is refused")
 
 
 class UserSettings(_Section):
@@ -163,6 +163,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         settings: Settings = _FromFile(**given)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"{path}{where} is not valid YAML ({problem})", "fix that line (indentation, quotes, a stray tab)"
+        ) from None
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {_explain(e)}" for e in err.errors()

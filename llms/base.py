@@ -7,11 +7,13 @@ window; :func:`fit_messages` trims history oldest-first so that the prompt plus 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from common.errors import InvalidRequestError
 
 Role = Literal["system", "user", "assistant"]
 
@@ -38,7 +40,7 @@ class GenerationOptions(BaseModel):
     seed: int | None = Field(None, description="fixed seed for reproducible sampling")
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(InvalidRequestError):
     """The newest message alone does not fit the model's context window."""
 
 
@@ -63,7 +65,37 @@ class ChatBackend(Protocol):
         ...
 
 
-LLMFactory = Callable[[dict[str, Any]], ChatBackend]
+LLMFactory = Callable[[Any], ChatBackend]  # factory(its settings model, validated) -> backend
+
+
+class NoOptions(BaseModel):
+    """The options of a backend that has none: any key is an error that names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """A registered backend: its factory and the pydantic model of its ``llm.<name>`` options."""
+
+    factory: LLMFactory
+    settings: type[BaseModel] = NoOptions
+
+    def build(self, options: BaseModel) -> ChatBackend:
+        return self.factory(options)
+
+
+class LLMCatalog:
+    """Builds registered backends by name with their validated options (the app validates every
+    ``llm.<name>`` section at start-up and hands the results here)."""
+
+    def __init__(self, spec_of: Callable[[str], LLMSpec], options: Mapping[str, BaseModel]) -> None:
+        self._spec_of = spec_of
+        self._options = dict(options)
+
+    def build(self, name: str) -> ChatBackend:
+        spec = self._spec_of(name)  # an unknown name is an error listing the registered ones
+        return spec.build(self._options.get(name) or spec.settings())
 
 
 def fit_messages(backend: ChatBackend, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:

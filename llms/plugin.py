@@ -1,4 +1,5 @@
-"""Zhiku's built-in chat backends, registered through the same hook as third-party plugins."""
+"""Zhiku's built-in chat backends, registered through the same hook as third-party plugins, each with the
+model of its own options."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ from plugins.hookspecs import RegisterLLM, hookimpl
 
 @hookimpl
 def register_llms(register: RegisterLLM) -> None:
-    from llms.llamacpp import default_factory
-    from llms.openai_backend import openai_factory
-    from llms.transformers_backend import baichuan_factory, llama_factory, moss_factory
+    from llms.llamacpp import LlamaCppSettings, default_factory
+    from llms.openai_backend import OpenAISettings, openai_factory
+    from llms.transformers_backend import (
+        BaichuanSettings,
+        LlamaSettings,
+        MossSettings,
+        baichuan_factory,
+        llama_factory,
+        moss_factory,
+    )
 
-    register("default", default_factory)
-    register("openai", openai_factory)
-    register("moss", moss_factory)
-    register("llama", llama_factory)
-    register("baichuan", baichuan_factory)
+    register("default", default_factory, settings=LlamaCppSettings)
+    register("openai", openai_factory, settings=OpenAISettings)
+    register("moss", moss_factory, settings=MossSettings)
+    register("llama", llama_factory, settings=LlamaSettings)
+    register("baichuan", baichuan_factory, settings=BaichuanSettings)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.errors import BackendUnavailableError
 from llms.base import ContextOverflowError, GenerationOptions, Message, stream_with_stops
 from llms.formats import BaichuanFormat, Llama2Format, MossFormat, PromptFormat
 
@@ -25,8 +26,11 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BaichuanSettings",
+    "LlamaSettings",
     "LoadedModel",
     "ModelLoadError",
+    "MossSettings",
     "TransformersBackend",
     "TransformersSettings",
     "baichuan_factory",
@@ -40,7 +44,7 @@ log = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 30.0
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(BackendUnavailableError):
     """The model, its tokenizer or its config could not be loaded; the message says how to fix it."""
 
 
@@ -70,6 +74,27 @@ class TransformersSettings(BaseModel):
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("load_in_8bit and load_in_4bit are both true; choose one")
         return self
+
+
+class MossSettings(TransformersSettings):
+    """``llm.moss``: moss-moon-003-sft (the real one needs trust_remote_code: true)."""
+
+    model: str = "fnlp/moss-moon-003-sft"
+    context_window: int | None = Field(2048, ge=16)
+
+
+class LlamaSettings(TransformersSettings):
+    """``llm.llama``: Llama-2-*-chat-hf."""
+
+    model: str = "meta-llama/Llama-2-7b-chat-hf"
+    context_window: int | None = Field(4096, ge=16)
+
+
+class BaichuanSettings(TransformersSettings):
+    """``llm.baichuan``: Baichuan-13B-Chat / Baichuan2-*-Chat."""
+
+    model: str = "baichuan-inc/Baichuan2-7B-Chat"
+    context_window: int | None = Field(4096, ge=16)
 
 
 @dataclass(frozen=True)
@@ -322,21 +347,22 @@ class TransformersBackend:
             thread.join(JOIN_TIMEOUT_S)
 
 
-def _settings(options: dict[str, Any]) -> TransformersSettings:
-    return TransformersSettings.model_validate(options)
+def _settings(options: TransformersSettings | dict[str, Any]) -> TransformersSettings:
+    """The app passes the validated ``llm.<name>`` section; a plain dict (scripts, tests) is validated here."""
+    return options if isinstance(options, TransformersSettings) else TransformersSettings.model_validate(options)
 
 
-def moss_factory(options: dict[str, Any]) -> TransformersBackend:
+def moss_factory(options: TransformersSettings | dict[str, Any]) -> TransformersBackend:
     """``llm.moss``: moss-moon-003-sft (the real one needs trust_remote_code: true)."""
     return TransformersBackend("moss", _settings(options), MossFormat())
 
 
-def llama_factory(options: dict[str, Any]) -> TransformersBackend:
+def llama_factory(options: TransformersSettings | dict[str, Any]) -> TransformersBackend:
     """``llm.llama``: Llama-2-*-chat-hf."""
     return TransformersBackend("llama", _settings(options), Llama2Format())
 
 
-def baichuan_factory(options: dict[str, Any]) -> TransformersBackend:
+def baichuan_factory(options: TransformersSettings | dict[str, Any]) -> TransformersBackend:
     """``llm.baichuan``: Baichuan-13B-Chat / Baichuan2-*-Chat; role ids come from the loaded generation config."""
     return TransformersBackend(
         "baichuan", _settings(options), BaichuanFormat(), bind_format=BaichuanFormat.from_generation_config

@@ -6,22 +6,23 @@ built-in plugin modules, so ``plugins`` never imports ``knowledge`` or ``llms``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import ModuleType
 from typing import Generic, TypeVar
 
 import pluggy
 
+from common.errors import ZhikuError
 from plugins import hookspecs
 
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(ZhikuError, KeyError):
     """A name in the config that no plugin registered."""
 
-    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message.
-        return str(self.args[0])
+    def __str__(self) -> str:  # KeyError quotes its argument; ZhikuError's message is plain
+        return ZhikuError.__str__(self)
 
 
 class Registry(Generic[T]):
@@ -62,9 +63,3 @@ def build_plugin_manager(builtins: Iterable[ModuleType] = (), *, entry_points: b
     if entry_points:
         pm.load_setuptools_entrypoints(hookspecs.PROJECT)
     return pm
-
-
-def collect(hook: Callable[..., object], registry: Registry[T]) -> Registry[T]:
-    """Call a ``register_*`` hook with ``registry.register`` and return the filled registry."""
-    hook(register=registry.register)
-    return registry

@@ -52,7 +52,7 @@ def service(app: Zhiku, tmp_path: Path) -> tuple[ChatService, EchoBackend]:
     make_corpus(tmp_path / "docs")
     with app.open_kb("docs", create=True) as kb:
         app.ingestor(kb).run([tmp_path / "docs"], progress=False)
-    return ChatService(app), plugin.backend
+    return app.chat, plugin.backend
 
 
 def test_answer_streams_after_its_sources_and_the_prompt_holds_the_passages(
@@ -136,27 +136,72 @@ def test_no_relevant_passage_is_said_in_the_prompt(service: tuple[ChatService, E
     assert user.content.startswith("（知识库中没有找到与问题相关的文段。）") and user.context == ()
 
 
-def test_a_failed_reopen_of_a_changed_knowledge_base_is_retried_next_time(
+def test_a_failed_reopen_of_a_replaced_knowledge_base_is_retried_next_time(
     service: tuple[ChatService, EchoBackend], app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The service keeps knowledge bases open and reopens one after an ingest commits; when that reopen fails
-    (a permission problem, say) the error reaches this question and the next question tries again, instead
-    of meeting a closed connection."""
-    from knowledge.store import StoreError
+    """The library keeps knowledge bases open and reopens one that was deleted and made again; when that
+    reopen fails (a permission problem, say) the error reaches this question and the next question tries
+    again, instead of meeting a closed connection or the old base."""
+    from knowledge.store import KnowledgeBase, StoreError
 
     chat, _ = service
     assert chat.retrieve("docs", "长江", 2)
+    app.kbs.delete("docs")
     (tmp_path / "more").mkdir()
     (tmp_path / "more" / "new.txt").write_text("新文件：泰山是五岳之首。", encoding="utf-8")
-    with app.open_kb("docs") as kb:
-        app.ingestor(kb).run([tmp_path / "more"], progress=False)  # the cached store is stale now
-    real_open = app.open_kb
+    app.ingest.ingest("docs", [tmp_path / "more"])
+    real_open = KnowledgeBase.open
 
-    def refused(name: str, **kwargs: object) -> object:
-        raise StoreError(f"knowledge base {name!r}: cannot open docstore.sqlite (permission denied)")
+    def refused(*args: object, **kwargs: object) -> object:
+        raise StoreError("knowledge base 'docs': cannot open docstore.sqlite (permission denied)")
 
-    monkeypatch.setattr(app, "open_kb", refused)
+    monkeypatch.setattr(KnowledgeBase, "open", refused)
     with pytest.raises(StoreError, match="permission denied"):
         chat.retrieve("docs", "泰山", 2)
-    monkeypatch.setattr(app, "open_kb", real_open)
+    monkeypatch.setattr(KnowledgeBase, "open", real_open)
     assert any("泰山" in p.text for p in chat.retrieve("docs", "泰山", 2))
+
+
+def test_a_running_service_answers_from_a_rebuilt_base_never_the_deleted_one(
+    service: tuple[ChatService, EchoBackend], app: Zhiku, tmp_path: Path
+) -> None:
+    """Hostile-use finding: serve, ask about a base, `kb delete` it, ingest new documents under the same name,
+    ask again: the answer must come from the new documents (it came from the deleted ones)."""
+    chat, backend = service
+    assert any("长江" in p.text for p in chat.retrieve("docs", "长江有多长", 3))
+    app.kbs.delete("docs")
+    from knowledge.store import StoreError
+
+    with pytest.raises(StoreError, match="does not exist"):
+        chat.retrieve("docs", "长江有多长", 3)
+    (tmp_path / "v2").mkdir()
+    text = "第二版：珠穆朗玛峰是世界最高峰。\n\n长江的资料已经删除。"
+    (tmp_path / "v2" / "v2.txt").write_text(text, encoding="utf-8")
+    app.ingest.ingest("docs", [tmp_path / "v2"])
+    events = list(chat.stream(ChatRequest("长江有多长？", kb="docs", top_k=5)))
+    sources = events[0].sources  # type: ignore[union-attr]
+    assert sources and {s.file for s in sources} == {"v2.txt"}
+    assert "6300" not in backend.seen[-1][-1].content
+
+
+def test_an_oversized_question_or_history_is_refused_with_a_clear_error(
+    service: tuple[ChatService, EchoBackend],
+) -> None:
+    """Hostile-use finding: a 1,000,000-character question held retrieval for 20 minutes and a 2,000-turn
+    history held a generation slot for minutes. Both are bounded now, with an error that says what to do;
+    a long conversation only sends its newest turns."""
+    from common.errors import InvalidRequestError
+
+    chat, backend = service
+    limit = chat.settings.chat.max_question_chars
+    with pytest.raises(InvalidRequestError, match=r"characters long.*shorter question"):
+        list(chat.stream(ChatRequest("长" * (limit + 1), kb="docs")))
+    assert backend.seen == []  # refused before retrieval and generation
+    huge = [Message("user" if i % 2 == 0 else "assistant", "很长的历史" * 2000) for i in range(40)]
+    with pytest.raises(InvalidRequestError, match="new conversation"):
+        list(chat.stream(ChatRequest("长江有多长？", history=huge)))
+    chat.settings.chat.max_history_messages = 4
+    long_chat = [Message("user" if i % 2 == 0 else "assistant", f"第{i}句") for i in range(2000)]
+    list(chat.stream(ChatRequest("长江有多长？", history=long_chat)))
+    sent = backend.seen[-1]
+    assert [m.content for m in sent[1:-1]] == ["第1996句", "第1997句", "第1998句", "第1999句"]

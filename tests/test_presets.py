@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.presets import FILE_NAME, PresetStore
+from app.presets import FILE_NAME, PresetError, PresetStore
 
 
 def test_crud(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         raise OSError("disk full")
 
     monkeypatch.setattr(Path, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PresetError, match=r"cannot save presets .*disk full.*write access"):  # not a blank "Error"
         store.save("new", "new text")
     monkeypatch.undo()
     # the old file is untouched and no temp file is left behind

@@ -24,12 +24,13 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from app.auth import InvalidHashError, hash_password, make_auth, verify_password
-from app.chat import ChatRequest, ChatService, SourcesEvent, TextEvent
+from app.chat import ChatRequest, SourcesEvent, TextEvent
 from app.cli import cli
 from app.container import Zhiku
 from app.presets import PresetStore
 from app.settings import DEFAULT_CONFIG, ServerSettings, load_settings
-from app.ui import check_uploads, launch, safe_filename, upload_destination
+from app.ui import launch
+from app.uploads import check_uploads, safe_filename, upload_destination
 from knowledge.catalog import Catalog, InvalidNameError, validate_name
 from knowledge.store import DB_NAME
 from tests.conftest import REPO, write_config
@@ -284,7 +285,7 @@ def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     zhiku = Zhiku(load_settings(config), entry_points=False)
     zhiku.plugins.register(HashingPlugin())
     port = _free_port()
-    launch(ChatService(zhiku), port=port, prevent_thread_lock=True, quiet=True,
+    launch(zhiku, port=port, prevent_thread_lock=True, quiet=True,
            auth=[("alice", hash_password(PASSWORD))])  # fmt: skip
     try:
         yield f"http://127.0.0.1:{port}", port
@@ -335,7 +336,7 @@ def test_launch_binds_the_configured_host_and_refuses_share_and_plain_passwords(
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: calls.append(kwargs))
-    service = ChatService(app)
+    service = app
     launch(service)
     assert calls[-1]["server_name"] == "127.0.0.1" and calls[-1]["share"] is False and "auth" not in calls[-1]
     launch(service, host="0.0.0.0")  # an explicit choice wins
@@ -438,7 +439,7 @@ def test_no_load_path_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     zhiku.plugins.register(EchoPlugin())
     zhiku.settings.llm.backend = "echo"
-    events = list(ChatService(zhiku).stream(ChatRequest("长江有多长？", kb="k", top_k=2)))
+    events = list(zhiku.chat.stream(ChatRequest("长江有多长？", kb="k", top_k=2)))
     assert isinstance(events[0], SourcesEvent) and events[0].sources
     assert any(isinstance(e, TextEvent) for e in events)
     store = PresetStore(zhiku.settings.data_dir)
@@ -450,10 +451,12 @@ def test_no_load_path_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_transformers_backends_do_not_trust_remote_code_by_default(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yml"  # only the built-in defaults
     empty.write_text("", encoding="utf-8")
+    from app.container import Zhiku
+
     for settings_ in (load_settings(DEFAULT_CONFIG), load_settings(empty)):
+        app = Zhiku(settings_, entry_points=False)
         for name in ("moss", "llama", "baichuan"):
-            assert getattr(settings_.llm, name).trust_remote_code is False, name
-            assert settings_.llm.options_for(name)["trust_remote_code"] is False
+            assert app.llm_options(name).trust_remote_code is False, name  # type: ignore[attr-defined]
 
 
 def test_no_code_turns_on_trust_remote_code_or_unpickles() -> None:

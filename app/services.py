@@ -1,0 +1,149 @@
+"""The services every entry point shares: the CLI, the web UI and the HTTP API call these, never the
+parts below them. Built once by :class:`app.container.Zhiku`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.chat import ChatService
+from app.settings import Settings
+from app.uploads import check_uploads, upload_destination, uploads_folder
+from knowledge.catalog import Catalog, validate_name
+from knowledge.ingest import FileOutcome, Ingestor, IngestReport
+from knowledge.library import KnowledgeLibrary
+from knowledge.store import KnowledgeBase, StoreError
+
+__all__ = ["ChatService", "IngestResult", "IngestService", "KnowledgeBaseService", "UploadResult"]
+
+OpenKb = Callable[..., KnowledgeBase]
+OnOutcome = Callable[[FileOutcome], None]
+
+
+@dataclass
+class IngestResult:
+    kb: str
+    report: IngestReport
+    total: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``ingest --json`` prints (a contract; see README.md)."""
+        return {**self.report.to_json(), "kb": self.kb, "total": self.total}
+
+
+@dataclass
+class UploadResult:
+    kb: str
+    ingest: IngestResult | None = None  # None: no file was accepted
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (file name, one-line reason)
+
+
+class IngestService:
+    """Files into knowledge bases: folders from the CLI, uploads from the UI and the API."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        open_kb: OpenKb,
+        ingestor_for: Callable[[KnowledgeBase], Ingestor],
+        library: KnowledgeLibrary,
+        extensions: Collection[str],
+    ) -> None:
+        self.settings = settings
+        self._open_kb = open_kb
+        self._ingestor_for = ingestor_for
+        self._library = library
+        self.extensions = sorted(extensions)
+
+    def ingest(
+        self,
+        kb: str,
+        paths: Iterable[Path],
+        *,
+        prune: bool = False,
+        progress: bool = False,
+        on_outcome: OnOutcome | None = None,
+    ) -> IngestResult:
+        """Ingest files and folders (recursively) into ``kb``, creating it if missing."""
+        validate_name(kb)
+        with self._open_kb(kb, create=True) as store:
+            report = self._ingestor_for(store).run(paths, prune=prune, progress=progress, on_outcome=on_outcome)
+            total = store.counts()
+        return IngestResult(kb, report, total)
+
+    def upload(self, kb: str, files: Sequence[str | Path], on_outcome: OnOutcome | None = None) -> UploadResult:
+        """Keep uploaded files under ``<data_dir>/uploads/<kb>`` and ingest them. Files of a type no loader
+        reads, over ``server.max_upload_mb`` or not regular files are refused with a reason, never copied."""
+        validate_name(kb)
+        accepted, rejected = check_uploads(files, self.extensions, self.settings.server.max_upload_mb)
+        result = UploadResult(kb, rejected=rejected)
+        copied: list[Path] = []
+        for filename, src in accepted.items():
+            try:
+                dest = upload_destination(self.settings.data_dir, kb, filename)
+            except ValueError as err:  # belt and braces after safe_filename
+                result.rejected.append((filename, str(err)))
+                continue
+            copied.append(_copy_atomically(src, dest))
+        if copied:
+            result.ingest = self.ingest(kb, copied, on_outcome=on_outcome)
+        return result
+
+
+def _copy_atomically(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=dest.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        Path(tmp).replace(dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return dest
+
+
+class KnowledgeBaseService:
+    """List, inspect, check and delete knowledge bases."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, open_kb: OpenKb, library: KnowledgeLibrary) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._open_kb = open_kb
+        self._library = library
+
+    def names(self) -> list[str]:
+        return self.catalog.names()
+
+    def info(self, name: str) -> dict[str, Any]:
+        """What ``kb info --json`` prints (a contract; see README.md)."""
+        with self._open_kb(name, readonly=True) as store:
+            return {"name": name, **store.info()}
+
+    def check(self, name: str) -> list[str]:
+        """Consistency problems; opens the base for writing, like any maintenance, so a manifest or index
+        file that a crash left behind the docstore is brought up to date first."""
+        with self._open_kb(name) as store:
+            return store.check()
+
+    def delete(self, name: str) -> None:
+        """Delete a knowledge base and the files uploaded into it."""
+        if not self.catalog.exists(name):
+            raise StoreError(
+                f"knowledge base {name!r} does not exist", "`python -m app kb list` shows the ones there are"
+            )
+        self._library.forget(name)
+        try:
+            self.catalog.delete(name)
+            shutil.rmtree(uploads_folder(self.settings.data_dir, name), ignore_errors=False)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise StoreError(
+                f"cannot delete knowledge base {name!r} ({err.strerror or err})",
+                f"the user running Zhiku needs write access to {self.settings.data_dir}",
+            ) from err

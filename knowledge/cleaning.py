@@ -3,7 +3,8 @@
 clean_pages() works on the pages of one document at a time because running heads and footers are only
 visible across pages. Steps, in order: whitespace, glyphs drawn twice, margin line numbers, running
 heads/footers, page numbers, re-joining lines that a PDF broke mid-sentence (headings stay on their own
-line, set off by blank lines), spaces between CJK characters, runs of blank lines.
+line, set off by blank lines; table rows are never joined), spaces between CJK characters, runs of blank
+lines.
 
 Without the page geometry, "broken by the page width" is judged from line widths in display columns (a
 CJK character counts 2): a line is continued when the next line's first word would not have fitted on it.
@@ -16,16 +17,16 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from itertools import groupby
+
+from common.text import UNSPACED_RANGES
 
 __all__ = ["clean_pages"]
 
 # --- character classes ------------------------------------------------------------------------------
 
 # CJK ideographs, kana, CJK punctuation and full-width forms: text written without spaces between words.
-_CJK = (
-    "\u2e80-\u2eff\u2f00-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u31a0-\u31ff"
-    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003134f"
-)
+_CJK = UNSPACED_RANGES
 _CJK_CHAR = re.compile(f"[{_CJK}]")
 _CJK_SPACE = re.compile(f"(?<=[{_CJK}]) +(?=[{_CJK}])")
 
@@ -61,6 +62,10 @@ _PAGE_NUMBER = re.compile(
     re.IGNORECASE,
 )
 _DIGITS = re.compile(r"\d+")
+# A figure standing alone as a table cell: a number, date, time, amount or percentage ("7,723,293",
+# "06/22/2015", "$3,790", "-4.5%", "(1,234)"). It ends in a digit: prose puts punctuation after its figures
+# ("December 6, 2018;", "AD 2018–23–51,"), a table does not.
+_FIGURE_CELL = re.compile(r"[-+−]?[$€£¥]?\d(?:[\d.,:/–—-]*\d)?%?|\([$€£¥]?\d(?:[\d.,]*\d)?%?\)")
 _MARGIN_NUMBER = re.compile(r"(\d{1,3})(?: +|$)")
 
 # --- tuning -----------------------------------------------------------------------------------------
@@ -75,6 +80,9 @@ _WINDOW = 8  # lines either side that set a line's local layout width
 _MIN_LOCAL_WIDTH = 0.9  # ... which is at least this share of the page's
 _MIN_WRAP_WIDTH = 36  # display columns (a CJK character is 2): narrower "layouts" are lists and forms
 _MAX_WRAP_WIDTH = 200  # lines this wide were not wrapped by a layout (one paragraph per line)
+_MIN_ROW_FIGURES = 3  # a table row of Latin text has this many figure cells ...
+_MIN_ROW_FIGURE_SHARE = 0.25  # ... making up this share of its cells ...
+_MIN_TABLE_ROWS = 3  # ... in a run of this many such lines: one line of figures is prose or a footer
 _MIN_DOUBLED_PAIRS = 4
 _MIN_MARGIN_NUMBERS = 8
 
@@ -251,6 +259,7 @@ def _join_lines(lines: list[str]) -> list[str]:
     # tables rather than a narrow layout: their lines are left as they are.
     wrapped = _MIN_WRAP_WIDTH <= usual <= _MAX_WRAP_WIDTH
 
+    rows = _table_rows(lines)
     fenced: list[bool] = []
     inside = False
     for line in lines:
@@ -308,8 +317,8 @@ def _join_lines(lines: list[str]) -> list[str]:
             and not here.startswith(("#", "|"))
             and not _BLOCK_START.match(after)
             and not lines[i + 1].startswith("  ")  # indented: a new paragraph in Chinese plain text
-            and not _tabular(here)
-            and not _tabular(after)
+            and not rows[i]
+            and not rows[i + 1]
             and full(i)
             and not heading(i + 1)
         )
@@ -330,10 +339,37 @@ def _join_lines(lines: list[str]) -> list[str]:
     return out
 
 
+def _table_rows(lines: list[str]) -> list[bool]:
+    """Which lines are table rows: their line breaks are the table's and never joined.
+
+    A row is laid out as wide as the page like prose without final punctuation, so it is told by its
+    cells: in CJK text by _tabular(); in Latin text by figures (_figure_row), and only in a run of at least
+    three such lines, since one line of prose or a footer can be full of figures too.
+    """
+    rows = [bool(_CJK_CHAR.search(line)) and _tabular(line) for line in lines]
+    figured = [not _CJK_CHAR.search(line) and _figure_row(line) for line in lines]
+    start = 0
+    for is_figured, run in groupby(figured):  # runs of consecutive lines alike
+        length = len(list(run))
+        if is_figured and length >= _MIN_TABLE_ROWS:
+            rows[start : start + length] = [True] * length
+        start += length
+    return rows
+
+
 def _tabular(line: str) -> bool:
     """A table row or form line in CJK text ("白细胞计数(WBC) 仪器法 3.9 E+9/L [4.0-10.0]"): several
     space-separated cells, two or more with figures. Chinese prose has few spaces and fewer figures."""
     cells = line.split()
-    if len(cells) < 3 or not _CJK_CHAR.search(line):
+    if len(cells) < 3:
         return False
     return sum(1 for cell in cells if any(ch.isdigit() for ch in cell)) >= 2
+
+
+def _figure_row(line: str) -> bool:
+    """A line of Latin text that may be a table row ("06/22/2015 03/25/2016 07/01/2015 Leidos El Segundo 72
+    Layoff Permanent"): several cells that are figures, and a fair share of all its cells. Prose has a few
+    figures among many words, and punctuation after them."""
+    cells = line.split()
+    figures = sum(1 for cell in cells if _FIGURE_CELL.fullmatch(cell))
+    return figures >= _MIN_ROW_FIGURES and figures >= _MIN_ROW_FIGURE_SHARE * len(cells)

@@ -144,6 +144,66 @@ def test_markdown_blocks_are_not_joined() -> None:
     assert clean(raw) == raw
 
 
+# --- tables ----------------------------------------------------------------------------------------
+
+# Rows of pdfplumber's WARN report (US layoff notices) as load_pdf gives them: as wide as the page, without
+# final punctuation, cells separated by single spaces. Some have long names and few figures.
+WARN_ROWS = [
+    "06/22/2015 03/25/2016 07/01/2015 Maxim Integrated Product San Jose 150 Closure Permanent",
+    "06/30/2015 08/29/2015 07/01/2015 McGraw-Hill Education Monterey 137 Layoff Unknown at this time",
+    "06/30/2015 08/30/2015 07/01/2015 Long Beach Memorial Medical Center Long Beach 90 Layoff Permanent",
+    "07/01/2015 09/02/2015 07/01/2015 Leidos El Segundo 72 Layoff Permanent",
+    "07/01/2015 09/30/2016 07/01/2015 Bosch Healthcare Systems, Inc. Palo Alto 55 Closure Permanent",
+    "07/27/2015 09/30/2015 07/29/2015 Hank Fisher Properties, Inc. - Chateau at Carmichael 57 Layoff Permanent",
+    "07/30/2015 07/30/2015 08/05/2015 Abbott Vascular Temecula 133 Layoff Permanent",
+    "08/20/2015 10/22/2015 08/21/2015 XOMA (US) LLC Berkeley 39 Layoff Permanent",
+]
+
+
+def test_latin_table_rows_stay_one_row_per_line() -> None:
+    header = "Notice Date Effective Received Company City No. Of Layoff/Closure"
+    page = "\n".join(["WARN Report", header, *WARN_ROWS])
+    # The title is set off as a heading; the header and every row keep their own line.
+    assert clean_pages([page], laid_out=True) == [f"WARN Report\n\n{header}\n" + "\n".join(WARN_ROWS)]
+
+
+def test_wrapped_prose_full_of_figures_is_still_joined() -> None:
+    # A column of the Federal Register: citations put figures on every line, but with punctuation after
+    # them ("2018;", "(83"), and a line of bare figures ("14 CFR 21.197 and 21.199") stands alone.
+    amends = (
+        "The FAA amends 14 CFR 39.13 by removing Airworthiness Directive (AD) 2018–23–51, Amendment 39–19512 "
+        "(83 FR 62697, December 6, 2018; corrected December 11, 2018 (83 FR 63561)), and adding the following "
+        "new AD."
+    )
+    permits = (
+        "Special flight permits may be issued in accordance with 14 CFR 21.197 and 21.199 to operate the "
+        "airplane to a location where the actions of this AD can be performed."
+    )
+    lines = [
+        "The FAA amends 14 CFR 39.13 by removing",
+        "Airworthiness Directive (AD) 2018–23–51,",
+        "Amendment 39–19512 (83 FR 62697,",
+        "December 6, 2018; corrected December 11,",
+        "2018 (83 FR 63561)), and adding the",
+        "following new AD.",
+        "Special flight permits may be issued in",
+        "accordance with 14 CFR 21.197 and 21.199",
+        "to operate the airplane to a location where",
+        "the actions of this AD can be performed.",
+    ]
+    assert clean_pages(["\n".join(lines)], laid_out=True) == [f"{amends}\n{permits}"]
+
+
+def test_cjk_table_rows_stay_apart_between_joined_prose() -> None:
+    rows = [
+        "白细胞计数(WBC) 仪器法 3.9 E+9/L [4.0-10.0] 偏低",
+        "中性粒细胞计数(NEU#) 仪器法 2.33 E+9/L [1.8-6.3]",
+        "淋巴细胞计数(LYM#) 仪器法 1.16 E+9/L [1.1-3.2]",
+    ]
+    lines = [*wrap(PARA_1, 50), *rows, *wrap(PARA_2, 50)]
+    assert clean_pages(["\n".join(lines)], laid_out=True) == [f"{PARA_1}\n" + "\n".join(rows) + f"\n{PARA_2}"]
+
+
 # --- running heads, footers and page numbers -------------------------------------------------------
 
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
 import pickle
 import random
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pdfplumber
 import pytest
 from langchain_core.documents import Document
 
-from knowledge import loaders
+from common.errors import ZhikuError
+from knowledge import pdf as pdf_loader
 from knowledge.loaders import (
     LoaderRegistry,
     LoadError,
@@ -171,6 +176,88 @@ def test_load_text_empty_file_is_an_error(tmp_path: Path, content: bytes) -> Non
     assert str(info.value).startswith("blank.txt: ")
 
 
+# --- NUL bytes: text with stray NULs is not UTF-16 ------------------------------------------------
+
+ENGLISH = (
+    "The committee’s report—published on Monday—was described as “a turning point” by the chair. "
+    "“We have waited long enough,” she said… Critics disagreed: the plan’s costs are “unclear” – and its "
+    "timeline, ‘optimistic’.\n"
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"abc\x00" * 80,  # the finding: stored as 80 chunks of 扡c
+        b"abc\x00def\x00" * 40,
+        b"".join(word.encode() + b"\x00" for word in ("Zhiku reads every file in the folder " * 12).split(" ")),
+    ],
+    ids=["abc-nul", "abc-nul-def-nul", "nul-between-words"],
+)
+def test_ascii_with_stray_nuls_is_read_without_them_not_as_utf16(data: bytes) -> None:
+    text, encoding = decode_bytes(data)
+    assert encoding == "utf-8"
+    assert text == data.replace(b"\x00", b"").decode()
+
+
+def test_nul_removal_is_logged_with_the_file_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"abc\x00" * 80)
+    with caplog.at_level(logging.WARNING, logger="knowledge.textfile"):
+        docs = load_text(path)
+    assert docs[0].page_content == "abc" * 80
+    assert any("log.txt" in r.getMessage() and "80 NUL" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stray_nul_in_utf8_text_is_dropped() -> None:
+    text = "长江是中国最长的河流。" * 100
+    data = (text[:500] + "\x00" + text[500:]).encode()
+    assert decode_bytes(data) == (text, "utf-8")
+
+
+def test_nul_padded_records_fail_in_one_line_naming_the_nuls(tmp_path: Path) -> None:
+    path = tmp_path / "records.txt"
+    path.write_bytes(b"".join(name.ljust(16, b"\x00") for name in [b"alice", b"bob", b"carol", b"dave"] * 20))
+    with pytest.raises(LoadError, match="NUL") as info:
+        load_text(path)
+    assert "\n" not in str(info.value) and "binary" in str(info.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_real_utf16_without_bom_still_decodes(encoding: str) -> None:
+    mixed = "Zhiku 知库 notes: 长江 is the longest river, 黄河 the second.\n" * 4
+    english = "Wait… really? • yes, the “quotes” stay.\n" * 3
+    for text in (mixed, english, SHORT_SIMPLIFIED[2] * 2):
+        assert decode_bytes(text.encode(encoding)) == (text, encoding)
+
+
+# --- Windows-1252: curly quotes and dashes are not damaged UTF-8 ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Quarterly update\n\n" + "Revenue grew in every region this quarter. " * 60 + ENGLISH,  # < 1 % replaced
+        ENGLISH * 3,
+        "Don’t panic.",  # read as GB18030 "Don抰 panic." before
+        "It’s a “test”—ok",
+        "¿Qué tal? Señor Muñoz está aquí.",
+    ],
+    ids=["long-report", "paragraphs", "short", "short-quotes", "spanish"],
+)
+def test_windows_1252_text_decodes_as_cp1252(text: str) -> None:
+    assert decode_bytes(text.encode("cp1252")) == (text, "cp1252")
+
+
+def test_damaged_utf8_stays_utf8_not_cp1252() -> None:
+    text = "Café — naïve résumé. " * 40
+    data = bytearray(text.encode())
+    data[301] = 0xFF  # inside an em dash
+    decoded, encoding = decode_bytes(bytes(data))
+    assert encoding == "utf-8" and decoded.count("\ufffd") in (1, 2)
+    assert decoded.startswith(text[:200])
+
+
 # --- PDF -------------------------------------------------------------------------------------------
 
 
@@ -233,10 +320,101 @@ def test_load_pdf_reports_unexpected_parser_errors_as_load_errors(
     def broken(page: object) -> str:
         raise KeyError("Font")
 
-    monkeypatch.setattr(loaders, "_page_text", broken)
+    monkeypatch.setattr(pdf_loader, "_page_text", broken)
     with pytest.raises(LoadError, match="KeyError") as info:
         load_pdf(make_pdf(tmp_path / "x.pdf", [PAGE_1]))
     assert "\n" not in str(info.value)
+
+
+def draw_lines(path: Path, lines: list[Callable[[Any, float], None]]) -> Path:
+    """A one-page PDF; each callable draws one line on the reportlab canvas at the given baseline."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+    from reportlab.pdfgen import canvas
+
+    pdfmetrics.registerFont(UnicodeCIDFont("STSong-Light"))
+    pdf = canvas.Canvas(str(path), pagesize=A4)
+    for i, draw in enumerate(lines):
+        draw(pdf, 780 - 20 * i)
+    pdf.showPage()
+    pdf.save()
+    return path
+
+
+def words_apart(text: str, gap_em: float, font: str = "Helvetica", size: float = 10) -> Callable[[Any, float], None]:
+    """Words placed one by one, ``gap_em`` apart, with no space characters (tightly justified text)."""
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+
+    def draw(pdf: Any, y: float) -> None:
+        x = 60.0
+        pdf.setFont(font, size)
+        for word in text.split():
+            pdf.drawString(x, y, word)
+            x += stringWidth(word, font, size) + gap_em * size
+
+    return draw
+
+
+def letter_spaced(
+    text: str, spacing_em: float, font: str = "Helvetica", size: float = 10
+) -> Callable[[Any, float], None]:
+    def draw(pdf: Any, y: float) -> None:
+        line = pdf.beginText(60, y)
+        line.setFont(font, size)
+        line.setCharSpace(spacing_em * size)
+        line.textOut(text)
+        pdf.drawText(line)
+
+    return draw
+
+
+def test_load_pdf_separates_words_set_without_spaces(tmp_path: Path) -> None:
+    """pdfplumber issue 316: justified lines whose words are 0.17-0.25 em apart and have no space chars
+    came out as "Thisresearchaimstoinvestigate..."."""
+    sentence = "This research aims to investigate the efficacy of family involvement in shift work training"
+    path = draw_lines(
+        tmp_path / "justified.pdf", [words_apart(sentence, 0.2), words_apart("Keywords Shift work", 0.18)]
+    )
+    assert load_pdf(path)[0].page_content == sentence + "\nKeywords Shift work"
+
+
+def test_load_pdf_keeps_letter_spaced_and_cjk_text_together(tmp_path: Path) -> None:
+    path = draw_lines(
+        tmp_path / "spaced.pdf",
+        [
+            letter_spaced("WARNING", 0.2),  # tracking is not a word gap
+            words_apart("长 江 是 中 国 最 长 的 河 流", 0.2, "STSong-Light", 12),  # no spaces between CJK
+            letter_spaced("第一章长江2015年", 0.2, "STSong-Light", 12),
+        ],
+    )
+    assert load_pdf(path)[0].page_content == "WARNING\n长江是中国最长的河流\n第一章长江2015年"
+
+
+def test_load_pdf_trusts_space_characters_where_a_line_has_them(tmp_path: Path) -> None:
+    def missing_ligature(pdf: Any, y: float) -> None:
+        from reportlab.pdfbase.pdfmetrics import stringWidth
+
+        pdf.setFont("Helvetica", 10)
+        pdf.drawString(60, y, "a dif")  # the "ff" glyph of "different" has no Unicode: a 0.2 em hole
+        pdf.drawString(60 + stringWidth("a dif", "Helvetica", 10) + 2, y, "erent result")
+
+    path = draw_lines(tmp_path / "ligature.pdf", [missing_ligature])
+    assert load_pdf(path)[0].page_content == "a diferent result"
+
+
+def test_load_pdf_ignores_space_glyphs_drawn_over_digits(tmp_path: Path) -> None:
+    """The WARN report draws a layer of blanks over its dates: "0 3 / 2 5 / 2 0 16" instead of 03/25/2016."""
+
+    def row(pdf: Any, y: float) -> None:
+        pdf.setFont("Helvetica", 10)
+        pdf.drawString(60, y, "06/22/2015")
+        pdf.drawString(130, y, "03/25/2016")
+        pdf.drawString(131, y, " " * 20)
+        pdf.drawString(200, y, "07/01/2015 Maxim Integrated Product")
+
+    path = draw_lines(tmp_path / "warn.pdf", [row])
+    assert load_pdf(path)[0].page_content == "06/22/2015 03/25/2016 07/01/2015 Maxim Integrated Product"
 
 
 # --- hostile files ---------------------------------------------------------------------------------
@@ -297,7 +475,7 @@ def test_a_warning_names_the_file_when_bytes_were_replaced(tmp_path: Path, caplo
     data[200] = 0xFF
     path = tmp_path / "旧文件.txt"
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="knowledge.loaders"):
+    with caplog.at_level(logging.WARNING, logger="knowledge.textfile"):
         load_text(path)
     assert any("旧文件.txt" in r.getMessage() for r in caplog.records)
 
@@ -371,11 +549,100 @@ def test_load_file_missing_file_or_folder(tmp_path: Path) -> None:
 def test_load_file_turns_os_errors_into_load_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "locked.txt"
     path.write_text("内容", encoding="utf-8")
+    real_open = os.open
 
-    def denied(self: Path, *args: object, **kwargs: object) -> object:
-        raise PermissionError(13, "Permission denied")
+    def denied(name: str | os.PathLike[str], flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(name) == path:
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, flags, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", denied)
+    monkeypatch.setattr(os, "open", denied)  # root may read anything: a chmod would not do
     with pytest.raises(LoadError, match="Permission denied") as info:
         load_file(path, LoaderRegistry(builtin_loaders()))
     assert str(info.value).startswith("locked.txt: ")
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX-only")
+
+
+@needs_fifo
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "loader",
+    [load_text, load_pdf, lambda p: load_file(p, LoaderRegistry(builtin_loaders()))],
+    ids=["load_text", "load_pdf", "load_file"],
+)
+@pytest.mark.parametrize("name", ["notes.txt", "report.pdf"])
+def test_a_fifo_fails_at_once_and_never_blocks(tmp_path: Path, loader: Callable[[Path], object], name: str) -> None:
+    path = tmp_path / name
+    os.mkfifo(path)  # no writer ever comes: opening it for reading would block for good
+    with pytest.raises(LoadError, match=r"not a regular file \(a FIFO") as info:
+        loader(path)
+    assert str(info.value).startswith(f"{name}: ")
+
+
+@needs_fifo
+@pytest.mark.timeout(20)
+def test_a_fifo_swapped_in_after_the_check_does_not_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "swapped.txt"
+    os.mkfifo(path)
+    (tmp_path / "real.txt").write_text("内容", encoding="utf-8")
+    regular = (tmp_path / "real.txt").stat()
+    real_stat = Path.stat
+
+    def stale(self: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+        return regular if self == path else real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stale)  # the check saw a file; the open meets the FIFO
+    with pytest.raises(LoadError, match="not a regular file"):
+        load_file(path, LoaderRegistry(builtin_loaders()))
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
+def test_a_device_named_like_a_text_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.txt"
+    path.symlink_to("/dev/null")  # read as an empty file before: "the file is empty"
+    for load in (load_text, lambda p: load_file(p, LoaderRegistry(builtin_loaders()))):
+        with pytest.raises(LoadError, match=r"not a regular file \(a character device\)"):
+            load(path)
+
+
+# --- LoadError ---------------------------------------------------------------------------------------
+
+
+def _fail_in_worker(name: str) -> None:
+    raise LoadError(Path("/data") / name, "the PDF is\ndamaged", "repair it")
+
+
+def test_load_error_is_a_zhiku_error_and_crosses_process_pools() -> None:
+    err = LoadError(Path("/某处/a  b.pdf"), "bad", "fix it")
+    assert isinstance(err, ZhikuError) and err.exit_code == 2
+    assert str(err) == "a  b.pdf: bad; fix it"  # the file name exactly, double space and all
+    assert (err.message, err.fix) == ("a  b.pdf: bad", "fix it")
+    # How ingest's workers send errors back: pickled in the worker, rebuilt here.
+    with ProcessPoolExecutor(max_workers=1) as pool, pytest.raises(LoadError) as info:
+        pool.submit(_fail_in_worker, "坏 文件.pdf").result()
+    assert str(info.value) == "坏 文件.pdf: the PDF is damaged; repair it"
+    assert (info.value.path, info.value.reason, info.value.fix) == (
+        Path("/data/坏 文件.pdf"),
+        "the PDF is damaged",
+        "repair it",
+    )
+
+
+def test_loaders_module_still_exports_the_loaders() -> None:
+    from knowledge import loaders, textfile
+
+    assert set(loaders.__all__) == {
+        "LoadError",
+        "Loader",
+        "LoaderRegistry",
+        "builtin_loaders",
+        "decode_bytes",
+        "load_file",
+        "load_pdf",
+        "load_text",
+    }
+    assert loaders.load_text is textfile.load_text and loaders.decode_bytes is textfile.decode_bytes
+    assert loaders.load_pdf is pdf_loader.load_pdf

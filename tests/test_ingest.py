@@ -135,7 +135,7 @@ def test_texts_another_writer_removed_meanwhile_are_embedded_at_the_commit(
 ) -> None:
     """The run decides what to embed before it takes the writer lock; if another process removed one of
     those stored texts in between, the commit embeds it instead of failing."""
-    from knowledge.store import FaissKnowledgeBase
+    from knowledge.store import KnowledgeBase
 
     paragraph = "泰山位于山东省泰安市，是五岳之首，海拔约一千五百米。"
     (tmp_path / "docs").mkdir()
@@ -143,15 +143,15 @@ def test_texts_another_writer_removed_meanwhile_are_embedded_at_the_commit(
     (tmp_path / "docs" / "a.txt").write_text(paragraph, encoding="utf-8")
     (tmp_path / "more" / "b.txt").write_text(paragraph, encoding="utf-8")
     ingest(app, tmp_path / "docs")
-    real_transaction = FaissKnowledgeBase.transaction
+    real_transaction = KnowledgeBase.transaction
 
-    def another_writer_first(self: FaissKnowledgeBase) -> Any:
-        monkeypatch.setattr(FaissKnowledgeBase, "transaction", real_transaction)
-        with FaissKnowledgeBase.open(self.root) as other, other.transaction() as tx:
+    def another_writer_first(self: KnowledgeBase) -> Any:
+        monkeypatch.setattr(KnowledgeBase, "transaction", real_transaction)
+        with KnowledgeBase.open(self.root) as other, other.transaction() as tx:
             tx.remove_file(str((tmp_path / "docs" / "a.txt").resolve()))  # its text was the only copy
         return real_transaction(self)
 
-    monkeypatch.setattr(FaissKnowledgeBase, "transaction", another_writer_first)
+    monkeypatch.setattr(KnowledgeBase, "transaction", another_writer_first)
     report, counts, _ = ingest(app, tmp_path / "more")
     assert (report.failures, report.count("added"), report.new_vectors) == ([], 1, 1)  # embedded again
     assert counts == {"files": 1, "chunks": 1, "vectors": 1}

@@ -1,28 +1,37 @@
 """The web UI in a real headless browser, against the real default LLM backend (no mocks).
 
 One server for the module: a temp data dir with the sample corpus ingested into "samples" and the bundled
-model answering (``max_new_tokens: 48``, greedy). Browser tests need playwright and /usr/bin/chromium and
-are skipped, with the reason, where either is missing. The helpers at the top run without a browser.
+model answering (``max_new_tokens: 48``, greedy); a second one, whose plugin backend echoes what it was
+given, for the hostile-use test that needs to control the answer. Browser tests need playwright and
+/usr/bin/chromium and are skipped, with the reason, where either is missing. The helpers at the top and
+the launch test at the end run without a browser; the handlers are tested in test_ui_handlers.py.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.chat import ChatRequest, ChatService, Source
+from app.chat import ChatRequest, ChatService
 from app.container import Zhiku
 from app.presets import PresetStore
 from app.settings import load_settings
-from app.ui import ERROR_MARK, NO_KB, history_of, launch, safe_filename, sources_markdown
+from app.ui import launch
+from app.ui_handlers import ERROR_MARK, NO_KB
+from app.uploads import safe_filename
+from common.errors import ZhikuError
 from llms.base import GenerationOptions, Message
+from plugins.hookspecs import hookimpl
+from tests.conftest import HashingPlugin
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -67,40 +76,12 @@ def test_safe_filename_shortens_long_names() -> None:
     assert name.endswith(".txt") and len(name.encode()) <= 200
 
 
-def test_sources_markdown_is_a_safe_table() -> None:
-    source = Source("a|b_c.txt", "/x/a|b_c.txt", 3, "<script>alert(1)</script> | *bold* " + "字" * 200, 0.87654)
-    md = sources_markdown([source], "kb")
-    row = md.splitlines()[2]
-    assert row.count(" | ") == 4  # the pipes inside the cells are escaped
-    assert "<script>" not in md and "&lt;script&gt;" in md
-    assert "a\\|b\\_c.txt" in row and "| 3 |" in row and "0.877" in row and "…" in row
-    assert "no knowledge base" in sources_markdown([], None)
-    assert "no relevant passages" in sources_markdown([], "kb")
-
-
-def test_history_keeps_only_answered_turns() -> None:
-    chat = [
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q2"},  # stopped before any answer
-        {"role": "user", "content": "q3"},
-        {"role": "assistant", "content": f"{ERROR_MARK} the knowledge base is gone"},
-        {"role": "user", "content": "q4"},
-        {"role": "assistant", "content": "a4"},
-    ]
-    assert history_of(chat) == [
-        Message("user", "q1"),
-        Message("assistant", "a1"),
-        Message("user", "q4"),
-        Message("assistant", "a4"),
-    ]
-
-
 # ----- the server and the browser -------------------------------------------------------------------
 @dataclass
 class Server:
     url: str
     service: ChatService
+    app: Zhiku
     data_dir: Path
 
 
@@ -127,12 +108,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with zhiku.open_kb("samples", create=True) as kb:
         report = zhiku.ingestor(kb).run([REPO / "samples" / "corpus"], progress=False)
     assert not report.failures, report.failures
-    service = ChatService(zhiku)
+    service = zhiku.chat
     service.backend().count_tokens([Message("user", "warm up")])  # load the model before the clock starts
     port = _free_port()
-    launch(service, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield Server(f"http://127.0.0.1:{port}/", service, data_dir)
+        yield Server(f"http://127.0.0.1:{port}/", service, zhiku, data_dir)
     finally:
         import gradio
 
@@ -378,7 +359,7 @@ def test_upload_into_a_new_knowledge_base(server: Server, browser: Any, tmp_path
 def test_service_errors_are_shown_not_raised(server: Server, browser: Any, tmp_path: Path) -> None:
     note = tmp_path / "note.txt"
     note.write_text("一只青蛙。", encoding="utf-8")
-    zhiku = server.service.zhiku
+    zhiku = server.app
     with zhiku.open_kb("doomed", create=True) as kb:
         zhiku.ingestor(kb).run([note], progress=False)
     context, page = open_page(browser, server)
@@ -397,3 +378,165 @@ def test_service_errors_are_shown_not_raised(server: Server, browser: Any, tmp_p
     wait_answered(page, 2)
     assert not messages(page)[-1][1].startswith(ERROR_MARK)
     context.close()
+
+
+# ----- hostile use: nothing shown makes the browser fetch anything -----------------------------------------
+@dataclass
+class Recorder:
+    """A tiny HTTP server on loopback that records every request it gets (answering a 1x1 PNG)."""
+
+    url: str
+    requests: list[str] = field(default_factory=list)
+
+
+PIXEL = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8ffff3f0005fe02fe"
+    "a7356d3c0000000049454e44ae426082"
+)
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[Recorder]:
+    record = Recorder("")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            record.requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PIXEL)))
+            self.end_headers()
+            self.wfile.write(PIXEL)
+
+        do_HEAD = do_POST = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    record.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield record
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class Echo:
+    """An LLM backend that repeats the user message it was given, retrieved passages included: a model
+    quoting a planted document, without the wait for a real one."""
+
+    name = "echo"
+    context_window = 100_000
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return sum(len(m.content) for m in messages)
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
+        text = messages[-1].content
+        for start in range(0, len(text), 60):
+            yield text[start : start + 60]
+
+
+class EchoPlugin:
+    @hookimpl
+    def register_llms(self, register: Any) -> None:
+        register("echo", lambda options: Echo())
+
+
+def planted(url: str) -> str:
+    """Remote fetches a document (or an answer quoting it) could plant, each with its own path."""
+    return (
+        f"青蛙笔记：池塘里的青蛙一共有七只。![青蛙]({url}/doc.png) <img src={url}/doc2.png>\n"
+        f"<iframe src={url}/frame></iframe> <video src={url}/v.mp4 poster={url}/poster.png></video>\n"
+        f'<div style="background:url({url}/bg.png)">x</div> <link rel=stylesheet href={url}/s.css>\n\n'
+        f"![ref][r]\n\n[r]: {url}/ref.png\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory: pytest.TempPathFactory, recorder: Recorder) -> Iterator[Server]:
+    """A second UI, answering with the echo backend, over a knowledge base holding a planted document."""
+    root = tmp_path_factory.mktemp("ui-echo")
+    data_dir = root / "data"
+    config = root / "config.yml"
+    config.write_text(
+        f"data_dir: {json.dumps(str(data_dir))}\n"
+        "ingest:\n  workers: 1\nembedding:\n  backend: hashing\nllm:\n  backend: echo\nchat:\n  top_k: 3\n",
+        encoding="utf-8",
+    )
+    zhiku = Zhiku(load_settings(config), entry_points=False)
+    zhiku.plugins.register(HashingPlugin())
+    zhiku.plugins.register(EchoPlugin())
+    doc = root / "planted.md"
+    doc.write_text(planted(recorder.url), encoding="utf-8")
+    zhiku.ingest.ingest("planted", [doc])
+    port = _free_port()
+    launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Server(f"http://127.0.0.1:{port}/", zhiku.chat, zhiku, data_dir)
+    finally:
+        import gradio
+
+        gradio.close_all(verbose=False)
+
+
+# Elements and styles that would make the browser fetch ``url``.
+FETCHERS = """(url) => [
+  ...[...document.querySelectorAll('img, image, iframe, frame, video, audio, source, track, link, object, embed')]
+    .filter(e => e.outerHTML.includes(url)),
+  ...[...document.querySelectorAll('[style]')].filter(e => e.getAttribute('style').includes(url)),
+].map(e => e.outerHTML)"""
+
+
+@pytest.mark.slow
+def test_answers_sources_and_toasts_fetch_nothing(echo_server: Server, recorder: Recorder, browser: Any) -> None:
+    """Hostile use: an image URL planted in a document was fetched once the model echoed it (the Chatbot
+    rendered its Markdown image). Answers, questions, sources and warnings now show such text as text."""
+    url = recorder.url
+    context, page = open_page(browser, echo_server)
+    choose(page, "kb", "planted")
+    question = f"青蛙有几只？![x]({url}/pixel.png) <img src={url}/p2.png>"
+    ask(page, question)
+    wait_answered(page, 1)
+    chat = messages(page)
+    assert chat[0] == ("user", question)  # shown as the user typed it
+    answer = chat[1][1]
+    for shown in (f"![x]({url}/pixel.png)", f"<img src={url}/p2.png>", f"<img src={url}/doc2.png>", "![ref]"):
+        assert shown in answer  # the echoed question and planted passage, as text
+    assert f"{url}/doc.png" in page.locator("#sources").inner_text()
+
+    # a warning that quotes what the user typed: the preset name
+    page.locator("#system-prompt textarea").fill("Be brief.")
+    page.locator("#preset-name input").fill(f"<img src={url}/toast.png>")
+    page.locator("#preset-save").click()
+    page.get_by_text("preset not saved").first.wait_for()
+    assert f"<img src={url}/toast.png>" in page.locator('[data-testid="toast-body"]').first.inner_text()
+
+    assert page.evaluate(FETCHERS, url) == []
+    time.sleep(0.5)
+    assert recorder.requests == []
+    # the control: this browser does reach the recorder, so its silence above means something
+    page.evaluate("(url) => { new Image().src = url + '/control.png'; }", url)
+    deadline = time.monotonic() + 10
+    while not recorder.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recorder.requests == ["/control.png"]
+    context.close()
+
+
+# ----- launch ----------------------------------------------------------------------------------------------
+def test_launch_on_a_busy_port_is_one_error_naming_it(app: Zhiku, capfd: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ZhikuError) as caught:
+            launch(app, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    message = str(caught.value)
+    assert f"cannot serve on 127.0.0.1:{port}" in message and "--port" in message and "\n" not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # the CLI prints just this line
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err

@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.ui_handlers import model_text
 from tests.conftest import REPO
 from tests.helpers import make_corpus
 
@@ -332,7 +333,7 @@ def run_session(url: str, number: int, start: threading.Barrier, result: Session
 def check_answer(number: int, turn: int, prompt: str, question: str, chat: list[Any], effective: str) -> None:
     assert [m["role"] for m in chat] == ["user", "assistant"] * (turn + 1), [m["role"] for m in chat]
     assert text_of(chat[-2]) == question
-    answer = text_of(chat[-1])
+    answer = model_text(text_of(chat[-1]))  # the chat shows it with Markdown images and HTML neutralised
     assert not answer.startswith(ERROR_MARK), answer
     assert effective == prompt
     # the echo backend saw this session's system prompt, its own 2 * turn earlier messages and the question

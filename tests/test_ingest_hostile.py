@@ -484,7 +484,7 @@ def test_three_ingests_creating_the_same_new_base_all_succeed(tmp_path: Path) ->
     (docs / "b.txt").write_text("黄河是中国第二长河。", encoding="utf-8")
     common = cli_config(tmp_path)
     failures = []
-    for round_ in range(6):
+    for round_ in range(4):
         name = f"new{round_}"
         runs = [start_cli("ingest", str(docs), "--kb", name, "-q", *common) for _ in range(3)]
         for proc in runs:

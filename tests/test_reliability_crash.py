@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slow
 KB = "k"
 SEED = int(os.environ.get("ZHIKU_CRASH_SEED", "20240611"))
 MIN_KILLS = 50
-MAX_LOOP_S = 240.0  # a hard stop, far above the usual ~70 s: the test fails instead of running on
+MAX_LOOP_S = 600.0  # a hard stop against a hang, far above the 80-200 s the loop takes (250 s with both cores busy)
 TEXT_FILES = 220
 PDF_FILES = 12
 CHUNK_SIZE = 120  # each generated paragraph is 60-110 characters: one paragraph, one chunk
@@ -315,6 +315,7 @@ def random_delay(rng: random.Random) -> float:
     return rng.uniform(1.2, 2.6)
 
 
+@pytest.mark.timeout(900)
 def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     docs = tmp_path / "docs"

@@ -153,8 +153,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def readable(text: str) -> str:
     """A path or message as one printable line: bytes that are not UTF-8 (kept by Python as lone
     surrogates, which no JSON or terminal output accepts) as ``\\xe9``, control characters as ``\\x0a``."""
-    text = os.fsencode(text).decode("utf-8", "backslashreplace") if _has_surrogates(text) else text
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", display_path(text))
 
 
 def display_path(path: str) -> str:

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +91,23 @@ class Hit:
         }
 
 
-@dataclass(frozen=True)
+@dataclass
 class Snapshot:
-    """One committed generation of a knowledge base: every read here sees that commit only."""
+    """One committed generation of a knowledge base: every read here sees that commit only. The vector
+    index of that generation is loaded on the first vector search only: row reads (an ingest's file
+    records and known hashes, counts) never pay for it."""
 
     docstore: Docstore
-    index: VectorIndex
     generation: int
     dim: int
+    load_index: Callable[[int, Docstore], VectorIndex] = field(repr=False)
+    _index: VectorIndex | None = field(default=None, init=False, repr=False)
+
+    @property
+    def index(self) -> VectorIndex:
+        if self._index is None:
+            self._index = self.load_index(self.generation, self.docstore)
+        return self._index
 
     def vector_search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(text id, cosine similarity) of the k nearest texts."""
@@ -332,7 +341,7 @@ class KnowledgeBase:
             conn.execute("BEGIN")
             docstore = Docstore(conn)
             generation = docstore.generation()  # the first read fixes the transaction's snapshot
-            yield Snapshot(docstore, self._index_for(generation, docstore), generation, self.manifest.dim)
+            yield Snapshot(docstore, generation, self.manifest.dim, self._index_for)
         except sqlite3.Error as err:
             raise StoreError(open_error(self.name, self.root / DB_NAME, err)) from err
         finally:

@@ -15,6 +15,18 @@ from pathlib import Path
 from app.settings import Settings
 from common.errors import InvalidRequestError
 from common.text import has_han
+from knowledge.evidence import (
+    NOT_FOUND_EN,
+    NOT_FOUND_ZH,
+    citations,
+    cite,
+    coverage,
+    is_follow_up,
+    is_not_found,
+    normalize,
+    rank_sentences,
+    select_evidence,
+)
 from knowledge.library import KnowledgeLibrary
 from knowledge.retrieval import Passage
 from llms.base import ChatBackend, GenerationOptions, Message, fit_messages
@@ -42,7 +54,6 @@ class Source:
         return f"{self.file}" + (f" p.{self.page}" if self.page is not None else "")
 
 
-
 @dataclass
 class ChatRequest:
     question: str
@@ -54,7 +65,18 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class StatusEvent:
+    """What the service is doing before the first word of the answer: ``searching`` the knowledge base,
+    ``reading`` ``passages`` passages (the model's prompt evaluation)."""
+
+    stage: str
+    passages: int = 0
+
+
+@dataclass(frozen=True)
 class SourcesEvent:
+    """The passages the answer may cite, best first; [n] in the answer is ``sources[n - 1]``."""
+
     sources: list[Source]
 
 
@@ -63,7 +85,19 @@ class TextEvent:
     text: str
 
 
-ChatEvent = SourcesEvent | TextEvent
+@dataclass(frozen=True)
+class AnswerEvent:
+    """The last event: the whole answer as it should be shown — with [n] markers attached where the model
+    gave none and, when configured, the source sentence that supports it. ``not_found``: the reply says the
+    knowledge base does not hold the answer. ``evidence``: the passage text the model read."""
+
+    text: str
+    not_found: bool = False
+    cited: tuple[int, ...] = ()
+    evidence: tuple[str, ...] = ()
+
+
+ChatEvent = StatusEvent | SourcesEvent | TextEvent | AnswerEvent
 
 
 class ChatService:
@@ -103,29 +137,69 @@ class ChatService:
         chat = self.settings.chat
         return chat.system_prompt_zh if is_chinese(question) else chat.system_prompt_en
 
-    def build_messages(self, request: ChatRequest, passages: Sequence[Passage]) -> list[Message]:
+    def search_query(self, request: ChatRequest) -> str:
+        """What retrieval searches for: the question, and for a follow-up ("他为什么要出山？", "and its
+        length?") the user's previous question too, which names what the pronoun or ellipsis refers to."""
+        previous = next((m.content for m in reversed(request.history) if m.role == "user"), None)
+        if previous and is_follow_up(request.question):
+            return f"{previous}\n{request.question}"
+        return request.question
+
+    def evidence(self, query: str, passages: Sequence[Passage]) -> list[str]:
+        """Per passage, what the model reads: its sentences that best match the query (within
+        ``chat.evidence_budget`` tokens in all; an empty string for a passage that gave none), or the whole
+        passages when the budget is 0. A small model answers better from three sentences than from five
+        paragraphs, and reads them faster."""
+        texts = [p.text for p in passages]
+        budget = self.settings.chat.evidence_budget
+        if not budget:
+            return texts
+        return select_evidence(query, texts, budget)
+
+    def build_messages(
+        self, request: ChatRequest, passages: Sequence[Passage], evidence: Sequence[str] | None = None
+    ) -> list[Message]:
+        """System prompt, earlier turns, and the question — with the passages' evidence when there are
+        passages; [n] in the prompt is ``passages[n - 1]`` whichever of them gave evidence."""
         chat = self.settings.chat
         system = request.system_prompt or self.default_system_prompt(request.question)
         content = request.question
-        zh = is_chinese(request.question)
         quoted: tuple[str, ...] = ()
-        if request.kb and not passages:  # say so, rather than let the model think it was given context
-            content = (chat.no_context_template_zh if zh else chat.no_context_template_en).format(
-                question=request.question
-            )
         if passages:
-            sources = [Source.from_passage(p) for p in passages]
-            quoted = tuple(s.snippet for s in sources)
-            rendered = "\n\n".join(
-                chat.passage_template.format(
-                    n=n, file=s.file, page=f" p.{s.page}" if s.page is not None else "", text=s.snippet
-                )
-                for n, s in enumerate(sources, 1)
-            )
-            template = chat.context_template_zh if zh else chat.context_template_en
+            texts = [p.text for p in passages] if evidence is None else list(evidence)
+            quoted = tuple(t for t in texts if t)
+            rendered = "\n".join(chat.passage_template.format(n=n, text=t) for n, t in enumerate(texts, 1) if t)
+            template = chat.context_template_zh if is_chinese(request.question) else chat.context_template_en
             content = template.format(passages=rendered, question=request.question)
         turns = [m for m in request.history if m.role in ("user", "assistant")]
         return [Message("system", system), *turns, Message("user", content, quoted)]
+
+    def not_found_reply(self, question: str) -> str:
+        return NOT_FOUND_ZH if is_chinese(question) else NOT_FOUND_EN
+
+    def holds_answer(self, query: str, passages: Sequence[Passage]) -> bool:
+        """Whether the passages can answer: some passage contains enough of the query's content words
+        (``chat.min_coverage``). Off-topic questions still retrieve passages above the similarity floor
+        (E5 gives unrelated Chinese text 0.80-0.88), but those passages do not name the question's subject."""
+        if not passages:
+            return False
+        return coverage(query, [p.text for p in passages]) >= self.settings.chat.min_coverage
+
+    def finish(
+        self, question: str, answer: str, passages: Sequence[Passage], evidence: Sequence[str] = ()
+    ) -> AnswerEvent:
+        """The answer as shown: [n] markers where the model gave none, and the supporting sentence."""
+        if not passages:
+            return AnswerEvent(answer)
+        if is_not_found(answer):
+            return AnswerEvent(answer, not_found=True, evidence=tuple(evidence))
+        texts = [p.text for p in passages]
+        shown = cite(answer, texts)
+        if self.settings.chat.quote_evidence and answer.strip():
+            best = rank_sentences(f"{question}\n{answer}", texts)
+            if best and best[0].score > 0 and normalize(best[0].text) not in normalize(answer):
+                shown = f"{shown.rstrip()}\n\n> {best[0].text} [{best[0].passage + 1}]"
+        return AnswerEvent(shown, cited=tuple(citations(shown)), evidence=tuple(evidence))
 
     def checked(self, request: ChatRequest) -> ChatRequest:
         """The request within the configured bounds, so one huge request cannot hold retrieval or a
@@ -160,16 +234,39 @@ class ChatService:
 
     # ----- answering ---------------------------------------------------------------------------
     def stream(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        """Sources first (possibly empty), then the answer in pieces."""
+        """With a knowledge base: ``searching``, the sources, ``reading``, the answer in pieces, and the
+        answer as shown (:class:`AnswerEvent`). When the knowledge base does not hold the answer, no
+        sources and the not-found reply, without asking the model (so it cannot answer from memory)."""
         request = self.checked(request)
-        options = request.options or self.settings.chat.generation
-        k = self.settings.chat.top_k if request.top_k is None else request.top_k
-        passages = self.retrieve(request.kb, request.question, k) if request.kb and k > 0 else []
+        chat = self.settings.chat
+        options = request.options or chat.generation
+        k = chat.top_k if request.top_k is None else request.top_k
+        passages: list[Passage] = []
+        query = request.question
+        if request.kb and k > 0:
+            yield StatusEvent("searching")
+            query = self.search_query(request)
+            # the pipeline picks the passages; they are numbered by the score shown (cosine similarity)
+            passages = sorted(self.retrieve(request.kb, query, k), key=lambda p: -Source.from_passage(p).score)
+            if not self.holds_answer(query, passages):
+                reply = self.not_found_reply(request.question)
+                yield SourcesEvent([])
+                yield TextEvent(reply)
+                yield AnswerEvent(reply, not_found=True)
+                return
+            if chat.greedy_with_context:
+                options = options.model_copy(update={"temperature": 0.0})
         yield SourcesEvent([Source.from_passage(p) for p in passages])
         backend, slot = self._backend_and_slot()
-        messages = fit_messages(backend, self.build_messages(request, passages), options.max_new_tokens)
+        evidence = self.evidence(query, passages) if passages else None
+        messages = fit_messages(backend, self.build_messages(request, passages, evidence), options.max_new_tokens)
+        if passages:
+            yield StatusEvent("reading", len(passages))
+        answer = ""
         # bounded concurrency: extra requests wait here; closing() ends the generation as soon as the
         # consumer stops (UI stop button, client gone) instead of whenever the generator is collected
         with slot, contextlib.closing(backend.stream(messages, options)) as pieces:
             for piece in pieces:
+                answer += piece
                 yield TextEvent(piece)
+        yield self.finish(request.question, answer, passages, evidence or ())

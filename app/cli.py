@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app.chat import ChatRequest, SourcesEvent, TextEvent
+from app.chat import AnswerEvent, ChatRequest, SourcesEvent, TextEvent
 from app.container import Zhiku
 from app.settings import load_settings
 from common.errors import ZhikuError
@@ -86,9 +86,7 @@ def ingest(
     with _app(config, data_dir) as app:
         if workers is not None:
             app.settings.ingest.workers = workers
-        result = app.ingest.ingest(
-            kb, paths, prune=prune, progress=not quiet and sys.stderr.isatty(), on_outcome=show
-        )
+        result = app.ingest.ingest(kb, paths, prune=prune, progress=not quiet and sys.stderr.isatty(), on_outcome=show)
     report, counts = result.report, result.total
     if as_json:
         _print_json(result.to_json())
@@ -118,7 +116,9 @@ def search(
 ) -> None:
     """Search a knowledge base: the top passages with source, page and score."""
     with _app(config, data_dir) as app:
+        # the pipeline picks the k passages; they are listed by the score shown (cosine similarity)
         hits = app.library.retriever(kb).search(question, k or app.settings.search.top_k)
+        hits.sort(key=lambda h: -h.relevance)
     if as_json:
         _print_json([h.to_json() for h in hits])
         return
@@ -127,7 +127,7 @@ def search(
     for rank, hit in enumerate(hits, 1):
         c = hit.chunk
         page = f" p.{c.page}" if c.page is not None else ""
-        typer.echo(f"[{rank}] {hit.score:.3f}  {Path(c.source).name}{page}")
+        typer.echo(f"[{rank}] {hit.relevance:.3f}  {Path(c.source).name}{page}")
         typer.echo("    " + c.text.replace("\n", "\n    "))
 
 
@@ -149,11 +149,17 @@ def chat(
         options = app.settings.chat.generation.model_copy(update={k: v for k, v in changes.items() if v is not None})
         sources = []
         request = ChatRequest(question, kb=kb, system_prompt=system_prompt, options=options, top_k=k)
+        streamed = ""
         for event in service.stream(request):
             if isinstance(event, SourcesEvent):
                 sources = event.sources
             elif isinstance(event, TextEvent):
+                streamed += event.text
                 typer.echo(event.text, nl=False)
+            elif isinstance(event, AnswerEvent) and event.text != streamed:
+                # what the service added after the model: [n] markers and the supporting sentence
+                tail = event.text.removeprefix(streamed)
+                typer.echo(tail if tail != event.text else "\n\n" + event.text, nl=False)
         typer.echo()
         if kb:
             typer.echo("\nSources:")
@@ -187,16 +193,43 @@ def evaluate_cmd(
         int | None, typer.Option("-k", "--top-k", help="passages in the context (default: chat.top_k)")
     ] = None,
     compare: Annotated[bool, typer.Option(help="also run plain vector top-k, side by side")] = False,
+    answers: Annotated[
+        bool,
+        typer.Option(
+            "--answers",
+            help="answer each question with the chat service (configured LLM, prompt, retrieval) and score the "
+            "answers; questions with an empty answers list must get 'not in the knowledge base'",
+        ),
+    ] = False,
+    n: Annotated[int | None, typer.Option("--n", help="only the first N questions")] = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Measure retrieval on questions with known answers: recall@1/3/5/10, recall@budget, MRR, latency."""
+    """Measure retrieval (recall@1/3/5/10, recall@budget, MRR, latency) or, with --answers, the answers
+    (answer_acc, answer_in_context, not_found_rate, false_not_found, latency) on questions with known
+    answers. A progress bar goes to stderr."""
+    from tqdm import tqdm
+
     from knowledge.evaluation import evaluate, load_questions
-    from knowledge.retrieval import RetrievalSettings
 
     with _app(config, data_dir) as app:
-        qs = load_questions(questions)
+        qs = load_questions(questions)[:n]
+        if answers:
+            from app.answer_eval import evaluate_answers
+
+            app.library.retriever(kb)  # a missing base fails here, before the model loads
+            bar = tqdm(qs, desc="answering", unit="q", file=sys.stderr, dynamic_ncols=True)
+            result = evaluate_answers(app.chat, kb, bar).to_json()
+            if as_json:
+                _print_json(result)
+            else:
+                for key, value in result.items():
+                    if key != "by_language":
+                        typer.echo(f"{key:>20} {value}")
+            return
+        from knowledge.retrieval import RetrievalSettings
+
         top = k or app.settings.chat.top_k
         pipelines = {"pipeline": app.library.retriever(kb)}
         if compare:
@@ -204,7 +237,7 @@ def evaluate_cmd(
             pipelines["vector"] = app.library.retriever(kb, plain)
         results = {
             name: evaluate(
-                qs,
+                tqdm(qs, desc=name, unit="q", file=sys.stderr, dynamic_ncols=True),
                 r.search,
                 lambda q, b, r=r: [p.text for p in r.context(q, top, budget=b, measure=len)],  # type: ignore[misc]
                 budget_chars=budget,
@@ -218,10 +251,10 @@ def evaluate_cmd(
         _print_json(out)
         return
     names = list(results)
-    typer.echo(f"{'':>20}" + "".join(f"{n:>12}" for n in names))
+    typer.echo(f"{'':>20}" + "".join(f"{name:>12}" for name in names))
     for key, value in results["pipeline"].items():
         if isinstance(value, int | float):
-            typer.echo(f"{key:>20}" + "".join(f"{results[n][key]:>12}" for n in names))
+            typer.echo(f"{key:>20}" + "".join(f"{results[name][key]:>12}" for name in names))
 
 
 @kb_cli.command("list")

@@ -77,22 +77,42 @@ class LLMSettings(_Section):
         return dict(self.model_extra or {})
 
 
-SEED_SYSTEM_PROMPT_ZH = "学习以下文段, 用中文回答用户问题。如果无法从中得到答案，忽略文段内容并用中文回答用户问题。"
-SEED_SYSTEM_PROMPT_EN = (
-    "Study the passages below and answer the user's question in English. If the answer cannot be found in "
-    "them, ignore the passages and answer the question in English."
+DEFAULT_SYSTEM_PROMPT_ZH = "你是知库的问答助手。用中文回答，准确、简洁。"
+DEFAULT_SYSTEM_PROMPT_EN = "You are Zhiku's assistant. Answer in English, accurately and briefly."
+# Answering from passages. The instruction comes after the passages, right before the question: a small
+# model follows what it read last. The not-found sentence is the one the service itself uses (and that
+# `eval --answers` recognises).
+GROUNDED_TEMPLATE_ZH = (
+    "资料：\n{passages}\n\n只根据上面的资料回答问题，不要使用资料以外的知识。回答简短，直接使用资料原文中的词句，"
+    "并在句末标注依据的资料编号，如[1]。如果资料中没有答案，只回答：知识库中没有找到这个问题的答案。\n问题：{question}"
+)
+GROUNDED_TEMPLATE_EN = (
+    "Sources:\n{passages}\n\nAnswer the question from the sources above only, not from other knowledge. Be "
+    "brief, reuse the sources' own words, and end each sentence with the number of the source it comes from, "
+    "e.g. [1]. If the sources do not contain the answer, reply only: The knowledge base does not contain the "
+    "answer to this question.\nQuestion: {question}"
 )
 
 
 class ChatSettings(_Section):
-    system_prompt_zh: str = SEED_SYSTEM_PROMPT_ZH
-    system_prompt_en: str = SEED_SYSTEM_PROMPT_EN
-    context_template_zh: str = "{passages}\n\n问题：{question}\n（回答时请引用上面文段的原文。）"
-    context_template_en: str = "{passages}\n\nQuestion: {question}\n(Quote the passages above in your answer.)"
-    no_context_template_zh: str = "（知识库中没有找到与问题相关的文段。）\n问题：{question}"
-    no_context_template_en: str = "(No relevant passage was found in the knowledge base.)\nQuestion: {question}"
-    passage_template: str = "[{n}] {file}{page}\n{text}"
+    system_prompt_zh: str = DEFAULT_SYSTEM_PROMPT_ZH
+    system_prompt_en: str = DEFAULT_SYSTEM_PROMPT_EN
+    context_template_zh: str = GROUNDED_TEMPLATE_ZH
+    context_template_en: str = GROUNDED_TEMPLATE_EN
+    passage_template: str = "[{n}] {text}"
     top_k: int = Field(5, ge=0, le=50, description="passages retrieved per question; 0 = no retrieval")
+    evidence_budget: int = Field(
+        300, ge=0, description="tokens of the passages' best sentences the model reads; 0 = the whole passages"
+    )
+    min_coverage: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="share of the question's content words the best passage must contain, else the reply is "
+        "'not in the knowledge base' without asking the model; 0 = always ask the model",
+    )
+    greedy_with_context: bool = Field(True, description="answer from passages with temperature 0")
+    quote_evidence: bool = Field(True, description="end an answer with the source sentence that supports it")
     generation: GenerationOptions = GenerationOptions(temperature=0.3)
     max_question_chars: int = Field(8000, ge=1, description="longer questions (and system prompts) are refused")
     max_history_messages: int = Field(64, ge=0, description="only the newest messages of a conversation are sent")

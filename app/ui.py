@@ -230,13 +230,21 @@ class Adapters:
         self.toast(update.warning)
         return self.keep(update.chat), self.keep(update.sources), self.keep(update.effective)
 
-    def respond(self, question: str | None, chat: Any, *controls: Any) -> Iterator[tuple[Any, ...]]:
-        for update in h.ask(self.app.chat, question, chat, ChatControls(*controls)):
+    def respond(
+        self, question: str | None, chat: Any, stopper: h.Stopper | None, *controls: Any
+    ) -> Iterator[tuple[Any, ...]]:
+        updates = h.ask(self.app.chat, question, chat, ChatControls(*controls))
+        for update in h.until_stopped(updates, stopper):
             yield ("" if update.chat is not None else self.gr.skip(), *self.chat_outputs(update))
 
-    def regenerate(self, chat: Any, *controls: Any) -> Iterator[tuple[Any, Any, Any]]:
-        for update in h.regenerate(self.app.chat, chat, ChatControls(*controls)):
+    def regenerate(self, chat: Any, stopper: h.Stopper | None, *controls: Any) -> Iterator[tuple[Any, Any, Any]]:
+        for update in h.until_stopped(h.regenerate(self.app.chat, chat, ChatControls(*controls)), stopper):
             yield self.chat_outputs(update)
+
+    @staticmethod
+    def stop(stopper: h.Stopper | None) -> None:
+        if stopper is not None:
+            stopper.stop()
 
     def refresh(self, kb_value: str | None, preset_value: str | None) -> tuple[Any, Any]:
         fresh = h.refresh(self.app.kbs, self.presets, kb_value, preset_value)
@@ -293,10 +301,11 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> No
     ) -> tuple[Any, Any, Any]:
         return on.upload(files, target, selected, progress)
 
+    stopper = gr.State(h.Stopper())  # per browser session
     chat_event = gr.on(
         [c.send.click, c.question.submit],
         on.respond,
-        inputs=[c.question, c.chatbot, *c.controls],
+        inputs=[c.question, c.chatbot, stopper, *c.controls],
         outputs=[c.question, c.chatbot, c.sources, c.effective],
         concurrency_limit=chat_limit,
         concurrency_id="chat",
@@ -306,7 +315,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> No
     )
     regen_event = c.regenerate.click(
         on.regenerate,
-        inputs=[c.chatbot, *c.controls],
+        inputs=[c.chatbot, stopper, *c.controls],
         outputs=[c.chatbot, c.sources, c.effective],
         concurrency_limit=chat_limit,
         concurrency_id="chat",
@@ -316,7 +325,10 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> No
         **private,
     )
     gr.on([c.send.click, c.question.submit], None, cancels=[regen_event])
-    c.stop.click(None, cancels=[chat_event, regen_event])
+    # Stop ends the answer in progress from the inside (not with cancels=: see Stopper), and at once:
+    # unqueued, it does not wait behind the chats it stops
+    c.stop.click(on.stop, inputs=[stopper], queue=False, **private)
+    c.clear.click(on.stop, inputs=[stopper], queue=False, **private)
     c.clear.click(
         lambda: ([], NONE_YET, ""),
         outputs=[c.chatbot, c.sources, c.effective],

@@ -18,12 +18,13 @@ import errno
 import html
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.chat import ChatRequest, Source, SourcesEvent, TextEvent
+from app.chat import AnswerEvent, ChatRequest, Source, SourcesEvent, StatusEvent, TextEvent
 from common.errors import ZhikuError
 from llms.base import GenerationOptions, Message
 
@@ -182,11 +183,23 @@ def shorten(text: str, limit: int = SNIPPET_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def status_text(event: StatusEvent) -> str:
+    if event.stage == "searching":
+        return "_正在检索知识库… / searching…_"
+    if event.stage == "reading":
+        return f"_正在阅读 {event.passages} 段资料… / reading {event.passages} passages…_"
+    return f"_{md_cell(event.stage)}…_"
+
+
+def not_found_markdown(kb: str) -> str:
+    return f"_知识库 {md_cell(kb)} 中没有找到能回答这个问题的段落 / nothing in the knowledge base answers this_"
+
+
 def sources_markdown(sources: Sequence[Source], kb: str | None) -> str:
     if kb is None:
         return "_未使用知识库 / no knowledge base selected_"
     if not sources:
-        return f"_知识库 {md_cell(kb)} 中没有找到相关段落 / no relevant passages found_"
+        return not_found_markdown(kb)
     rows = [
         "| # | 文件 file | 页 page | 片段 snippet | 分数 score |",
         "|---|---|---|---|---|",
@@ -342,12 +355,21 @@ def answer(
         events = service.stream(request)
         try:
             for event in events:
-                if isinstance(event, SourcesEvent):
+                if isinstance(event, StatusEvent):  # something on screen before the first word
+                    status = {"role": "assistant", "content": status_text(event)}
+                    yield ChatUpdate([*chat, status], sources, effective)
+                elif isinstance(event, SourcesEvent):
                     sources = sources_markdown(event.sources, kb)
                     yield ChatUpdate(chat, sources, effective)
                 elif isinstance(event, TextEvent) and event.text:
                     text += event.text
                     yield ChatUpdate([*chat, {"role": "assistant", "content": safe_markdown(text)}], sources, effective)
+                elif isinstance(event, AnswerEvent):  # the answer as shown: citations, supporting sentence
+                    text = event.text
+                    if event.not_found and kb:
+                        sources = not_found_markdown(kb)
+                    shown = safe_markdown(text) if text else EMPTY_ANSWER
+                    yield ChatUpdate([*chat, {"role": "assistant", "content": shown}], sources, effective)
         finally:  # Stop closes this generator: end the model's generation and free its slot now
             close = getattr(events, "close", None)
             if close is not None:
@@ -359,6 +381,52 @@ def answer(
     except Exception as err:
         log.exception("answering %r failed", question)
         yield failed(internal_error(err))
+
+
+class Stopper:
+    """One browser session's Stop button. Stop ends the session's answer in progress at the next piece
+    of text, the way the answer ends by itself: the model's generation is closed and the event completes
+    normally. (Gradio's ``cancels=`` on a streaming event can leave the browser waiting forever for the
+    cancelled event, gradio-app/gradio#11586; our browser test met it on a busy machine.)
+
+    Each session gets its own (``gr.State`` deep-copies its initial value per session)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = 0
+        self._stopped = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Stopper:
+        return Stopper()
+
+    def begin(self) -> int:
+        """A new answer starts: its ticket for :meth:`stopped`."""
+        with self._lock:
+            self._started += 1
+            return self._started
+
+    def stop(self) -> None:
+        """Stop every answer begun so far (none that begins later)."""
+        with self._lock:
+            self._stopped = self._started
+
+    def stopped(self, ticket: int) -> bool:
+        with self._lock:
+            return ticket <= self._stopped
+
+
+def until_stopped(updates: Iterator[ChatUpdate], stopper: Stopper | None) -> Iterator[ChatUpdate]:
+    """``updates`` until Stop is pressed; then ``updates`` is closed, which ends the model's generation."""
+    ticket = stopper.begin() if stopper is not None else 0
+    try:
+        for update in updates:
+            yield update
+            if stopper is not None and stopper.stopped(ticket):
+                return
+    finally:
+        close = getattr(updates, "close", None)
+        if close is not None:
+            close()
 
 
 def ask(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,7 @@ class EvalResult:
 
 
 def evaluate(
-    questions: Sequence[Question],
+    questions: Iterable[Question],
     search: Callable[[str, int], list[Hit]],
     context: Callable[[str, int], list[str]],
     *,

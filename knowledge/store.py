@@ -75,14 +75,21 @@ class Hit:
     similarity: float | None = None  # cosine similarity to the question, when known
     text_id: int = -1  # the deduplicated text (and vector) behind the chunk
 
+    @property
+    def relevance(self) -> float:
+        """What users see as the score: the cosine similarity where known, else the ranking score."""
+        return self.similarity if self.similarity is not None else self.score
+
     def to_json(self) -> dict[str, Any]:
         c = self.chunk
         return {
             "text": c.text,
             "source": c.source,
             "page": c.page,
-            "score": round(self.score, 6),
+            # one meaning of "score" everywhere (CLI, JSON, UI): the cosine similarity to the question
+            "score": round(self.relevance, 6),
             "similarity": None if self.similarity is None else round(self.similarity, 6),
+            "rank_score": round(self.score, 6),
             "chunk_id": c.id,
             "offset": c.offset,
             "heading": c.heading,

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from app.chat import ChatRequest, ChatService, SourcesEvent, TextEvent, is_chinese
+from app.chat import AnswerEvent, ChatRequest, ChatService, SourcesEvent, StatusEvent, TextEvent, is_chinese
 from app.container import Zhiku
-from app.settings import SEED_SYSTEM_PROMPT_EN, SEED_SYSTEM_PROMPT_ZH
+from app.settings import DEFAULT_SYSTEM_PROMPT_EN, DEFAULT_SYSTEM_PROMPT_ZH
+from knowledge.evidence import NOT_FOUND_EN, NOT_FOUND_ZH
 from llms.base import GenerationOptions, Message
 from plugins.hookspecs import RegisterLLM, hookimpl
 from tests.conftest import REPO
@@ -60,14 +61,49 @@ def test_answer_streams_after_its_sources_and_the_prompt_holds_the_passages(
 ) -> None:
     svc, backend = service
     events = list(svc.stream(ChatRequest("黄河被称为什么？", kb="docs", top_k=2)))
-    assert isinstance(events[0], SourcesEvent) and len(events[0].sources) == 2
-    assert [e.text for e in events[1:] if isinstance(e, TextEvent)] == ["收到", "2条"]
+    kinds = [type(e) for e in events]
+    assert kinds == [StatusEvent, SourcesEvent, StatusEvent, TextEvent, TextEvent, AnswerEvent]
+    assert events[0] == StatusEvent("searching") and events[2] == StatusEvent("reading", 2)
+    sources = events[1].sources
+    assert len(sources) == 2 and sources[0].score >= sources[1].score  # listed by the score shown
+    assert "母亲河" in sources[0].snippet
+    assert [e.text for e in events if isinstance(e, TextEvent)] == ["收到", "2条"]
     system, user = backend.seen[-1]
-    assert system == Message("system", SEED_SYSTEM_PROMPT_ZH)
-    first = events[0].sources[0]
-    assert f"[1] {first.file}" in user.content and first.snippet in user.content
-    assert "问题：黄河被称为什么？" in user.content
-    assert user.context == tuple(s.snippet for s in events[0].sources)
+    assert system == Message("system", DEFAULT_SYSTEM_PROMPT_ZH)
+    # the model reads the passages' best sentences, numbered as the sources are
+    assert "[1] " in user.content and "黄河是中国第二长河，被称为母亲河。" in user.content
+    assert user.content.rstrip().endswith("问题：黄河被称为什么？")
+    assert user.context and all(any(c in s.snippet for s in sources) for c in user.context)
+    final = events[-1]
+    assert isinstance(final, AnswerEvent) and not final.not_found
+    # the echo's reply comes from no passage, so no marker; the supporting sentence is quoted with its number
+    assert final.text.startswith("收到2条") and "> 黄河是中国第二长河，被称为母亲河。 [1]" in final.text
+    assert final.cited == (1,)
+
+
+def test_a_question_the_knowledge_base_cannot_answer_gets_not_found_without_the_model(
+    service: tuple[ChatService, EchoBackend],
+) -> None:
+    svc, backend = service
+    asked = len(backend.seen)
+    off_topic = [("2022年世界杯冠军是谁？", NOT_FOUND_ZH), ("Who won the 2022 World Cup final?", NOT_FOUND_EN)]
+    for question, reply in off_topic:
+        events = list(svc.stream(ChatRequest(question, kb="docs", top_k=3)))
+        assert [type(e) for e in events] == [StatusEvent, SourcesEvent, TextEvent, AnswerEvent]
+        assert events[1] == SourcesEvent([])  # no unrelated passage presented as evidence
+        assert events[-1] == AnswerEvent(reply, not_found=True)
+    assert len(backend.seen) == asked  # the model was not asked, so it cannot answer from memory
+
+
+def test_a_follow_up_searches_with_the_question_it_follows(service: tuple[ChatService, EchoBackend]) -> None:
+    svc, _ = service
+    history = [Message("user", "黄河被称为什么？"), Message("assistant", "母亲河。")]
+    follow_up = ChatRequest("它是第几长的河？", history=history, kb="docs")
+    assert svc.search_query(follow_up) == "黄河被称为什么？\n它是第几长的河？"
+    standalone = ChatRequest("长江全长多少公里？", history=history, kb="docs")
+    assert svc.search_query(standalone) == "长江全长多少公里？"
+    events = list(svc.stream(follow_up))
+    assert "母亲河" in next(e for e in events if isinstance(e, SourcesEvent)).sources[0].snippet
 
 
 def test_language_picks_the_default_system_prompt_and_a_custom_one_wins(
@@ -75,7 +111,7 @@ def test_language_picks_the_default_system_prompt_and_a_custom_one_wins(
 ) -> None:
     svc, backend = service
     list(svc.stream(ChatRequest("How long is the Yangtze?")))
-    assert backend.seen[-1][0].content == SEED_SYSTEM_PROMPT_EN
+    assert backend.seen[-1][0].content == DEFAULT_SYSTEM_PROMPT_EN
     assert backend.seen[-1][1].content == "How long is the Yangtze?"  # no knowledge base: the bare question
     list(svc.stream(ChatRequest("长江有多长？", system_prompt="只用一句话回答。")))
     assert backend.seen[-1][0].content == "只用一句话回答。"
@@ -127,13 +163,19 @@ def test_chat_command_streams_an_answer_then_its_sources(python: str, tmp_path: 
     assert sources.splitlines()[0].startswith("[1] report.pdf p.2")
 
 
-def test_no_relevant_passage_is_said_in_the_prompt(service: tuple[ChatService, EchoBackend]) -> None:
+def test_no_passage_above_the_floor_is_not_found_even_with_the_word_check_off(
+    service: tuple[ChatService, EchoBackend],
+) -> None:
     svc, backend = service
     svc.settings.retrieval.min_similarity = 0.9999
-    events = list(svc.stream(ChatRequest("量子力学是什么？", kb="docs")))
-    assert isinstance(events[0], SourcesEvent) and events[0].sources == []
-    user = backend.seen[-1][-1]
-    assert user.content.startswith("（知识库中没有找到与问题相关的文段。）") and user.context == ()
+    svc.settings.chat.min_coverage = 0.0
+    asked = len(backend.seen)
+    events = list(svc.stream(ChatRequest("黄河被称为什么？", kb="docs")))
+    assert events[1] == SourcesEvent([]) and events[-1] == AnswerEvent(NOT_FOUND_ZH, not_found=True)
+    assert len(backend.seen) == asked
+    svc.settings.retrieval.min_similarity = 0.0  # the word check off: any passage goes to the model
+    events = list(svc.stream(ChatRequest("2022年世界杯冠军是谁？", kb="docs")))
+    assert next(e for e in events if isinstance(e, SourcesEvent)).sources and len(backend.seen) == asked + 1
 
 
 def test_a_failed_reopen_of_a_replaced_knowledge_base_is_retried_next_time(
@@ -178,8 +220,9 @@ def test_a_running_service_answers_from_a_rebuilt_base_never_the_deleted_one(
     text = "第二版：珠穆朗玛峰是世界最高峰。\n\n长江的资料已经删除。"
     (tmp_path / "v2" / "v2.txt").write_text(text, encoding="utf-8")
     app.ingest.ingest("docs", [tmp_path / "v2"])
+    chat.settings.chat.min_coverage = 0.0  # whatever the new base holds goes to the model
     events = list(chat.stream(ChatRequest("长江有多长？", kb="docs", top_k=5)))
-    sources = events[0].sources  # type: ignore[union-attr]
+    sources = next(e for e in events if isinstance(e, SourcesEvent)).sources
     assert sources and {s.file for s in sources} == {"v2.txt"}
     assert "6300" not in backend.seen[-1][-1].content
 

@@ -3,6 +3,7 @@ services over a temp data dir, with a scripted LLM backend registered as a plugi
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import re
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import presets, services, ui_handlers
-from app.chat import ChatService, Source
+from app.chat import ChatService, Source, StatusEvent
 from app.container import Zhiku
 from app.presets import PresetStore
 from app.ui_handlers import (
@@ -28,6 +29,7 @@ from app.ui_handlers import (
     SEARCHING,
     ChatControls,
     ChatUpdate,
+    Stopper,
     ask,
     delete_preset,
     history_of,
@@ -40,6 +42,8 @@ from app.ui_handlers import (
     safe_markdown,
     save_preset,
     sources_markdown,
+    status_text,
+    until_stopped,
     upload,
 )
 from common.errors import BackendUnavailableError
@@ -109,11 +113,19 @@ def texts(update: ChatUpdate) -> list[tuple[str, str]]:
 # ----- answering ---------------------------------------------------------------------------------------------
 def test_answer_streams_sources_then_a_growing_answer(service: ChatService, backend: Scripted) -> None:
     updates = list(ask(service, " 青蛙有几只？ ", [], ChatControls(kb="notes", temperature=0, retrieval_k=2)))
-    first, with_sources, *growing = updates
+    first, searching, with_sources, reading, *growing, final = updates
     assert texts(first) == [("user", "青蛙有几只？")] and first.sources == SEARCHING
     assert first.effective == service.settings.chat.system_prompt_zh
+    # something on screen at once, before the first word of the answer
+    assert texts(searching)[-1] == ("assistant", status_text(StatusEvent("searching")))
     assert "frogs.txt" in (with_sources.sources or "") and texts(with_sources) == texts(first)
+    assert texts(reading)[-1] == ("assistant", status_text(StatusEvent("reading", 1))) and "1 passages" in status_text(
+        StatusEvent("reading", 1)
+    )
     assert [texts(u)[-1][1] for u in growing] == ["Hello", "Hello, ", "Hello, world"]
+    # the answer as shown: the sentence that supports it, with its source number
+    assert texts(final)[-1][1].startswith("Hello, world") and "七只" in texts(final)[-1][1]
+    assert "[1]" in texts(final)[-1][1]
     assert all(u.warning is None for u in updates)
     assert "七只" in backend.seen[0][-1].content  # the retrieved passage reached the model
 
@@ -136,7 +148,7 @@ def test_a_zhiku_error_mid_answer_keeps_the_partial_answer_and_adds_an_error_bub
     service: ChatService, backend: Scripted, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend.error = BackendUnavailableError("the model server went away", "start it again")
-    *_, last = ask(service, "hi", [], ChatControls(kb="notes"))
+    *_, last = ask(service, "青蛙有几只？", [], ChatControls(kb="notes"))
     message = "the model server went away; start it again"
     assert texts(last)[1:] == [("assistant", "Hello, world"), ("assistant", f"{ERROR_MARK} {message}")]
     assert last.warning == message and last.sources not in (None, SEARCHING)
@@ -177,6 +189,23 @@ def test_closing_the_stream_ends_the_generation(service: ChatService, backend: S
     assert backend.closed == 0
     updates.close()  # what Stop does
     assert backend.closed == 1
+
+
+def test_stop_ends_the_sessions_answer_in_progress_and_not_the_next_one(
+    service: ChatService, backend: Scripted
+) -> None:
+    stopper = copy.deepcopy(Stopper())  # what gr.State gives each session
+    other = copy.deepcopy(stopper)
+    assert other is not stopper
+    shown = []
+    for update in until_stopped(ask(service, "hi", [], ChatControls()), stopper):
+        shown.append(texts(update)[-1][1])
+        if shown[-1] == "Hello":
+            other.stop()  # another session's Stop changes nothing here
+            stopper.stop()
+    assert shown[-1] == "Hello" and backend.closed == 1  # the generation ended at once
+    *_, last = until_stopped(ask(service, "hi", [], ChatControls()), stopper)
+    assert texts(last)[-1] == ("assistant", "Hello, world")  # a Stop before an answer does not end it
 
 
 def test_history_keeps_only_answered_turns_as_the_model_wrote_them() -> None:
@@ -502,4 +531,5 @@ def test_sources_markdown_is_a_safe_table() -> None:
     assert "\\$\\$" in md and "\\`code\\`" in md
     assert "a\\|b\\_c.txt" in row and "| 3 |" in row and "0.877" in row and "…" in row
     assert "no knowledge base" in sources_markdown([], None)
-    assert "no relevant passages" in sources_markdown([], "<img src=x>") and "<img" not in sources_markdown([], "<img>")
+    assert "nothing in the knowledge base" in sources_markdown([], "<img src=x>")
+    assert "<img" not in sources_markdown([], "<img>")

@@ -1,0 +1,241 @@
+"""Sentence-level evidence inside retrieved passages: what a small model should read, whether the passages
+can answer the question at all, and which passage each sentence of an answer comes from.
+
+All of it is lexical (jieba words for Chinese, lower-cased words elsewhere) and costs microseconds: it
+runs on every question, on a CPU, before and after the LLM.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from common.text import estimate_tokens
+from knowledge.lexical import tokenize
+
+# A sentence ends after 。！？；!? (with any closing quotes), after a Latin full stop followed by a space,
+# or at a line break.
+_SENTENCE_END = re.compile(r"(?<=[。！？；!?])[”’」』）)\"']*|(?<=[.;])\s+|\n+")
+# Words that carry no topic: question words, particles and pronouns. A question's *content* words are
+# what the passages must contain to answer it.
+_QUESTION_WORDS = frozenset(
+    word
+    for line in (
+        "什么 什么样 哪个 哪些 哪里 哪儿 哪 谁 多少 几 几个 怎么 怎样 如何 为什么 为何 是否 吗 呢 吧 啊",
+        "的 了 是 在 有 和 与 及 或 被 把 为 对 从 到 于 以 其 之 也 都 而 就 又 还 请问 请 告诉 一下 问",
+        "哪一 哪年 哪一年 何时 何地 何 他 她 它 他们 她们 它们 这 那 这个 那个 这些 那些 该 此 其中",
+        "甚么 麼 嗎 為什麼 哪裡 誰 什麼 怎麼 這 這個 那個 這些 哪個 為何 與 對 從 於 還 請問 請 問 個",
+        "what which who whom whose where when why how is are was were do does did the a an of in on at to",
+        "for by with from and or as it its this that these those be been has have had can could would",
+        "should please tell me about name",
+    )
+    for word in line.split()
+)
+NOT_FOUND_ZH = "知识库中没有找到这个问题的答案。"
+NOT_FOUND_EN = "The knowledge base does not contain the answer to this question."
+_NOT_FOUND_MARKS = (
+    *("没有找到", "沒有找到", "未找到", "没有提到", "沒有提到", "未提及"),
+    *("does not contain", "not found in"),
+)
+_CITATION = re.compile(r"\[(\d{1,2})\]")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of ``text``, surrounding whitespace excluded; empty pieces dropped."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for m in [*_SENTENCE_END.finditer(text), None]:
+        end = len(text) if m is None else m.end() if m.group().strip() and not m.group().isspace() else m.start()
+        piece = text[start:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((start + lead, start + len(piece.rstrip())))
+        if m is not None:
+            start = m.end()
+    return spans
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` in order, stripped; empty pieces dropped."""
+    return [text[a:b] for a, b in sentence_spans(text)]
+
+
+def content_terms(text: str) -> list[str]:
+    """The words of ``text`` that carry its topic (question words, particles, pronouns, single-character
+    function words and punctuation dropped), in order, without repeats."""
+    out: dict[str, None] = {}
+    for token in tokenize(text):
+        if token in _QUESTION_WORDS or not any(ch.isalnum() for ch in token):
+            continue
+        out.setdefault(token, None)
+    return list(out)
+
+
+# Words that point back into the conversation: pronouns and demonstratives (Simplified, Traditional,
+# English), and the "那…呢" of an elliptical follow-up.
+_REFERRING = re.compile(
+    r"[他她它其該该此這这]|那(?!些年)|当时|當時|那时|那時|双方|雙方|呢[？?]?\s*$|^(?:and|what about|how about)\b|"
+    r"\b(?:he|she|it|its|his|her|they|them|their|this|that|these|those|there)\b",
+    re.IGNORECASE,
+)
+
+
+def is_follow_up(question: str) -> bool:
+    """Whether a question leans on the conversation: it refers back (a pronoun, "那…呢？") or names
+    almost nothing itself (one content word or none)."""
+    return bool(_REFERRING.search(question.strip())) or len(content_terms(question)) <= 1
+
+
+def _weight(term: str) -> float:
+    # Longer words and numbers are rarer, so they say more about which sentence answers: "548" or
+    # "路口镇" over "位于".
+    return 1.0 + math.log(len(term)) + (1.0 if any(ch.isdigit() for ch in term) else 0.0)
+
+
+def coverage(question: str, texts: Sequence[str]) -> float:
+    """The weighted share of the question's content words that occur in the best of ``texts`` (0 to 1).
+    An answerable question's passage names its subject; a passage retrieved for an unrelated question
+    usually does not."""
+    terms = content_terms(question)
+    if not terms:
+        return 1.0
+    total = sum(_weight(t) for t in terms)
+    best = 0.0
+    for text in texts:
+        lowered = text.lower()
+        best = max(best, sum(_weight(t) for t in terms if t in lowered) / total)
+    return best
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One sentence of one passage (``passage`` counts from 0), with its overlap score."""
+
+    passage: int
+    index: int
+    text: str
+    score: float
+
+
+def _score(terms: Sequence[str], sentence: str) -> float:
+    lowered = sentence.lower()
+    return sum(_weight(t) for t in terms if t in lowered)
+
+
+def rank_sentences(question: str, passages: Sequence[str]) -> list[Evidence]:
+    """Every sentence of the passages, best first: word overlap with the question, ties to the earlier
+    passage (retrieval's order)."""
+    terms = content_terms(question)
+    found = [
+        Evidence(p, i, s, _score(terms, s))
+        for p, text in enumerate(passages)
+        for i, s in enumerate(split_sentences(text))
+    ]
+    return sorted(found, key=lambda e: (-e.score, e.passage, e.index))
+
+
+def select_evidence(
+    question: str,
+    passages: Sequence[str],
+    budget: int,
+    *,
+    neighbours: int = 1,
+    measure: Callable[[str], int] = estimate_tokens,
+) -> list[str]:
+    """A tight context for a small model: per passage, the sentences that share most words with the
+    question, each with ``neighbours`` sentences around it (an answer often sits in the next sentence),
+    best first until ``budget`` tokens. Per passage, the chosen runs of sentences exactly as the passage
+    has them, in reading order, joined by " … "; an empty string for a passage that gave none."""
+    spans = [sentence_spans(p) for p in passages]
+    chosen: list[set[int]] = [set() for _ in passages]
+    used = 0
+    for ev in rank_sentences(question, passages):
+        if ev.score <= 0 and any(chosen):
+            break
+        text, where = passages[ev.passage], spans[ev.passage]
+        around = range(max(ev.index - neighbours, 0), min(ev.index + neighbours + 1, len(where)))
+        new = [i for i in around if i not in chosen[ev.passage]]
+        cost = sum(measure(text[slice(*where[i])]) for i in new)
+        if used + cost > budget:
+            if used:
+                continue
+            new, cost = [ev.index], measure(ev.text)  # the best sentence alone, even when over budget
+        chosen[ev.passage].update(new)
+        used += cost
+        if used >= budget:
+            break
+    out = []
+    for text, where, picked in zip(passages, spans, chosen, strict=True):
+        runs: list[list[int]] = []
+        for i in sorted(picked):
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        out.append(" … ".join(text[where[r[0]][0] : where[r[-1]][1]] for r in runs))
+    return out
+
+
+def normalize(text: str) -> str:
+    """For comparing answers: NFKC, lower case, no whitespace or punctuation."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if ch.isalnum())
+
+
+def contains_normalized(text: str, answers: Sequence[str]) -> bool:
+    """Whether one of ``answers`` occurs in ``text``, ignoring case, width, spaces and punctuation."""
+    flat = normalize(text)
+    return any((a := normalize(answer)) and a in flat for answer in answers)
+
+
+def is_not_found(answer: str) -> bool:
+    """Whether a reply says the knowledge base does not hold the answer (the service's own reply, or a
+    model following the prompt's instruction)."""
+    head = answer.strip()[:80].lower()
+    return any(mark in head for mark in _NOT_FOUND_MARKS)
+
+
+def _bigrams(text: str) -> set[str]:
+    flat = normalize(text)
+    return {flat[i : i + 2] for i in range(len(flat) - 1)} or ({flat} if flat else set())
+
+
+def best_source(sentence: str, passages: Sequence[str]) -> tuple[int, float]:
+    """The passage (from 0) that shares most character pairs with ``sentence``, and the share."""
+    grams = _bigrams(sentence)
+    if not grams or not passages:
+        return -1, 0.0
+    shares = [len(grams & _bigrams(p)) / len(grams) for p in passages]
+    best = max(range(len(passages)), key=lambda i: (shares[i], -i))
+    return best, shares[best]
+
+
+def cite(answer: str, passages: Sequence[str], *, min_share: float = 0.5) -> str:
+    """``answer`` with a [n] marker (n counts from 1) after each sentence that has none and comes mostly
+    from one passage. Markers the model wrote are kept when they name a passage that exists and dropped
+    otherwise (a small model invents [6] for five passages)."""
+    valid = range(1, len(passages) + 1)
+    answer = _CITATION.sub(lambda m: m[0] if int(m[1]) in valid else "", answer)
+    out = []
+    for piece in re.split(r"(?<=[。！？!?])|(?<=\.)(?=\s)|(?=\n)", answer):
+        if not piece.strip() or _CITATION.search(piece):
+            out.append(piece)
+            continue
+        n, share = best_source(piece, passages)
+        if n < 0 or share < min_share:
+            out.append(piece)
+            continue
+        stripped = piece.rstrip()
+        end = len(stripped)
+        while end and stripped[end - 1] in "。！？!?.":  # the marker goes before the final punctuation
+            end -= 1
+        out.append(f"{stripped[:end]}[{n + 1}]{stripped[end:]}{piece[len(stripped) :]}")
+    return "".join(out)
+
+
+def citations(answer: str) -> list[int]:
+    """The passage numbers (from 1) an answer cites, in order of first mention."""
+    return list(dict.fromkeys(int(n) for n in _CITATION.findall(answer)))

@@ -1,0 +1,92 @@
+"""Sentence-level evidence: the tight context, the "can these passages answer?" check, follow-ups,
+citations, answer matching and the question's script."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.text import language_of
+from knowledge.evidence import (
+    citations,
+    cite,
+    contains_normalized,
+    content_terms,
+    coverage,
+    is_follow_up,
+    is_not_found,
+    select_evidence,
+    split_sentences,
+)
+
+RIVER = "长江是中国最长的河流。它全长约6300公里，流经十一个省份。黄河是中国第二长河，被称为母亲河。"
+TOWN = "路口镇位于长沙县东北部。2004年村级区划调整后，全镇辖8个村、2个社区。镇政府驻路口村。"
+
+
+def test_sentences_split_on_chinese_and_latin_ends_and_keep_closing_quotes() -> None:
+    assert split_sentences("第一页\n他说：“好吗？”我说。Then it ends. Next!") == [
+        "第一页",
+        "他说：“好吗？”",
+        "我说。",
+        "Then it ends.",
+        "Next!",
+    ]
+
+
+def test_the_evidence_is_the_best_sentence_and_its_neighbours_verbatim_within_the_budget() -> None:
+    evidence = select_evidence("路口镇管辖下有几个村和社区？", [RIVER, TOWN], budget=60)
+    assert evidence[0] == ""  # the river passage shares no word with the question
+    assert "全镇辖8个村、2个社区。" in evidence[1] and evidence[1] in TOWN  # exactly as the passage has it
+    tight = select_evidence("路口镇管辖下有几个村和社区？", [RIVER, TOWN], budget=5, neighbours=0)
+    assert tight == ["", "2004年村级区划调整后，全镇辖8个村、2个社区。"]  # over budget: the best sentence alone
+
+
+def test_coverage_tells_an_answerable_question_from_an_unrelated_one() -> None:
+    assert "社区" in content_terms("路口镇管辖下有几个村和社区？") and "什么" not in content_terms("是什么？")
+    assert coverage("路口镇管辖下有几个村和社区？", [RIVER, TOWN]) >= 0.5
+    assert coverage("2022年世界杯冠军是谁？", [RIVER, TOWN]) < 0.5
+    assert coverage("How long is the Yangtze river?", ["The Yangtze river is 6,300 km long."]) >= 0.5
+    assert coverage("Who won the 2022 World Cup?", ["The Yangtze river is 6,300 km long."]) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("question", "follows"),
+    [
+        ("他为什么要出山？", True),
+        ("那面积呢？", True),
+        ("它的别名是什么？", True),
+        ("当时是谁在执政？", True),
+        ("What is its length?", True),
+        ("诸葛亮为什么要出山？", False),
+        ("路口镇管辖下有几个村和社区？", False),
+        ("How long is the Yangtze river?", False),
+    ],
+)
+def test_a_follow_up_is_told_by_its_pronouns_and_ellipsis(question: str, follows: bool) -> None:
+    assert is_follow_up(question) is follows
+
+
+def test_citations_are_attached_to_the_passage_a_sentence_comes_from_and_invented_ones_dropped() -> None:
+    passages = [RIVER, TOWN]
+    assert cite("全镇辖8个村、2个社区。", passages) == "全镇辖8个村、2个社区[2]。"
+    # [6] of two passages is invented: dropped, and the sentence gets the passage it comes from
+    assert cite("长江全长约6300公里[1]。路口镇有8个村[6]。", passages) == "长江全长约6300公里[1]。路口镇有8个村[2]。"
+    assert cite("我不知道。", passages) == "我不知道。"  # from no passage: no marker
+    assert citations("甲[2]。乙[1]。丙[2]。") == [2, 1]
+
+
+def test_answers_match_ignoring_width_case_spaces_and_punctuation() -> None:
+    assert contains_normalized("全镇辖 8 个村、2 个社区[2]", ["8个村、2个社区。"])
+    assert contains_normalized("ＣＳ/ＭＰＱ－７８ radar", ["cs mpq-78"])
+    assert not contains_normalized("9个村", ["8个村"]) and not contains_normalized("anything", [""])
+
+
+def test_not_found_replies_are_recognised() -> None:
+    assert is_not_found("知识库中没有找到这个问题的答案。")
+    assert is_not_found("The knowledge base does not contain the answer to this question.")
+    assert not is_not_found("路口镇辖8个村、2个社区[2]。")
+
+
+def test_the_script_of_a_question() -> None:
+    assert language_of("路口镇管辖下有几个村和社区？") == "zh-Hans"
+    assert language_of("桃花源記的作者是誰？") == "zh-Hant"
+    assert language_of("How long is the Yangtze?") == "other"

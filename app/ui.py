@@ -32,8 +32,12 @@ if TYPE_CHECKING:
 TITLE = "知库 Zhiku"
 
 CSS = """
-#sources table { font-size: 0.85em; }
-#sources td:not(:nth-child(4)), #sources th:not(:nth-child(4)) { white-space: nowrap; }
+#sources { font-size: 0.85em; }
+#sources details.source { border-bottom: 1px solid var(--border-color-primary); padding: 0.25em 0; }
+#sources summary { cursor: pointer; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#sources .passage { white-space: pre-wrap; padding: 0.4em 0.8em; max-height: 16em; overflow-y: auto; }
+#sources mark { background: #ffe58a; color: inherit; padding: 0 0.1em; }
+#sources .sources-note { color: var(--body-text-color-subdued); }
 #effective-system-prompt textarea { font-size: 0.85em; }
 footer { display: none !important; }
 """
@@ -62,7 +66,7 @@ class Components:
     stop: gr.Button
     regenerate: gr.Button
     clear: gr.Button
-    sources: gr.Markdown
+    sources: gr.HTML
     effective: gr.Textbox
     kb: gr.Dropdown
     system_prompt: gr.Textbox
@@ -75,6 +79,8 @@ class Components:
     upload_kb: gr.Textbox
     upload_button: gr.Button
     upload_result: gr.Markdown
+    page_choice: gr.Dropdown  # the current answer's PDF sources
+    page_view: gr.Image  # the chosen one's page, its passage marked
 
     @property
     def controls(self) -> list[Any]:
@@ -117,7 +123,23 @@ def layout(app: Zhiku, presets: PresetStore) -> Components:
                 regenerate = gr.Button("重新生成 Regenerate", elem_id="regenerate", size="sm")
                 clear = gr.Button("清空 Clear", elem_id="clear", size="sm")
             gr.Markdown("#### 引用来源 Sources")
-            sources = gr.Markdown(NONE_YET, elem_id="sources")
+            # HTML, not Markdown: a passage is shown whole and as it is (escaped), never parsed as Markdown
+            sources = gr.HTML(NONE_YET, elem_id="sources")
+            with gr.Accordion("查看原文页 View page", open=False, elem_id="page-panel"):
+                page_choice = gr.Dropdown(
+                    choices=[],
+                    value=None,
+                    label="PDF 来源 PDF source",
+                    elem_id="page-choice",
+                )
+                page_view = gr.Image(
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    show_label=False,
+                    height=560,
+                    elem_id="page-view",
+                )
             effective = gr.Textbox(
                 label="本次回答使用的系统提示 Effective system prompt",
                 interactive=False,
@@ -173,6 +195,7 @@ def layout(app: Zhiku, presets: PresetStore) -> Components:
     return Components(
         chatbot, question, send, stop, regenerate, clear, sources, effective, kb, system_prompt, preset_list,
         preset_name, preset_save, preset_delete, generation, files, upload_kb, upload_button, upload_result,
+        page_choice, page_view,
     )  # fmt: skip
 
 
@@ -226,9 +249,14 @@ class Adapters:
     def keep(self, value: Any) -> Any:
         return self.gr.skip() if value is None else value
 
-    def chat_outputs(self, update: ChatUpdate) -> tuple[Any, Any, Any]:
+    def chat_outputs(self, update: ChatUpdate) -> tuple[Any, ...]:
+        """(the chat, the sources panel, the effective prompt, the page list's state, its dropdown, the page)"""
         self.toast(update.warning)
-        return self.keep(update.chat), self.keep(update.sources), self.keep(update.effective)
+        shown = self.keep(update.chat), self.keep(update.sources), self.keep(update.effective)
+        if update.pages is None:
+            return (*shown, self.gr.skip(), self.gr.skip(), self.gr.skip())
+        choices = [ref.label for ref in update.pages]
+        return (*shown, update.pages, self.gr.Dropdown(choices=choices, value=None), None)
 
     def respond(
         self, question: str | None, chat: Any, stopper: h.Stopper | None, *controls: Any
@@ -237,9 +265,14 @@ class Adapters:
         for update in h.until_stopped(updates, stopper):
             yield ("" if update.chat is not None else self.gr.skip(), *self.chat_outputs(update))
 
-    def regenerate(self, chat: Any, stopper: h.Stopper | None, *controls: Any) -> Iterator[tuple[Any, Any, Any]]:
+    def regenerate(self, chat: Any, stopper: h.Stopper | None, *controls: Any) -> Iterator[tuple[Any, ...]]:
         for update in h.until_stopped(h.regenerate(self.app.chat, chat, ChatControls(*controls)), stopper):
             yield self.chat_outputs(update)
+
+    def show_page(self, refs: list[h.PageRef] | None, choice: str | None) -> Any:
+        view = h.show_page(refs, choice)
+        self.toast(view.warning)
+        return view.image
 
     @staticmethod
     def stop(stopper: h.Stopper | None) -> None:
@@ -302,11 +335,13 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> No
         return on.upload(files, target, selected, progress)
 
     stopper = gr.State(h.Stopper())  # per browser session
+    pages = gr.State([])  # the current answer's PDF pages (h.PageRef), per session: what the page view may show
+    answer_outputs = [c.chatbot, c.sources, c.effective, pages, c.page_choice, c.page_view]
     chat_event = gr.on(
         [c.send.click, c.question.submit],
         on.respond,
         inputs=[c.question, c.chatbot, stopper, *c.controls],
-        outputs=[c.question, c.chatbot, c.sources, c.effective],
+        outputs=[c.question, *answer_outputs],
         concurrency_limit=chat_limit,
         concurrency_id="chat",
         trigger_mode="once",
@@ -316,7 +351,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> No
     regen_event = c.regenerate.click(
         on.regenerate,
         inputs=[c.chatbot, stopper, *c.controls],
-        outputs=[c.chatbot, c.sources, c.effective],
+        outputs=answer_outputs,
         concurrency_limit=chat_limit,
         concurrency_id="chat",
         trigger_mode="once",
@@ -330,15 +365,19 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> No
     c.stop.click(on.stop, inputs=[stopper], queue=False, **private)
     c.clear.click(on.stop, inputs=[stopper], queue=False, **private)
     c.clear.click(
-        lambda: ([], NONE_YET, ""),
-        outputs=[c.chatbot, c.sources, c.effective],
+        lambda: ([], NONE_YET, "", [], gr.Dropdown(choices=[], value=None), None),
+        outputs=answer_outputs,
         cancels=[chat_event, regen_event],
         queue=False,
         **private,
     )
     c.chatbot.clear(
-        lambda: (NONE_YET, ""), outputs=[c.sources, c.effective], cancels=[chat_event, regen_event], **private
+        lambda: (NONE_YET, "", [], gr.Dropdown(choices=[], value=None), None),
+        outputs=answer_outputs[1:],
+        cancels=[chat_event, regen_event],
+        **private,
     )
+    c.page_choice.input(on.show_page, inputs=[pages, c.page_choice], outputs=[c.page_view], **private)
     c.preset_list.input(on.pick_preset, inputs=[c.preset_list], outputs=[c.system_prompt, c.preset_name], **private)
     c.preset_save.click(
         on.save_preset, inputs=[c.preset_name, c.system_prompt], outputs=[c.preset_list, c.preset_name], **private

@@ -9,7 +9,8 @@ OSError (option validation, presets, uploads) is made readable; anything else is
 traceback and shown as "内部错误 / internal error". Nothing reaches Gradio's blank "Error" toast.
 
 Everything shown in the browser that came from a model, a document or a user goes through
-:func:`safe_markdown` or :func:`md_cell`, so that rendering it makes the browser fetch nothing.
+:func:`safe_markdown` or :func:`md_cell` (Markdown), or ``html.escape`` (the sources panel, HTML), so that
+rendering it makes the browser fetch nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.chat import AnswerEvent, ChatRequest, Source, SourcesEvent, StatusEvent, TextEvent
 from common.errors import ZhikuError
+from knowledge.preview import evidence_share, evidence_spans, render_page
 from llms.base import GenerationOptions, Message
 
 if TYPE_CHECKING:
@@ -36,13 +38,14 @@ log = logging.getLogger(__name__)
 
 NO_KB = "（无 / none）"
 ERROR_MARK = "⚠️"  # assistant bubbles that start with this are errors, not part of the conversation
-NONE_YET = "_暂无 / none yet_"
-SEARCHING = "_检索中… / searching…_"
+NONE_YET = '<p class="sources-note"><em>暂无 / none yet</em></p>'
+SEARCHING = '<p class="sources-note"><em>检索中… / searching…</em></p>'
+NOT_SEARCHED = '<p class="sources-note"><em>—</em></p>'  # an answer that failed before its sources came
 EMPTY_ANSWER = "（模型没有给出回答 / empty answer）"
 INTERNAL_ERROR = "内部错误 / internal error"
 NO_QUESTION = "请输入问题 / Please type a question"
 NOTHING_TO_REGENERATE = "还没有可以重新生成的问题 / Nothing to regenerate yet"
-SNIPPET_CHARS = 80
+MIN_EVIDENCE_SHARE = 0.5  # an uncited source is marked when the answer holds this share of a sentence
 
 
 # ----- Markdown that cannot make the browser fetch anything ----------------------------------------------
@@ -178,11 +181,6 @@ def md_cell(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+!|~>$])", r"\\\1", text)
 
 
-def shorten(text: str, limit: int = SNIPPET_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def status_text(event: StatusEvent) -> str:
     if event.stage == "searching":
         return "_正在检索知识库… / searching…_"
@@ -191,23 +189,108 @@ def status_text(event: StatusEvent) -> str:
     return f"_{md_cell(event.stage)}…_"
 
 
-def not_found_markdown(kb: str) -> str:
-    return f"_知识库 {md_cell(kb)} 中没有找到能回答这个问题的段落 / nothing in the knowledge base answers this_"
+# ----- the sources panel (HTML: every text in it escaped) ---------------------------------------------------
+def _note(text: str) -> str:
+    return f'<p class="sources-note"><em>{html.escape(text)}</em></p>'
 
 
-def sources_markdown(sources: Sequence[Source], kb: str | None) -> str:
-    if kb is None:
-        return "_未使用知识库 / no knowledge base selected_"
-    if not sources:
-        return not_found_markdown(kb)
-    rows = [
-        "| # | 文件 file | 页 page | 片段 snippet | 分数 score |",
-        "|---|---|---|---|---|",
-    ]
+def no_kb_html() -> str:
+    return _note("未使用知识库 / no knowledge base selected")
+
+
+def not_found_html(kb: str) -> str:
+    return _note(f"知识库 {kb} 中没有找到能回答这个问题的段落 / nothing in the knowledge base answers this")
+
+
+def marked_passage(text: str, spans: Sequence[tuple[int, int]]) -> str:
+    """``text`` escaped, with each (start, end) span in a ``<mark>``."""
+    out: list[str] = []
+    pos = 0
+    for start, end in sorted(spans):
+        if start < pos:
+            continue
+        out += [html.escape(text[pos:start]), "<mark>", html.escape(text[start:end]), "</mark>"]
+        pos = end
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+def highlights(sources: Sequence[Source], answer: str, cited: Sequence[int] = ()) -> list[list[tuple[int, int]]]:
+    """Per source, the spans of its passage to mark: the sentences that share most with the answer, for
+    the sources it cites (or, uncited, those it takes at least :data:`MIN_EVIDENCE_SHARE` of a sentence
+    from); [] for the others."""
+    out: list[list[tuple[int, int]]] = []
     for n, s in enumerate(sources, 1):
-        page = str(s.page) if s.page is not None else "–"
-        rows.append(f"| {n} | {md_cell(s.file)} | {page} | {md_cell(shorten(s.snippet))} | {s.score:.3f} |")
-    return "\n".join(rows)
+        used = n in cited or evidence_share(s.snippet, answer) >= MIN_EVIDENCE_SHARE
+        out.append(evidence_spans(s.snippet, answer) if used else [])
+    return out
+
+
+def sources_html(
+    sources: Sequence[Source], kb: str | None, marks: Sequence[Sequence[tuple[int, int]]] | None = None
+) -> str:
+    """The sources panel: one collapsed ``<details>`` per source, ``[n] file p.X · score`` in its summary
+    and the whole passage in its body, the spans in ``marks`` (per source) marked."""
+    if kb is None:
+        return no_kb_html()
+    if not sources:
+        return not_found_html(kb)
+    rows = []
+    for n, s in enumerate(sources, 1):
+        spans = marks[n - 1] if marks is not None and n <= len(marks) else []
+        summary = f"[{n}] {s.label()} · {s.score:.3f}"
+        rows.append(
+            f'<details class="source" data-n="{n}"><summary>{html.escape(summary)}</summary>'
+            f'<div class="passage">{marked_passage(s.snippet, spans)}</div></details>'
+        )
+    return '<div class="sources-list">' + "".join(rows) + "</div>"
+
+
+@dataclass(frozen=True)
+class PageRef:
+    """A PDF page an answer drew on, for the page view: what the dropdown shows, and what to render."""
+
+    label: str  # "[n] file p.X"
+    path: str
+    page: int
+    highlight: str
+
+
+def page_refs(sources: Sequence[Source], marks: Sequence[Sequence[tuple[int, int]]]) -> list[PageRef]:
+    """The PDF sources, each with the text to mark on its page: its marked sentences, or its passage."""
+    refs = []
+    for n, s in enumerate(sources, 1):
+        if s.page is None or not s.path.lower().endswith(".pdf"):
+            continue
+        spans = marks[n - 1] if n <= len(marks) else []
+        highlight = "\n".join(s.snippet[a:b] for a, b in spans) or s.snippet
+        refs.append(PageRef(f"[{n}] {s.label()}", s.path, s.page, highlight))
+    return refs
+
+
+@dataclass(frozen=True)
+class PageView:
+    """The page view after a choice: the image (None: none), and a warning."""
+
+    image: Any = None
+    warning: str | None = None
+
+
+def show_page(refs: Sequence[PageRef] | None, choice: str | None, resolution: int = 100) -> PageView:
+    """Render the page the dropdown names, with its passage marked. Only the current answer's sources can
+    be shown: ``choice`` is looked up among ``refs`` (the session's state), never used as a path."""
+    if not choice:
+        return PageView()
+    ref = next((r for r in refs or [] if r.label == choice), None)
+    if ref is None:
+        return PageView(warning=f"{choice} is not a source of the current answer; ask again")
+    try:
+        return PageView(render_page(Path(ref.path), ref.page, ref.highlight, resolution))
+    except (ZhikuError, ValueError, OSError) as err:
+        return PageView(warning=f"cannot show {ref.label}: {readable(err)}")
+    except Exception as err:
+        log.exception("rendering %s failed", ref.label)
+        return PageView(warning=internal_error(err))
 
 
 # ----- the chat as the browser holds it ---------------------------------------------------------------------
@@ -305,9 +388,10 @@ class ChatUpdate:
     """The chat's components after one step of an answer; None: unchanged."""
 
     chat: list[dict[str, str]] | None
-    sources: str | None = None
+    sources: str | None = None  # the sources panel's HTML
     effective: str | None = None  # the system prompt the answer uses
     warning: str | None = None
+    pages: list[PageRef] | None = None  # the PDF pages the page view offers ([]: none; None: unchanged)
 
 
 def generation_options(defaults: GenerationOptions, controls: ChatControls) -> GenerationOptions:
@@ -332,13 +416,14 @@ def answer(
     the answer was shown; closing the generator (Stop) ends the model's generation at once."""
     kb = kb_name(controls.kb)
     chat = [*prior, {"role": "user", "content": safe_markdown(question)}]
-    sources = SEARCHING if kb else sources_markdown([], None)
+    sources = SEARCHING if kb else no_kb_html()
+    found: list[Source] = []
     effective = text = ""
 
     def failed(message: str) -> ChatUpdate:
         partial = [{"role": "assistant", "content": safe_markdown(text)}] if text else []
         error = {"role": "assistant", "content": f"{ERROR_MARK} {safe_markdown(message)}"}
-        shown = "_—_" if sources == SEARCHING else sources
+        shown = NOT_SEARCHED if sources == SEARCHING else sources
         return ChatUpdate([*chat, *partial, error], shown, effective, warning=message)
 
     try:
@@ -351,25 +436,30 @@ def answer(
             top_k=None if controls.retrieval_k is None else int(controls.retrieval_k),
         )
         effective = service.build_messages(request, [])[0].content
-        yield ChatUpdate(chat, sources, effective)
+        yield ChatUpdate(chat, sources, effective, pages=[])  # the last answer's pages are not this one's
         events = service.stream(request)
         try:
             for event in events:
                 if isinstance(event, StatusEvent):  # something on screen before the first word
                     status = {"role": "assistant", "content": status_text(event)}
                     yield ChatUpdate([*chat, status], sources, effective)
-                elif isinstance(event, SourcesEvent):
-                    sources = sources_markdown(event.sources, kb)
+                elif isinstance(event, SourcesEvent):  # shown at once, marked when the answer is complete
+                    found = list(event.sources)
+                    sources = sources_html(found, kb)
                     yield ChatUpdate(chat, sources, effective)
                 elif isinstance(event, TextEvent) and event.text:
                     text += event.text
                     yield ChatUpdate([*chat, {"role": "assistant", "content": safe_markdown(text)}], sources, effective)
                 elif isinstance(event, AnswerEvent):  # the answer as shown: citations, supporting sentence
                     text = event.text
+                    pages: list[PageRef] = []
                     if event.not_found and kb:
-                        sources = not_found_markdown(kb)
+                        sources = not_found_html(kb)
+                    elif found:
+                        marks = highlights(found, text, event.cited)
+                        sources, pages = sources_html(found, kb, marks), page_refs(found, marks)
                     shown = safe_markdown(text) if text else EMPTY_ANSWER
-                    yield ChatUpdate([*chat, {"role": "assistant", "content": shown}], sources, effective)
+                    yield ChatUpdate([*chat, {"role": "assistant", "content": shown}], sources, effective, pages=pages)
         finally:  # Stop closes this generator: end the model's generation and free its slot now
             close = getattr(events, "close", None)
             if close is not None:

@@ -1,6 +1,7 @@
 """The web UI in a real headless browser, against the real default LLM backend (no mocks).
 
-One server for the module: a temp data dir with the sample corpus ingested into "samples" and the bundled
+One server for the module: a temp data dir with the sample corpus and a two-page PDF (report.pdf, as
+tests/helpers.make_corpus makes it) ingested into "samples" and the bundled
 model answering (``max_new_tokens: 48``, greedy); a second one, whose plugin backend echoes what it was
 given, for the hostile-use test that needs to control the answer. Browser tests need playwright and
 /usr/bin/chromium and are skipped, with the reason, where either is missing. The helpers at the top and
@@ -10,6 +11,7 @@ the launch test at the end run without a browser; the handlers are tested in tes
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -32,6 +34,7 @@ from common.errors import ZhikuError
 from llms.base import GenerationOptions, Message
 from plugins.hookspecs import hookimpl
 from tests.conftest import HashingPlugin
+from tests.helpers import make_pdf
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,6 +47,9 @@ BROWSER_ARGS = [
 ]
 SCREENSHOT = REPO / "docs" / "ui.png"
 QUESTION = "桃花源记中渔人是哪个朝代的人？"
+REPORT_PAGES = ["第一页\n长江是中国最长的河流，全长约6300公里。", "第二页\n黄河是中国第二长河，被称为母亲河。"]
+NOT_FOUND = "知识库中没有找到这个问题的答案。"
+STATUS = re.compile(r"正在检索知识库… / searching…|正在阅读 \d+ 段资料… / reading \d+ passages…")
 TIMEOUT_MS = 120_000
 MAX_UPLOAD_MB = 0.05  # 51 KB: small enough to test the limit with a tiny file
 
@@ -105,8 +111,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         encoding="utf-8",
     )
     zhiku = Zhiku(load_settings(config))
+    pdf = make_pdf(root / "report.pdf", REPORT_PAGES)
     with zhiku.open_kb("samples", create=True) as kb:
-        report = zhiku.ingestor(kb).run([REPO / "samples" / "corpus"], progress=False)
+        report = zhiku.ingestor(kb).run([REPO / "samples" / "corpus", pdf], progress=False)
     assert not report.failures, report.failures
     service = zhiku.chat
     service.backend().count_tokens([Message("user", "warm up")])  # load the model before the clock starts
@@ -200,9 +207,6 @@ def effective_prompt(page: Any) -> str:
 def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
     context, page = open_page(browser, server)
     choose(page, "kb", "samples")
-    # a prompt that asks for more than two words, so the answer visibly streams in several steps
-    prompt = "学习以下文段，先复述文段中与问题有关的原文，再用中文回答用户问题。"
-    page.locator("#system-prompt textarea").fill(prompt)
     page.evaluate(WATCH_ANSWER)
     ask(page, QUESTION)
     wait_answered(page, 1)
@@ -211,18 +215,73 @@ def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
     assert [role for role, _ in chat] == ["user", "bot"]
     assert chat[0][1] == QUESTION
     final = chat[1][1]
-    assert final and not final.startswith(ERROR_MARK)
+    assert final and not final.startswith(ERROR_MARK) and final != NOT_FOUND
     seen = page.evaluate("window.__seen")
     assert seen[-1] == final
-    partials = seen[:-1]
+    # first what the service is doing, then the answer growing; at the end its [n] markers are attached
+    statuses = [p for p in seen[:-1] if STATUS.match(p)]
+    partials = seen[len(statuses) : -1]
+    assert statuses and seen[: len(statuses)] == statuses, seen
     assert len(set(partials)) >= 2, f"expected the answer to grow in at least two steps, saw {seen}"
-    assert all(final.startswith(p) for p in partials), seen
+
+    def unmarked(text: str) -> str:  # without [n] markers, nor the start of one at the end
+        return re.sub(r"\[\d*$", "", re.sub(r"\[\d+\]", "", text))
+
+    assert all(unmarked(final).startswith(unmarked(p)) for p in partials), seen
     assert "taohuayuanji.txt" in page.locator("#sources").inner_text()
-    assert effective_prompt(page) == prompt
+    assert effective_prompt(page) == server.app.settings.chat.system_prompt_zh
     assert page.locator("#question textarea").input_value() == ""
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
+    context.close()
+
+
+def source_rows(page: Any) -> int:
+    return int(page.locator("#sources details").count())
+
+
+@pytest.mark.slow
+def test_answer_cites_its_sources_and_marks_the_passage(server: Server, browser: Any) -> None:
+    context, page = open_page(browser, server)
+    choose(page, "kb", "samples")
+    ask(page, QUESTION)
+    wait_answered(page, 1)
+    answer = messages(page)[-1][1]
+    assert re.search(r"\[\d\]", answer), answer  # the answer names its source
+    assert source_rows(page) >= 1
+    row = page.locator("#sources details:has(mark)").first
+    assert re.match(r"\[\d\] \S+ · \d\.\d{3}$", row.locator("summary").inner_text().strip())
+    row.locator("summary").click()
+    row.locator("mark").first.wait_for(state="visible")  # the whole passage, the sentence used marked
+    assert row.locator("mark").first.inner_text().strip() in row.locator(".passage").inner_text()
+    context.close()
+
+
+@pytest.mark.slow
+def test_a_pdf_source_shows_its_page(server: Server, browser: Any) -> None:
+    context, page = open_page(browser, server)
+    choose(page, "kb", "samples")
+    ask(page, "长江全长多少公里？")
+    wait_answered(page, 1)
+    assert "report.pdf p.1" in page.locator("#sources").inner_text()
+    page.get_by_text("查看原文页 View page").click()
+    page.locator("#page-choice input").click()
+    page.get_by_role("option", name=re.compile(r"report\.pdf p\.1$")).first.click()
+    page.locator("#page-view img").first.wait_for(state="visible")
+    assert "Traceback" not in page.locator("body").inner_text()
+    context.close()
+
+
+@pytest.mark.slow
+def test_an_off_topic_question_is_not_found_without_sources(server: Server, browser: Any) -> None:
+    context, page = open_page(browser, server)
+    choose(page, "kb", "samples")
+    ask(page, "2022年世界杯冠军是谁？")
+    wait_answered(page, 1)
+    assert messages(page)[-1] == ("bot", NOT_FOUND)
+    page.get_by_text("nothing in the knowledge base answers this").wait_for()
+    assert source_rows(page) == 0
     context.close()
 
 
@@ -504,9 +563,12 @@ def test_answers_sources_and_toasts_fetch_nothing(echo_server: Server, recorder:
     chat = messages(page)
     assert chat[0] == ("user", question)  # shown as the user typed it
     answer = chat[1][1]
-    for shown in (f"![x]({url}/pixel.png)", f"<img src={url}/p2.png>", f"<img src={url}/doc2.png>", "![ref]"):
-        assert shown in answer  # the echoed question and planted passage, as text
-    assert f"{url}/doc.png" in page.locator("#sources").inner_text()
+    for shown in (f"![x]({url}/pixel.png)", f"<img src={url}/p2.png>", f"<img src={url}/doc2.png>"):
+        assert shown in answer  # the echoed question and planted passage (its sentences the model read), as text
+    # the whole passage, in the source rows' (closed) bodies: its text, escaped
+    passages = page.locator("#sources").text_content()
+    for shown in (f"![青蛙]({url}/doc.png)", f"<iframe src={url}/frame></iframe>", "![ref][r]"):
+        assert shown in passages
 
     # a warning that quotes what the user typed: the preset name
     page.locator("#system-prompt textarea").fill("Be brief.")

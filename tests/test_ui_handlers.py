@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import html
 import logging
 import re
 from collections.abc import Generator, Sequence
@@ -25,10 +26,12 @@ from app.ui_handlers import (
     INTERNAL_ERROR,
     NO_KB,
     NO_QUESTION,
+    NOT_SEARCHED,
     NOTHING_TO_REGENERATE,
     SEARCHING,
     ChatControls,
     ChatUpdate,
+    PageRef,
     Stopper,
     ask,
     delete_preset,
@@ -41,7 +44,8 @@ from app.ui_handlers import (
     regenerate,
     safe_markdown,
     save_preset,
-    sources_markdown,
+    show_page,
+    sources_html,
     status_text,
     until_stopped,
     upload,
@@ -49,6 +53,7 @@ from app.ui_handlers import (
 from common.errors import BackendUnavailableError
 from llms.base import GenerationOptions, Message
 from plugins.hookspecs import hookimpl
+from tests.helpers import make_pdf
 
 
 class Scripted:
@@ -159,7 +164,7 @@ def test_a_missing_knowledge_base_is_an_error_bubble_naming_it(service: ChatServ
     updates = list(ask(service, "hi", [], ChatControls(kb="gone")))
     last = updates[-1]
     assert texts(last)[-1][1].startswith(ERROR_MARK) and "gone" in texts(last)[-1][1]
-    assert last.sources == "_—_"  # not "searching…" forever
+    assert last.sources == NOT_SEARCHED  # not "searching…" forever
     assert last.warning and "gone" in last.warning and "\n" not in last.warning
 
 
@@ -521,15 +526,64 @@ def test_model_text_undoes_safe_markdown_outside_code_blocks(text: str) -> None:
     assert model_text(safe_markdown(text)) == text
 
 
-def test_sources_markdown_is_a_safe_table() -> None:
-    planted = "![x](http://h/s.png) <img src=http://h/s2.png> $$x$$ `code` | *bold* " + "字" * 200
-    source = Source("a|b_c.txt", "/x/a|b_c.txt", 3, planted, 0.87654)
-    md = sources_markdown([source], "kb")
-    row = md.splitlines()[2]
-    assert row.count(" | ") == 4  # the pipes inside the cells are escaped
-    assert "<img" not in md and "&lt;img" in md and "![" not in md and "!\\[" in md
-    assert "\\$\\$" in md and "\\`code\\`" in md
-    assert "a\\|b\\_c.txt" in row and "| 3 |" in row and "0.877" in row and "…" in row
-    assert "no knowledge base" in sources_markdown([], None)
-    assert "nothing in the knowledge base" in sources_markdown([], "<img src=x>")
-    assert "<img" not in sources_markdown([], "<img>")
+# ----- the sources panel and the page view -------------------------------------------------------------------
+def test_sources_are_rows_with_the_whole_passage_marked_at_the_answer(service: ChatService, backend: Scripted) -> None:
+    backend.pieces = ["池塘里一共有七只青蛙。"]
+    updates = list(ask(service, "青蛙有几只？", [], ChatControls(kb="notes", retrieval_k=2)))
+    with_sources = next(u for u in updates if u.sources and "<details" in u.sources)
+    assert "<mark>" not in (with_sources.sources or "")  # before the answer: nothing marked yet
+    assert updates[0].pages == []  # a new answer clears the last one's pages
+    final = updates[-1]
+    panel = final.sources or ""
+    assert re.search(r"<summary>\[1\] frogs\.txt · \d\.\d{3}</summary>", panel), panel
+    # the whole passage, its cited sentence marked
+    assert "<mark>池塘里的青蛙每天傍晚在荷叶上唱歌，一共有七只。</mark>" in panel
+    assert final.pages == []  # no PDF among the sources
+
+
+def test_not_found_shows_no_sources(service: ChatService, backend: Scripted) -> None:
+    *_, final = ask(service, "2022年世界杯冠军是谁？", [], ChatControls(kb="notes"))
+    assert texts(final)[-1] == ("assistant", "知识库中没有找到这个问题的答案。")
+    assert "nothing in the knowledge base answers this" in (final.sources or "")
+    assert "<details" not in (final.sources or "") and final.pages == []
+    assert backend.seen == []
+
+
+def test_sources_html_escapes_everything_from_documents() -> None:
+    hostile = "<img src=x onerror=alert(1)>"
+    passage = f"第一句。{hostile} 七只青蛙。![x](http://h/p.png)"
+    source = Source(f"{hostile}.txt", f"/x/{hostile}.txt", None, passage, 0.87654)
+    panel = sources_html([source], "kb", [[(4, len(passage))]])
+    body = panel[panel.index("</summary>") :]
+    assert "<img" not in panel and "onerror=alert(1)&gt;" in body
+    assert "<mark>&lt;img src=x onerror=alert(1)&gt; 七只青蛙。![x](http://h/p.png)</mark>" in body
+    assert f"<summary>[1] {html.escape(hostile)}.txt · 0.877</summary>" in panel
+    assert "<img" not in sources_html([], f"{hostile}") and "no knowledge base" in sources_html([], None)
+
+
+@pytest.fixture
+def pdf_service(app: Zhiku, backend: Scripted, tmp_path: Path) -> ChatService:
+    pages = ["第一页\n长江是中国最长的河流，全长约6300公里。", "第二页\n黄河是中国第二长河。"]
+    pdf = make_pdf(tmp_path / "report.pdf", pages)
+    app.ingest.ingest("pdfs", [pdf])
+    return app.chat
+
+
+def test_pdf_sources_can_be_shown_as_their_page(pdf_service: ChatService, backend: Scripted, tmp_path: Path) -> None:
+    backend.pieces = ["长江全长约6300公里。"]
+    *_, final = ask(pdf_service, "长江全长多少公里？", [], ChatControls(kb="pdfs", retrieval_k=2))
+    refs = final.pages or []
+    first = next(r for r in refs if r.page == 1)
+    assert first.label.endswith("report.pdf p.1") and "6300" in first.highlight
+    view = show_page(refs, first.label, resolution=50)
+    assert view.warning is None and abs(view.image.size[0] - 595 * 50 / 72) < 2  # A4 at 50 dpi
+    # only the answer's own sources: a path typed by the user is not one
+    assert show_page(refs, str(tmp_path / "report.pdf")).warning
+    assert show_page([], first.label).image is None
+    assert show_page(refs, None) == show_page(refs, "")
+    gone = show_page([PageRef("[1] x.pdf p.1", str(tmp_path / "x.pdf"), 1, "")], "[1] x.pdf p.1")
+    assert gone.image is None and "no longer there" in (gone.warning or "")
+    text = tmp_path / "t.pdf"
+    text.write_text("not a pdf", encoding="utf-8")
+    assert "not a PDF" in (show_page([PageRef("t", str(text), 1, "")], "t").warning or "")
+    assert "no page 9" in (show_page([PageRef("p", first.path, 9, "")], "p").warning or "")

@@ -40,7 +40,7 @@ _NOT_FOUND_MARKS = (
     *("没有找到", "沒有找到", "未找到", "没有提到", "沒有提到", "未提及"),
     *("does not contain", "not found in"),
 )
-_CITATION = re.compile(r"\[(\d{1,2})\]")
+CITATION = re.compile(r"\[(\d{1,2})\]")
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -198,17 +198,18 @@ def is_not_found(answer: str) -> bool:
     return any(mark in head for mark in _NOT_FOUND_MARKS)
 
 
-def _bigrams(text: str) -> set[str]:
+def bigrams(text: str) -> set[str]:
+    """The character pairs of ``text`` normalized (one item for a one-character text)."""
     flat = normalize(text)
     return {flat[i : i + 2] for i in range(len(flat) - 1)} or ({flat} if flat else set())
 
 
 def best_source(sentence: str, passages: Sequence[str]) -> tuple[int, float]:
     """The passage (from 0) that shares most character pairs with ``sentence``, and the share."""
-    grams = _bigrams(sentence)
+    grams = bigrams(sentence)
     if not grams or not passages:
         return -1, 0.0
-    shares = [len(grams & _bigrams(p)) / len(grams) for p in passages]
+    shares = [len(grams & bigrams(p)) / len(grams) for p in passages]
     best = max(range(len(passages)), key=lambda i: (shares[i], -i))
     return best, shares[best]
 
@@ -218,10 +219,10 @@ def cite(answer: str, passages: Sequence[str], *, min_share: float = 0.5) -> str
     from one passage. Markers the model wrote are kept when they name a passage that exists and dropped
     otherwise (a small model invents [6] for five passages)."""
     valid = range(1, len(passages) + 1)
-    answer = _CITATION.sub(lambda m: m[0] if int(m[1]) in valid else "", answer)
+    answer = CITATION.sub(lambda m: m[0] if int(m[1]) in valid else "", answer)
     out = []
     for piece in re.split(r"(?<=[。！？!?])|(?<=\.)(?=\s)|(?=\n)", answer):
-        if not piece.strip() or _CITATION.search(piece):
+        if not piece.strip() or CITATION.search(piece):
             out.append(piece)
             continue
         n, share = best_source(piece, passages)
@@ -238,4 +239,4 @@ def cite(answer: str, passages: Sequence[str], *, min_share: float = 0.5) -> str
 
 def citations(answer: str) -> list[int]:
     """The passage numbers (from 1) an answer cites, in order of first mention."""
-    return list(dict.fromkeys(int(n) for n in _CITATION.findall(answer)))
+    return list(dict.fromkeys(int(n) for n in CITATION.findall(answer)))

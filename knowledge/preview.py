@@ -7,17 +7,15 @@ attributes answer sentences to passages), pdfplumber (rendering through pypdfium
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from knowledge.evidence import normalize, sentence_spans, split_sentences
+from knowledge.evidence import CITATION, bigrams, normalize, sentence_spans, split_sentences
 
 if TYPE_CHECKING:
     from PIL import Image
 
-_CITATION = re.compile(r"\[\d{1,2}\]")
 _WINDOW = 8  # when a sentence is not found whole on the page: look for its pieces of this many characters
 _MIN_PIECE = 4  # shorter pieces match too many places to mean anything
 HIGHLIGHT_FILL = (255, 214, 0, 80)  # translucent yellow
@@ -28,19 +26,14 @@ class PreviewError(ValueError):
     """A page that cannot be shown: the file is gone, is not a readable PDF, or has no such page."""
 
 
-def _bigrams(text: str) -> set[str]:
-    flat = normalize(text)
-    return {flat[i : i + 2] for i in range(len(flat) - 1)} or ({flat} if flat else set())
-
-
 def evidence_spans(passage: str, answer: str) -> list[tuple[int, int]]:
     """(start, end) in ``passage`` of the sentence(s) that share the most character bigrams with
     ``answer`` (its [n] markers ignored): what the answer cites or quotes. [] when no sentence shares any."""
-    grams = _bigrams(_CITATION.sub("", answer))
+    grams = bigrams(CITATION.sub("", answer))
     if not grams:
         return []
     spans = sentence_spans(passage)
-    shared = [len(grams & _bigrams(passage[a:b])) for a, b in spans]
+    shared = [len(grams & bigrams(passage[a:b])) for a, b in spans]
     best = max(shared, default=0)
     return [span for span, n in zip(spans, shared, strict=True) if best and n == best]
 
@@ -48,10 +41,10 @@ def evidence_spans(passage: str, answer: str) -> list[tuple[int, int]]:
 def evidence_share(passage: str, answer: str) -> float:
     """The share of the best sentence's bigrams that the answer holds (0 to 1): how much the answer takes
     from this passage at all."""
-    grams = _bigrams(_CITATION.sub("", answer))
+    grams = bigrams(CITATION.sub("", answer))
     best = 0.0
     for sentence in split_sentences(passage):
-        own = _bigrams(sentence)
+        own = bigrams(sentence)
         if own:
             best = max(best, len(own & grams) / len(own))
     return best

@@ -31,6 +31,22 @@ class AnswerRun:
     ttft_s: float | None  # seconds to the first piece of the answer
     total_s: float
 
+    def to_json(self) -> dict[str, Any]:
+        """One line of ``eval --answers --dump``: the question, its gold answers and what happened."""
+        q = self.question
+        return {
+            "id": q.id,
+            "question": q.question,
+            "answers": list(q.answers),
+            "lang": q.lang,
+            "answer": self.answer,
+            "correct": contains_normalized(self.answer, q.answers) if q.answers else self.not_found,
+            "in_context": contains_normalized(self.context, q.answers) if q.answers else None,
+            "not_found": self.not_found,
+            "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 3),
+            "total_s": round(self.total_s, 3),
+        }
+
 
 def ask(service: ChatService, kb: str, question: Question, options: GenerationOptions | None = None) -> AnswerRun:
     started = time.perf_counter()

@@ -202,6 +202,9 @@ def evaluate_cmd(
         ),
     ] = False,
     n: Annotated[int | None, typer.Option("--n", help="only the first N questions")] = None,
+    dump: Annotated[
+        Path | None, typer.Option("--dump", help="with --answers: write each question's answer and verdict (JSONL)")
+    ] = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
@@ -220,7 +223,11 @@ def evaluate_cmd(
 
             app.library.retriever(kb)  # a missing base fails here, before the model loads
             bar = tqdm(qs, desc="answering", unit="q", file=sys.stderr, dynamic_ncols=True)
-            result = evaluate_answers(app.chat, kb, bar).to_json()
+            evaluated = evaluate_answers(app.chat, kb, bar)
+            if dump is not None:
+                lines = (json.dumps(r.to_json(), ensure_ascii=False) for r in evaluated.runs)
+                dump.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+            result = evaluated.to_json()
             if as_json:
                 _print_json(result)
             else:

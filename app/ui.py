@@ -206,7 +206,18 @@ def _generation_settings(app: Zhiku) -> list[Any]:
     gen = app.settings.chat.generation
     with gr.Accordion("生成设置 Generation settings", open=False, elem_id="generation-settings"):
         return [
-            gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label="temperature", elem_id="temperature"),
+            gr.Slider(
+                0.0,
+                2.0,
+                value=gen.temperature,
+                step=0.05,
+                label="temperature",
+                # chat.greedy_with_context: answers from a knowledge base stay close to the passages
+                info="知识库回答固定为 0 / answers from a knowledge base use 0"
+                if app.settings.chat.greedy_with_context
+                else None,
+                elem_id="temperature",
+            ),
             gr.Slider(min(0.01, gen.top_p), 1.0, value=gen.top_p, step=0.01, label="top_p", elem_id="top-p"),
             gr.Slider(0, max(200, gen.top_k), value=gen.top_k, step=1, label="top_k", elem_id="top-k"),
             gr.Slider(

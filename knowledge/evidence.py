@@ -19,6 +19,8 @@ from knowledge.lexical import tokenize
 # A sentence ends after 。！？；!? (with any closing quotes), after a Latin full stop followed by a space,
 # or at a line break.
 _SENTENCE_END = re.compile(r"(?<=[。！？；!?])[”’」』）)\"']*|(?<=[.;])\s+|\n+")
+# Whole sentences only (not the clauses between semicolons): what a quotation should show.
+_WHOLE_SENTENCE_END = re.compile(r"(?<=[。！？!?])[”’」』）)\"']*|(?<=\.)\s+|\n+")
 # Words that carry no topic: question words, particles and pronouns. A question's *content* words are
 # what the passages must contain to answer it.
 _QUESTION_WORDS = frozenset(
@@ -43,11 +45,12 @@ _NOT_FOUND_MARKS = (
 CITATION = re.compile(r"\[(\d{1,2})\]")
 
 
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each sentence of ``text``, surrounding whitespace excluded; empty pieces dropped."""
+def sentence_spans(text: str, *, whole: bool = False) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of ``text`` (each clause between semicolons, unless ``whole``),
+    surrounding whitespace excluded; empty pieces dropped."""
     spans: list[tuple[int, int]] = []
     start = 0
-    for m in [*_SENTENCE_END.finditer(text), None]:
+    for m in [*(_WHOLE_SENTENCE_END if whole else _SENTENCE_END).finditer(text), None]:
         end = len(text) if m is None else m.end() if m.group().strip() and not m.group().isspace() else m.start()
         piece = text[start:end]
         if piece.strip():
@@ -58,9 +61,9 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def split_sentences(text: str) -> list[str]:
+def split_sentences(text: str, *, whole: bool = False) -> list[str]:
     """Sentences of ``text`` in order, stripped; empty pieces dropped."""
-    return [text[a:b] for a, b in sentence_spans(text)]
+    return [text[a:b] for a, b in sentence_spans(text, whole=whole)]
 
 
 def content_terms(text: str) -> list[str]:
@@ -125,14 +128,14 @@ def _score(terms: Sequence[str], sentence: str) -> float:
     return sum(_weight(t) for t in terms if t in lowered)
 
 
-def rank_sentences(question: str, passages: Sequence[str]) -> list[Evidence]:
-    """Every sentence of the passages, best first: word overlap with the question, ties to the earlier
-    passage (retrieval's order)."""
+def rank_sentences(question: str, passages: Sequence[str], *, whole: bool = False) -> list[Evidence]:
+    """Every sentence (or whole sentence, see :func:`sentence_spans`) of the passages, best first: word
+    overlap with the question, ties to the earlier passage (retrieval's order)."""
     terms = content_terms(question)
     found = [
         Evidence(p, i, s, _score(terms, s))
         for p, text in enumerate(passages)
-        for i, s in enumerate(split_sentences(text))
+        for i, s in enumerate(split_sentences(text, whole=whole))
     ]
     return sorted(found, key=lambda e: (-e.score, e.passage, e.index))
 

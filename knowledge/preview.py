@@ -51,11 +51,49 @@ def evidence_share(passage: str, answer: str) -> float:
 
 
 # ----- a PDF page with a passage marked -----------------------------------------------------------------
+RENDER_TIMEOUT_S = 60.0
+
+
 def render_page(path: Path, page: int, highlight: str, resolution: int = 100) -> Image.Image:
     """Page ``page`` (from 1) of the PDF at ``path`` as an RGB image, with a translucent rectangle over
     each line of the page that holds text of ``highlight`` (nothing marked when it is empty or not
     found). Raises :class:`PreviewError` with a readable message for a missing file, a file that is not
-    a readable PDF, or a page that is not in the document."""
+    a readable PDF, a page that is not in the document, or a renderer that crashed or hung.
+
+    The page is rendered in a child process: PDFium (under pdfplumber's ``to_image``) is native code that is
+    not thread-safe and can crash on a hostile PDF, and a crash there must not take the server with it (our
+    browser test met a segmentation fault rendering in a server thread)."""
+    import io
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+
+    from PIL import Image
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        future = pool.submit(_render_png, str(path), page, highlight, resolution)
+        try:
+            png = future.result(timeout=RENDER_TIMEOUT_S)
+        except BrokenProcessPool:
+            raise PreviewError(f"cannot render {path.name}: the PDF renderer crashed on it") from None
+        except FutureTimeout:
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()  # a hung render is ended, not waited for
+            raise PreviewError(f"cannot render {path.name}: rendering took over {RENDER_TIMEOUT_S:.0f} s") from None
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def _render_png(path: str, page: int, highlight: str, resolution: int) -> bytes:
+    """In the child process: the marked page as PNG bytes."""
+    import io
+
+    out = io.BytesIO()
+    _render(Path(path), page, highlight, resolution).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _render(path: Path, page: int, highlight: str, resolution: int) -> Image.Image:
     import pdfplumber
     from pdfminer.pdfparser import PDFSyntaxError
     from pdfplumber.utils.exceptions import PdfminerException

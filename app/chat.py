@@ -47,8 +47,7 @@ class Source:
 
     @classmethod
     def from_passage(cls, passage: Passage) -> Source:
-        score = passage.similarity if passage.similarity is not None else passage.score
-        return cls(Path(passage.source).name, passage.source, passage.page, passage.text, score)
+        return cls(Path(passage.source).name, passage.source, passage.page, passage.text, passage.relevance)
 
     def label(self) -> str:
         return f"{self.file}" + (f" p.{self.page}" if self.page is not None else "")
@@ -247,7 +246,7 @@ class ChatService:
             yield StatusEvent("searching")
             query = self.search_query(request)
             # the pipeline picks the passages; they are numbered by the score shown (cosine similarity)
-            passages = sorted(self.retrieve(request.kb, query, k), key=lambda p: -Source.from_passage(p).score)
+            passages = sorted(self.retrieve(request.kb, query, k), key=lambda p: -p.relevance)
             if not self.holds_answer(query, passages):
                 reply = self.not_found_reply(request.question)
                 yield SourcesEvent([])

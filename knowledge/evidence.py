@@ -51,7 +51,8 @@ def sentence_spans(text: str, *, whole: bool = False) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     start = 0
     for m in [*(_WHOLE_SENTENCE_END if whole else _SENTENCE_END).finditer(text), None]:
-        end = len(text) if m is None else m.end() if m.group().strip() and not m.group().isspace() else m.start()
+        # a sentence keeps its closing punctuation and quotes; a run of whitespace between sentences is dropped
+        end = len(text) if m is None else m.end() if m.group().strip() else m.start()
         piece = text[start:end]
         if piece.strip():
             lead = len(piece) - len(piece.lstrip())

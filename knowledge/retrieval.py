@@ -85,6 +85,11 @@ class Passage:
     similarity: float | None
     chunk_ids: tuple[int, ...]
 
+    @property
+    def relevance(self) -> float:
+        """What users see as the score: the cosine similarity where known, else the ranking score."""
+        return self.similarity if self.similarity is not None else self.score
+
 
 class Reranker(Protocol):
     def rerank(self, question: str, hits: Sequence[Hit]) -> list[Hit]:
@@ -176,13 +181,14 @@ class Retriever:
     def _search(self, snap: Snapshot, question: str, query: np.ndarray, k: int) -> list[Hit]:
         s = self.settings
         tuned = s.languages.get(language_of(question), LanguageTuning())
+        bm25_weight = s.bm25_weight if tuned.bm25_weight is None else tuned.bm25_weight
         n = max(k, s.candidates, s.rerank_candidates if self.reranker else 0)
         vector = snap.vector_search(query, n) if s.mode != "bm25" else []
-        lexical = snap.lexical_search(fts_query(question), n) if s.mode != "vector" else []
+        # a BM25 weight of 0 (a script whose word matches only add noise) skips the full-text query
+        lexical = snap.lexical_search(fts_query(question), n) if s.mode != "vector" and bm25_weight else []
         if s.mode == "vector":  # plain cosine order and scores
             fused = dict(vector)
         else:
-            bm25_weight = s.bm25_weight if tuned.bm25_weight is None else tuned.bm25_weight
             fused = reciprocal_rank_fusion(
                 [[t for t, _ in vector], [t for t, _ in lexical]], [s.vector_weight, bm25_weight], s.rrf_k
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -124,21 +125,37 @@ class Evidence:
     score: float
 
 
-def _score(terms: Sequence[str], sentence: str) -> float:
-    lowered = sentence.lower()
-    return sum(_weight(t) for t in terms if t in lowered)
-
-
 def rank_sentences(question: str, passages: Sequence[str], *, whole: bool = False) -> list[Evidence]:
-    """Every sentence (or whole sentence, see :func:`sentence_spans`) of the passages, best first: word
-    overlap with the question, ties to the earlier passage (retrieval's order)."""
+    """Every sentence (or whole sentence, see :func:`sentence_spans`) of the passages, best first, ties to
+    the earlier passage (retrieval's order). A sentence scores the question's content words it holds and
+    the character pairs it shares with the question, each weighted by how rare it is among these
+    sentences: the passages were retrieved for the question's topic, so the topic's words are in most of
+    them and say little about which sentence answers; the pairs catch words that jieba cuts differently
+    in the question and the passage. (dev, 491 questions: the best whole sentence holds the gold answer
+    0.63 -> 0.69; the 150-token evidence 0.81 -> 0.82.)"""
     terms = content_terms(question)
-    found = [
-        Evidence(p, i, s, _score(terms, s))
-        for p, text in enumerate(passages)
-        for i, s in enumerate(split_sentences(text, whole=whole))
+    pairs = bigrams(question)
+    found = [(p, i, s) for p, text in enumerate(passages) for i, s in enumerate(split_sentences(text, whole=whole))]
+    lowered = [s.lower() for _, _, s in found]
+    shared = [pairs & bigrams(s) for _, _, s in found]
+    n = len(found)
+    word_count = {t: sum(t in s for s in lowered) for t in terms}
+    pair_count = Counter(g for grams in shared for g in grams)
+
+    def rarity(count: int) -> float:
+        return math.log(1 + n / count)
+
+    ranked = [
+        Evidence(
+            p,
+            i,
+            s,
+            sum(_weight(t) * rarity(word_count[t]) for t in terms if t in low)
+            + 0.5 * sum(rarity(pair_count[g]) for g in grams),
+        )
+        for (p, i, s), low, grams in zip(found, lowered, shared, strict=True)
     ]
-    return sorted(found, key=lambda e: (-e.score, e.passage, e.index))
+    return sorted(ranked, key=lambda e: (-e.score, e.passage, e.index))
 
 
 def select_evidence(

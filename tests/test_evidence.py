@@ -14,6 +14,7 @@ from knowledge.evidence import (
     coverage,
     is_follow_up,
     is_not_found,
+    rank_sentences,
     select_evidence,
     split_sentences,
 )
@@ -38,6 +39,22 @@ def test_the_evidence_is_the_best_sentence_and_its_neighbours_verbatim_within_th
     assert "全镇辖8个村、2个社区。" in evidence[1] and evidence[1] in TOWN  # exactly as the passage has it
     tight = select_evidence("路口镇管辖下有几个村和社区？", [RIVER, TOWN], budget=5, neighbours=0)
     assert tight == ["", "2004年村级区划调整后，全镇辖8个村、2个社区。"]  # over budget: the best sentence alone
+
+
+def test_words_the_passage_repeats_count_less_than_the_rare_ones_that_answer() -> None:
+    # The subject and the year are in several sentences (the passage was retrieved for them); "日本政府"
+    # and "授予" are only in the one that answers. Plain word overlap picked the date of her death.
+    passage = (
+        "1970年（昭和45年），为维护知识产权，长谷川町子向没有征得作者同意擅自使用「蝾螺小姐」的角色图案的立川"
+        "巴士公司提出控诉 。1992年（平成4年）5月27日，长谷川町子因心衰竭去世，享年72岁。"
+        "遵照她的遗嘱，去世的消息在月内并未公开。一个月后（6月末）朝日新闻社和富士电视台公布了她的死讯。同年7月，日本政府为表彰她的家族漫画"
+        "对安定战后日本社会的贡献授予其国民荣誉赏。"
+    )
+    best = rank_sentences("1992年7月，日本政府授予长谷川町子什么奖项？", [passage], whole=True)[0]
+    assert "国民荣誉赏" in best.text
+    # a word that jieba cuts differently in the question and the passage still counts by its characters
+    best = rank_sentences("哪一年进行了村级区划的调整？", [TOWN])[0]
+    assert best.text == "2004年村级区划调整后，全镇辖8个村、2个社区。"
 
 
 def test_coverage_tells_an_answerable_question_from_an_unrelated_one() -> None:

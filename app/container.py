@@ -23,7 +23,7 @@ from knowledge.library import KnowledgeLibrary
 from knowledge.loaders import LoaderRegistry
 from knowledge.retrieval import Reranker, Rerankers, RetrievalSettings, Retriever
 from knowledge.store import KnowledgeBase, Manifest, StoreError
-from knowledge.vectors import VectorIndexFactory, VectorIndexKind
+from knowledge.vectors import HnswKind, VectorIndexFactory, VectorIndexKind
 from llms import plugin as llms_plugin
 from llms.base import ChatBackend, LLMCatalog, LLMFactory, LLMSpec, NoOptions
 from plugins.registry import Registry, build_plugin_manager
@@ -125,7 +125,10 @@ class Zhiku:
     @cached_property
     def vector_kind(self) -> VectorIndexKind:
         store = self.settings.store
-        return self.vector_index_factories.get(store.index)(store.gpu)
+        kind = self.vector_index_factories.get(store.index)(store.gpu)
+        if isinstance(kind, HnswKind):  # its options live in store.hnsw
+            kind = HnswKind(store.gpu, **store.hnsw.model_dump())
+        return kind
 
     @cached_property
     def rerankers(self) -> Rerankers:

@@ -54,9 +54,20 @@ class ChunkingSettings(_Section):
         return self
 
 
+class HnswSettings(_Section):
+    m: int = Field(32, ge=4, le=128, description="faiss-hnsw: graph degree; fixed when the index is built")
+    ef_search: int = Field(128, ge=1, description="faiss-hnsw: candidates per search (recall vs latency)")
+    ef_construction: int = Field(80, ge=1, description="faiss-hnsw: candidates per insertion (quality vs build time)")
+
+
 class StoreSettings(_Section):
-    index: str = Field("faiss", description="vector index: faiss, or a plugin's name")
-    gpu: Literal["auto", "on", "off"] = Field("auto", description="search on the GPU with faiss-gpu")
+    index: str = Field(
+        "faiss", description="vector index: faiss (exact), faiss-hnsw (approximate, CPU), or a plugin's name"
+    )
+    gpu: Literal["auto", "on", "off"] = Field(
+        "auto", description="search faiss on the GPU: faiss-gpu when installed, else torch fp16 on CUDA"
+    )
+    hnsw: HnswSettings = Field(default_factory=HnswSettings)
 
 
 class SearchSettings(_Section):

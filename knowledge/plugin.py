@@ -24,6 +24,7 @@ def register_embedders(register: RegisterEmbedder) -> None:
 
 @hookimpl
 def register_vector_indexes(register: RegisterVectorIndex) -> None:
-    from knowledge.vectors import faiss_factory
+    from knowledge.vectors import faiss_factory, hnsw_factory
 
     register("faiss", faiss_factory)
+    register("faiss-hnsw", hnsw_factory)

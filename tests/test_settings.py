@@ -72,6 +72,14 @@ def test_a_plugin_backend_gets_its_own_typed_settings(tmp_path: Path) -> None:
     assert seen == [EchoSettings(greeting="你好")]
 
 
+def test_the_approximate_index_is_chosen_with_its_options_from_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("store:\n  index: faiss-hnsw\n  hnsw:\n    m: 16\n    ef_search: 40\n", encoding="utf-8")
+    kind = Zhiku(load_settings(cfg), entry_points=False).vector_kind
+    assert (kind.name, kind.m, kind.ef_search, kind.ef_construction) == ("faiss-hnsw", 16, 40, 80)  # type: ignore[attr-defined]
+    assert len(kind.create(8)) == 0
+
+
 def test_malformed_yaml_is_one_line_naming_the_line(tmp_path: Path) -> None:
     """Hostile-use finding: a YAML syntax error was a 107-line traceback and exit code 1."""
     cfg = tmp_path / "c.yml"

@@ -99,6 +99,21 @@ class VectorIndexContract:
         assert index.search(vectors[12], 1)[0][0] == 102
         assert index.search(vectors[7], 1)[0][0] == 7
 
+    def test_changes_after_a_search_are_seen_by_the_next_search(self, kind: VectorIndexKind) -> None:
+        """A search may set up state (a GPU copy of the vectors, a searcher): adds and removes must reach it."""
+        index = kind.create(DIM)
+        vectors = random_vectors(120, seed=4)
+        ids = np.arange(500, 620, dtype=np.int64)
+        index.add(ids[:100], vectors[:100])
+        assert index.search(vectors[3], 1)[0][0] == 503
+        index.remove(ids[:10])
+        index.add(ids[100:], vectors[100:])
+        live = np.r_[10:120]
+        for row in (3, 15, 110):
+            found = [i for i, _ in index.search(vectors[row], 5)]
+            assert found == exact_top(vectors[live], ids[live], vectors[row], 5)
+        assert len(index) == 110
+
     def test_a_saved_index_loads_back_equal(
         self, kind: VectorIndexKind, filled: tuple[VectorIndex, np.ndarray, np.ndarray], tmp_path: Path
     ) -> None:

@@ -1,51 +1,258 @@
-"""Embedded default LLM speed on this machine: time to first token and decode tokens/s.
+"""Local LLM decode speed: Zhiku's transformers backend beside plain ``generate``, in one run.
 
-    .venv/bin/python bench/chat.py [--runs 5] [--max-new-tokens 128]
+    .venv/bin/python bench/chat.py [--prompt-tokens 1556] [--new-tokens 256] [--chats 8] [--runs 3] [--no-graphs]
+    .venv/bin/python bench/chat.py --tiny       # a tiny Llama on the CPU in seconds (the smoke test runs this)
+    .venv/bin/python bench/chat.py --llamacpp   # the embedded default (llama.cpp): first token and tokens/s
 
-Asks RAG-shaped questions (five ~300-character passages + a question, as the chat service sends them)
-with greedy decoding and reports the median time to first token (prompt evaluation included), decode
-tokens/s after the first token, and end-to-end tokens/s.
+The model is the Llama-2-7B architecture with random weights (bf16 on CUDA, fp32 on the CPU), so no download is
+needed; its tokenizer is one token per character, so a RAG-shaped prompt (a system prompt, passages, a question,
+in the Llama-2-chat format) has exactly ``--prompt-tokens`` tokens. Its EOS id lies outside the model's
+vocabulary: random weights would otherwise end replies early, and every reply here is exactly ``--new-tokens``.
+
+Printed, in order:
+- anchor: ``model.generate`` (dynamic cache, eager) in the main thread: time to first token (a 1-token
+  generate), decode tokens/s after it;
+- zhiku, 1 chat: ``TransformersBackend.stream()`` as the chat service calls it (text pieces, stop strings):
+  time to the first piece, decode tokens/s after it (median of ``--runs`` after a warm-up that captures graphs);
+- zhiku, N concurrent chats: N threads streaming different prompts at once, aggregate tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from llms.base import GenerationOptions, Message  # noqa: E402
-from llms.llamacpp import LlamaCppBackend, LlamaCppSettings  # noqa: E402
 
 PASSAGE = "天生三桥位于重庆武隆县仙女山镇，是重庆直辖市级风景名胜区，重庆武隆岩溶国家地质公园的一部分。" * 4
 QUESTIONS = ["天生三桥位于哪里？", "天生三桥属于什么级别的景区？", "天生三桥是哪个地质公园的一部分？"]
+SYSTEM = "学习以下文段, 用中文回答用户问题。"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    args = ap.parse_args()
+# --- the random model ------------------------------------------------------------------------------------------
+
+
+def char_tokenizer(vocab_size: int) -> Any:
+    """One token per character: <unk> 0, <s> 1, printable ASCII and newline, then CJK characters; </s> gets the
+    id ``vocab_size``, which a model of ``vocab_size`` logits never draws."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    chars += [chr(c) for c in range(0x4E00, 0x4E00 + vocab_size - 2 - len(chars))]
+    vocab = {"<unk>": 0, "<s>": 1, **{ch: i + 2 for i, ch in enumerate(chars)}, "</s>": vocab_size}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def random_llama(tiny: bool, device: str, dtype: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    vocab = 1000 if tiny else 32000
+    hidden, ffn, layers, heads = (64, 128, 2, 4) if tiny else (4096, 11008, 32, 32)  # Llama-2-7B's shape
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=None,  # the tokenizer's </s> is outside the vocabulary: every reply is --new-tokens long
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: a 7B model's random init on the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    return model.eval(), char_tokenizer(vocab)
+
+
+def conversation(backend: Any, prompt_tokens: int, seed: int) -> list[Message]:
+    """A RAG question whose prompt has exactly ``prompt_tokens`` tokens (different passages for each seed)."""
+    rng = random.Random(seed)
+    question = QUESTIONS[seed % len(QUESTIONS)]
+
+    def messages(passages: str) -> list[Message]:
+        return [Message("system", SYSTEM), Message("user", f"{passages}\n\n问题：{question}")]
+
+    base = backend.count_tokens(messages(""))
+    if base > prompt_tokens:
+        raise SystemExit(f"--prompt-tokens must be at least {base}")
+    text = list((PASSAGE * (prompt_tokens // len(PASSAGE) + 1))[: prompt_tokens - base])
+    rng.shuffle(text)  # every chat reads different text, so no two prompts are the same
+    msgs = messages("".join(text))
+    assert backend.count_tokens(msgs) == prompt_tokens
+    return msgs
+
+
+# --- measurements ----------------------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def anchor(backend: Any, msgs: list[Message], new_tokens: int) -> tuple[float, float, float]:
+    """(first token s, decode tokens/s, total s) of plain generate() in this thread."""
+    import torch
+
+    loaded = backend.load()
+    ids = torch.tensor([loaded.fmt.encode(msgs, loaded.tokenizer)], device=loaded.model.device)
+
+    def run(n: int) -> float:
+        sync()
+        started = time.perf_counter()
+        out = loaded.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n
+        )
+        sync()
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - started
+
+    run(2)  # warm-up: kernels, allocator
+    first = statistics.median(run(1) for _ in range(3))
+    total = run(new_tokens)
+    return first, (new_tokens - 1) / max(total - first, 1e-9), total
+
+
+def one_chat(backend: Any, msgs: list[Message], options: GenerationOptions) -> tuple[float, float, int]:
+    """(first piece s, end s, tokens) of one streamed reply."""
+    engine = backend.engine()
+    before = engine.stats.tokens
+    started = time.perf_counter()
+    first = 0.0
+    for _piece in backend.stream(msgs, options):
+        first = first or time.perf_counter()
+    end = time.perf_counter()
+    return first - started, end - started, engine.stats.tokens - before
+
+
+def concurrent(backend: Any, chats: list[list[Message]], options: GenerationOptions) -> tuple[float, int, float]:
+    """(wall s, tokens, median first piece s) of all chats streamed at once, one thread each."""
+    engine = backend.engine()
+    before = engine.stats.tokens
+    barrier = threading.Barrier(len(chats) + 1)
+    firsts: list[float] = []
+    errors: list[BaseException] = []
+
+    def chat(msgs: list[Message]) -> None:
+        barrier.wait()
+        try:
+            firsts.append(one_chat(backend, msgs, options)[0])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=chat, args=(m,)) for m in chats]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return wall, engine.stats.tokens - before, statistics.median(firsts)
+
+
+def transformers_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from llms.formats import Llama2Format
+    from llms.transformers_backend import LlamaSettings, LoadedModel, TransformersBackend
+
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if args.tiny:
+        args.prompt_tokens = args.prompt_tokens or 300
+        args.new_tokens = args.new_tokens or 32
+        args.runs = args.runs or 1
+    args.prompt_tokens = args.prompt_tokens or 1556
+    args.new_tokens = args.new_tokens or 256
+    args.runs = args.runs or 3
+    started = time.perf_counter()
+    model, tokenizer = random_llama(args.tiny, device, dtype)
+    fmt = Llama2Format()
+    settings = LlamaSettings(
+        model="random-weights", context_window=4096, max_batch_size=args.chats, cuda_graphs=not args.no_graphs
+    )
+    backend = TransformersBackend("llama", settings, fmt, loaded=LoadedModel(tokenizer, model, fmt))
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+    arch = "tiny Llama" if args.tiny else "Llama-2-7B architecture"
+    print(
+        f"model: {arch}, random weights, {dtype} on {device} ({where}), built in {time.perf_counter() - started:.1f} s;"
+        f" prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens"
+    )
+    msgs = conversation(backend, args.prompt_tokens, seed=0)
+    options = GenerationOptions(temperature=0, max_new_tokens=args.new_tokens)
+
+    first, rate, total = anchor(backend, msgs, args.new_tokens)
+    print(
+        f"anchor: generate() in the main thread: first token {first * 1e3:.1f} ms, decode {rate:.1f} tokens/s, "
+        f"{args.new_tokens} tokens in {total:.2f} s"
+    )
+
+    one_chat(backend, conversation(backend, args.prompt_tokens, seed=100), options)  # warm-up: graphs, cache
+    runs = [one_chat(backend, msgs, options) for _ in range(args.runs)]
+    tokens = runs[0][2]
+    assert all(r[2] == args.new_tokens for r in runs), [r[2] for r in runs]
+    z_first = statistics.median(r[0] for r in runs)
+    z_rate = statistics.median((r[2] - 1) / max(r[1] - r[0], 1e-9) for r in runs)
+    z_total = statistics.median(r[1] for r in runs)
+    runner: Any = backend.engine()._runner
+    graphs = getattr(runner, "use_graphs", False)
+    print(
+        f"zhiku: TransformersBackend.stream(), 1 chat: first token {z_first * 1e3:.1f} ms, decode {z_rate:.1f} "
+        f"tokens/s, {tokens} tokens in {z_total:.2f} s (CUDA graphs: {'on' if graphs else 'off'})"
+    )
+
+    chats = [conversation(backend, args.prompt_tokens, seed=s) for s in range(1, args.chats + 1)]
+    concurrent(backend, [conversation(backend, args.prompt_tokens, seed=s + 200) for s in range(args.chats)], options)
+    wall, n, c_first = concurrent(backend, chats, options)
+    assert n == args.chats * args.new_tokens, n
+    stats = backend.engine().stats
+    print(
+        f"zhiku: {args.chats} concurrent chats: {n / wall:.1f} tokens/s aggregate, {n} tokens in {wall:.2f} s, "
+        f"first token median {c_first * 1e3:.1f} ms, at most {stats.most_rows} chats in one step"
+    )
+    print(f"single stream: {z_rate / rate:.1f}x the anchor's decode tokens/s; {stats.graphs} CUDA graphs captured")
+
+
+def llamacpp_bench(args: argparse.Namespace) -> None:
+    """The embedded default (llama.cpp + the bundled GGUF): median first token and tokens/s."""
+    from llms.llamacpp import LlamaCppBackend, LlamaCppSettings
+
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         backend = LlamaCppBackend(LlamaCppSettings(cache_dir=str(Path(tmp) / "models")))
-        backend._load()
-        print(f"load (join parts + sha256 + mmap): {time.perf_counter() - started:.2f} s")
         llm = backend._load()
+        print(f"load (join parts + sha256 + mmap): {time.perf_counter() - started:.2f} s")
         ttft, decode, overall, prompt_tokens = [], [], [], []
-        for run in range(args.runs):
+        for run in range(args.runs or 5):
             passages = "\n\n".join(f"[{n}] doc{n}.txt\n{PASSAGE}" for n in range(1, 6))
             question = QUESTIONS[run % len(QUESTIONS)]
             # a different first token each run: llama.cpp cannot reuse the previous prompt's KV cache
             system = f"（第{run + 1}次）学习以下文段, 用中文回答用户问题。"
             msgs = [Message("system", system), Message("user", f"{passages}\n\n问题：{question}")]
             prompt_tokens.append(backend.count_tokens(msgs))
-            options = GenerationOptions(temperature=0, max_new_tokens=args.max_new_tokens, seed=run)
+            options = GenerationOptions(temperature=0, max_new_tokens=args.new_tokens or 128, seed=run)
             t0 = time.perf_counter()
             first = None
             text = ""
@@ -59,10 +266,27 @@ def main() -> None:
             decode.append((n - 1) / max(end - first, 1e-9))
             overall.append(n / (end - t0))
         med = statistics.median
-        print(f"prompt tokens (median): {med(prompt_tokens):.0f}; runs: {args.runs}")
+        print(f"prompt tokens (median): {med(prompt_tokens):.0f}; runs: {len(ttft)}")
         print(f"time to first token (median): {med(ttft):.3f} s")
         print(f"decode tokens/s (median): {med(decode):.1f}")
         print(f"end-to-end tokens/s incl. prompt (median): {med(overall):.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama on the CPU (smoke test)")
+    ap.add_argument("--llamacpp", action="store_true", help="bench the embedded default (llama.cpp) instead")
+    ap.add_argument("--device", default=None, help="default: cuda when available (not with --tiny), else cpu")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="default 1556 (--tiny: 300)")
+    ap.add_argument("--new-tokens", type=int, default=0, help="default 256 (--tiny: 32; --llamacpp: 128)")
+    ap.add_argument("--chats", type=int, default=8, help="concurrent chats")
+    ap.add_argument("--runs", type=int, default=0, help="single-chat runs, median (default 3, --tiny 1)")
+    ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs (cuda_graphs: false)")
+    args = ap.parse_args()
+    if args.llamacpp:
+        llamacpp_bench(args)
+    else:
+        transformers_bench(args)
 
 
 if __name__ == "__main__":

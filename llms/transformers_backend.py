@@ -1,9 +1,11 @@
 """Chat with a Hugging Face ``transformers`` causal LM (MOSS, Llama-2-chat, Baichuan) on a GPU or the CPU.
 
-The backend loads nothing until first used, then loads the tokenizer and model once for all threads. A reply
-is generated in a background thread and streamed through ``TextIteratorStreamer``; when the consumer stops
-reading (closes the stream, or a stop string ends the reply) generation is told to stop at the next token, so
-an abandoned answer does not keep the GPU busy. The prompt format (``llms.formats``) decides the token ids.
+The backend loads nothing until first used, then loads the tokenizer and model once for all threads. Replies
+are decoded by :class:`llms.decode.DecodeEngine`: one worker thread owns the model and advances every open chat
+in one batched step (a static KV cache, a CUDA graph per step on a GPU); each chat's tokens are turned into text
+in the caller's thread. When the consumer stops reading (closes the stream, or a stop string ends the reply)
+its request leaves the batch before the next step, so an abandoned answer does not keep the GPU busy. The prompt
+format (``llms.formats``) decides the token ids.
 """
 
 from __future__ import annotations
@@ -14,16 +16,14 @@ import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.errors import BackendUnavailableError
 from llms.base import ContextOverflowError, GenerationOptions, Message, stream_with_stops
+from llms.decode import DecodeEngine, Sampling, detokenize
 from llms.formats import BaichuanFormat, Llama2Format, MossFormat, PromptFormat
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "BaichuanSettings",
@@ -39,9 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# How long closing a stream waits for the generation thread to notice; it stops after the current step.
-JOIN_TIMEOUT_S = 30.0
 
 
 class ModelLoadError(BackendUnavailableError):
@@ -67,6 +64,12 @@ class TransformersSettings(BaseModel):
     )
     context_window: int | None = Field(
         None, ge=16, description="default: the model config's max_position_embeddings / n_positions"
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="chats decoded together in one batched step (fewer if the KV cache does not fit)"
+    )
+    cuda_graphs: bool = Field(
+        True, description="replay each decode step as a CUDA graph (one GPU, no 8/4-bit); false: plain steps"
     )
 
     @model_validator(mode="after")
@@ -123,18 +126,6 @@ def _window_from_config(config: Any) -> int | None:
     return None
 
 
-def _stop_when_set(event: threading.Event) -> Any:
-    """A StoppingCriteria that ends generation once ``event`` is set (the consumer has gone)."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class StopWhenSet(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> Any:
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return StopWhenSet()
-
-
 class TransformersBackend:
     """A :class:`llms.base.ChatBackend` over ``AutoModelForCausalLM``. Construction loads nothing."""
 
@@ -145,15 +136,18 @@ class TransformersBackend:
         fmt: PromptFormat,
         *,
         bind_format: Callable[[Any], PromptFormat] | None = None,
+        loaded: LoadedModel | None = None,
     ) -> None:
         """``bind_format(generation_config)``, when given, replaces ``fmt`` once the model is loaded: some
-        formats (Baichuan's role token ids) are defined by the model's generation config."""
+        formats (Baichuan's role token ids) are defined by the model's generation config. ``loaded``: a model
+        already in memory (benchmarks), used instead of loading ``settings.model``."""
         self.name = name
         self.settings = settings
         self._fmt = fmt
         self._bind_format = bind_format
         self._lock = threading.Lock()
-        self._loaded: LoadedModel | None = None
+        self._loaded: LoadedModel | None = loaded
+        self._engine: DecodeEngine | None = None
         self._window: int | None = settings.context_window
 
     @property
@@ -288,12 +282,26 @@ class TransformersBackend:
         loaded = self.load()
         return len(loaded.fmt.encode(messages, loaded.tokenizer))
 
+    def engine(self) -> DecodeEngine:
+        """The decode engine over the loaded model (created once, on first use)."""
+        engine = self._engine
+        if engine is not None:
+            return engine
+        loaded = self.load()
+        with self._lock:
+            if self._engine is None:
+                self._engine = DecodeEngine(
+                    loaded.model,
+                    window=self.context_window,
+                    max_batch=self.settings.max_batch_size,
+                    cuda_graphs=self.settings.cuda_graphs,
+                    name=self.name,
+                )
+            return self._engine
+
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
         """Yield the reply in pieces. The history must already fit (``llms.base.fit_messages``). Nothing runs
-        until the first piece is asked for; closing the generator stops generation."""
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
+        until the first piece is asked for; closing the generator drops the request from the batch at once."""
         if not messages or messages[-1].role != "user":
             raise ValueError("the last message must be the user's")
         loaded = self.load()
@@ -305,46 +313,21 @@ class TransformersBackend:
                 f"the prompt has {len(ids)} tokens and {self.name} attends to {self.context_window}; "
                 "trim the history with fit_messages first"
             )
-        stop_ids = fmt.stop_token_ids(tokenizer, model.generation_config)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        consumer_gone = threading.Event()
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "streamer": streamer,
-            "max_new_tokens": min(options.max_new_tokens, room),  # never past the position embeddings
-            "eos_token_id": stop_ids,
-            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
-            "stopping_criteria": StoppingCriteriaList([_stop_when_set(consumer_gone)]),
-        }
         if options.temperature == 0:
-            # greedy; sampling settings are left out so the model's own config raises no warnings about them
-            kwargs["do_sample"] = False
+            sampling = Sampling(seed=options.seed)  # greedy: the argmax, as generate(do_sample=False)
         else:
-            kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
-            if options.seed is not None:
-                # generate() takes no torch.Generator (transformers 5), so the seed is the global one
-                torch.manual_seed(options.seed)
-        errors: list[BaseException] = []
-
-        def generate() -> None:
-            try:
-                model.generate(**kwargs)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread below
-                errors.append(exc)
-                streamer.end()  # wake the consumer, which would otherwise wait forever
-
-        thread = threading.Thread(target=generate, name=f"generate-{self.name}", daemon=True)
-        thread.start()
+            sampling = Sampling(options.temperature, options.top_p, options.top_k, options.seed)
+        tokens = self.engine().submit(
+            ids,
+            max_new_tokens=min(options.max_new_tokens, room),  # never past the position embeddings
+            stop_ids=fmt.stop_token_ids(tokenizer, model.generation_config),
+            sampling=sampling,
+        )
         try:
-            yield from stream_with_stops(iter(streamer), [*fmt.stop_strings, *options.stop])
-            if errors:
-                raise errors[0]
+            yield from stream_with_stops(detokenize(tokens, tokenizer), [*fmt.stop_strings, *options.stop])
         finally:
             # reached on the end of the reply, a stop string, an error or the consumer closing the stream
-            consumer_gone.set()
-            thread.join(JOIN_TIMEOUT_S)
+            tokens.close()
 
 
 def _settings(options: TransformersSettings | dict[str, Any]) -> TransformersSettings:

@@ -330,9 +330,45 @@ def test_generation_errors_reach_the_consumer(folders: dict[str, Path], monkeypa
     backend = llama_factory({"model": str(folders["llama"])})
     model = backend.load().model
 
-    def broken_generate(**kwargs: Any) -> Any:
+    def broken_forward(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(model, "generate", broken_generate)
+    # the decode worker runs the model; its error reaches the consumer's thread, and the backend serves on
+    monkeypatch.setattr(model, "forward", broken_forward)
     with pytest.raises(RuntimeError, match="simulated"):
         list(backend.stream(CONVERSATION, GREEDY))
+    monkeypatch.undo()
+    assert "".join(backend.stream(CONVERSATION, GREEDY))
+
+
+def test_concurrent_chats_share_decode_steps(case: Case) -> None:
+    """Two chats at once are decoded in the same batched steps, each gets the reply it gets alone, and one
+    closed early leaves the batch without changing the other's reply."""
+    backend = case.factory({"model": str(case.folder)})
+    other = [Message("user", Q1)]
+    long = GenerationOptions(temperature=0, max_new_tokens=30)
+    alone = ["".join(backend.stream(CONVERSATION, long)), "".join(backend.stream(other, long))]
+    engine = backend.engine()
+    replies: dict[str, str] = {}
+
+    def chat(key: str, messages: list[Message], pieces: int | None) -> None:
+        stream = backend.stream(messages, long)
+        replies[key] = "".join(p for _, p in zip(range(pieces or 10**6), stream, strict=False))
+        stream.close()  # a no-op when the reply has ended
+
+    threads = [
+        threading.Thread(target=chat, args=("a", CONVERSATION, None)),
+        threading.Thread(target=chat, args=("b", other, None)),
+        threading.Thread(target=chat, args=("closed", other, 2)),
+    ]
+    with engine.hold():  # all three join the batch at the same step
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(engine._pending) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    assert replies["a"] == alone[0] and replies["b"] == alone[1]
+    assert alone[1].startswith(replies["closed"]) and len(replies["closed"]) < len(alone[1])
+    assert engine.stats.most_rows == 3

@@ -1,0 +1,272 @@
+"""The decode engine (llms/decode.py) on tiny random-weight MOSS (CodeGen), Llama and Baichuan models, on the CPU:
+the same greedy tokens as ``model.generate(do_sample=False)``, alone and batched with other requests that join
+and leave between steps; sampling that a seed repeats; text pieces that never split a character."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llms import decode
+from llms.decode import DecodeEngine, Sampling, detokenize, supports_slots
+from tests.tiny_models import tiny_baichuan, tiny_llama, tiny_moss
+
+NAMES = ["moss", "llama", "baichuan"]
+
+
+@dataclass
+class Tiny:
+    name: str
+    model: Any
+    tokenizer: Any
+    window: int
+
+    def prompt(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def reference(self, prompt: list[int], n: int, stop_ids: tuple[int, ...] = (), **generation: Any) -> list[int]:
+        """generate()'s greedy tokens: exactly n unless a stop id ends them (it is included, as generate does)."""
+        import torch
+
+        out = self.model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=list(stop_ids) or None,
+            pad_token_id=0,
+            **generation,
+        )
+        return [int(t) for t in out[0, len(prompt) :]]
+
+
+def _load(folder: Path, name: str) -> Tiny:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model.generation_config.eos_token_id = None  # no early end unless a test asks for one
+    window = 2048 if name == "moss" else 256
+    return Tiny(name, model, AutoTokenizer.from_pretrained(folder), window)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    builders = {"moss": tiny_moss, "llama": tiny_llama, "baichuan": tiny_baichuan}
+    return {name: build(tmp_path_factory.mktemp(f"tiny-{name}")) for name, build in builders.items()}
+
+
+@pytest.fixture(params=NAMES)
+def tiny(request: pytest.FixtureRequest, folders: dict[str, Path]) -> Tiny:
+    return _load(folders[request.param], request.param)
+
+
+PROMPTS = [
+    "天生三桥在哪里？",
+    "The Yangtze is the longest river in China. The Yellow",
+    "首钢集团是中国的一家大型钢铁企业",
+]
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["slots", "serial"])
+def test_greedy_is_generates_greedy(tiny: Tiny, batched: bool) -> None:
+    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4, batched=batched)
+    assert supports_slots(tiny.model)  # all three tiny models are transformers-native
+    for text in PROMPTS:
+        prompt = tiny.prompt(text)
+        assert list(engine.submit(prompt, max_new_tokens=40)) == tiny.reference(prompt, 40)
+    # a stop id ends the reply and is its last token, as in generate()
+    prompt = tiny.prompt(PROMPTS[0])
+    full = tiny.reference(prompt, 40)
+    stop = full[10]
+    got = list(engine.submit(prompt, max_new_tokens=40, stop_ids=[stop]))
+    assert got == full[: full.index(stop) + 1] == tiny.reference(prompt, 40, (stop,))
+    if tiny.name == "llama":
+        assert tiny.model.config._attn_implementation == "sdpa"  # the prefill runs SDPA
+
+
+def test_repetition_penalty_of_the_generation_config_is_applied_like_generate(folders: dict[str, Path]) -> None:
+    tiny = _load(folders["llama"], "llama")
+    tiny.model.generation_config.repetition_penalty = 1.5  # Baichuan2-Chat ships 1.05 in its config
+    prompt = tiny.prompt(PROMPTS[1])
+    plain = list(DecodeEngine(tiny.model, window=256).submit(prompt, max_new_tokens=30))
+    assert plain == tiny.reference(prompt, 30)
+    for batched in (True, False):
+        assert list(DecodeEngine(tiny.model, window=256, batched=batched).submit(prompt, max_new_tokens=30)) == plain
+    tiny.model.generation_config.repetition_penalty = 1.0
+    assert tiny.reference(prompt, 30) != plain  # the penalty made a difference
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_tokens(tiny: Tiny) -> None:
+    prompts = [tiny.prompt(t) for t in PROMPTS]
+    alone = [tiny.reference(p, 30) for p in prompts]
+    seeded = Sampling(temperature=0.9, top_p=0.95, top_k=50, seed=3)
+    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4)
+    sampled_alone = list(engine.submit(prompts[0], max_new_tokens=30, sampling=seeded))
+    with engine.hold():  # all four join the same step
+        streams = [engine.submit(p, max_new_tokens=30) for p in prompts]
+        streams.append(engine.submit(prompts[0], max_new_tokens=30, sampling=seeded))
+    outs = [list(s) for s in streams]
+    assert outs[:3] == alone
+    assert outs[3] == sampled_alone  # a seeded request repeats whatever else is in the batch
+    assert engine.stats.most_rows == 4 and engine.stats.prefills == 5
+
+
+def test_requests_join_and_leave_between_steps(tiny: Tiny) -> None:
+    a, b, c = (tiny.prompt(t) for t in PROMPTS)
+    ref_a, ref_b, ref_c = tiny.reference(a, 50), tiny.reference(b, 50), tiny.reference(c, 20)
+    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4)
+    first = engine.submit(a, max_new_tokens=50)
+    got_a = [next(first) for _ in range(5)]
+    second = engine.submit(b, max_new_tokens=50)  # joins a running batch
+    got_b = [next(second) for _ in range(3)]
+    got_a += [next(first) for _ in range(3)]
+    second.close()  # leaves mid-reply: returns once the worker has let go of it
+    assert second._req.released.is_set() and list(second) == []
+    third = engine.submit(c, max_new_tokens=20)  # takes the freed slot
+    got_c = list(third)
+    got_a += list(first)
+    assert got_a == ref_a and got_b == ref_b[:3] and got_c == ref_c
+    assert engine.stats.most_rows == 2
+
+
+def test_more_requests_than_slots_wait_for_one(folders: dict[str, Path]) -> None:
+    tiny = _load(folders["llama"], "llama")
+    prompts = [tiny.prompt(t) for t in [*PROMPTS, "长江有多长？"]]
+    engine = DecodeEngine(tiny.model, window=256, max_batch=2)
+    with engine.hold():
+        streams = [engine.submit(p, max_new_tokens=12) for p in prompts]
+    assert [list(s) for s in streams] == [tiny.reference(p, 12) for p in prompts]
+    assert engine.stats.most_rows == 2
+
+
+def test_padded_graph_buckets_give_the_same_tokens(folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU each step replays a graph captured for (rows rounded up to a power of two, columns rounded up to
+    LENGTH_BUCKET). Here a stand-in "graph" replays the same step on the CPU: the padding rows and columns must
+    not change a token, and a bucket is captured once."""
+    tiny = _load(folders["moss"], "moss")
+    monkeypatch.setattr(decode, "LENGTH_BUCKET", 16)
+    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4)
+    runner: Any = engine._make_runner()
+    engine._runner = runner
+    runner.use_graphs = True
+
+    class StandIn:
+        def __init__(self, rows: int, length: int) -> None:
+            self.rows, self.length = rows, length
+
+        def replay(self) -> None:
+            runner._forward(self.rows, self.length)
+
+    def capture(rows: int, length: int) -> StandIn:
+        assert rows in (1, 2, 4) and length % 16 == 0
+        runner.graphs[(rows, length)] = StandIn(rows, length)
+        engine.stats.graphs += 1
+        return runner.graphs[(rows, length)]
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    prompts = [tiny.prompt(t) for t in PROMPTS]
+    with engine.hold():
+        streams = [engine.submit(p, max_new_tokens=40) for p in prompts]
+    assert [list(s) for s in streams] == [tiny.reference(p, 40) for p in prompts]
+    assert 0 < engine.stats.graphs < engine.stats.steps // 2
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(folders: dict[str, Path]) -> None:
+    tiny = _load(folders["llama"], "llama")
+    prompt = tiny.prompt(PROMPTS[0])
+    engine = DecodeEngine(tiny.model, window=256)
+    greedy = list(engine.submit(prompt, max_new_tokens=20))
+    hot = Sampling(temperature=1.5, top_p=1.0, top_k=0, seed=11)
+    runs = [list(engine.submit(prompt, max_new_tokens=20, sampling=hot)) for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0] != greedy
+    other_seed = list(engine.submit(prompt, max_new_tokens=20, sampling=Sampling(1.5, 1.0, 0, seed=12)))
+    assert other_seed != runs[0]
+    for narrow in (Sampling(1.5, 1.0, 1, seed=5), Sampling(1.5, 1e-6, 0, seed=5)):  # one token left to draw
+        assert list(engine.submit(prompt, max_new_tokens=20, sampling=narrow)) == greedy
+
+
+def test_an_error_fails_the_batch_and_the_engine_serves_on(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = _load(folders["llama"], "llama")
+    prompts = [tiny.prompt(t) for t in PROMPTS[:2]]
+    engine = DecodeEngine(tiny.model, window=256)
+    real = tiny.model.forward
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 4:  # after both prefills and two steps
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "forward", flaky)
+    with engine.hold():
+        streams = [engine.submit(p, max_new_tokens=20) for p in prompts]
+    for stream in streams:
+        with pytest.raises(RuntimeError, match="simulated"):
+            list(stream)
+    monkeypatch.undo()
+    assert list(engine.submit(prompts[0], max_new_tokens=20)) == tiny.reference(prompts[0], 20)
+
+
+def test_the_idle_worker_ends_and_comes_back(folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = _load(folders["llama"], "llama")
+    monkeypatch.setattr(decode, "IDLE_EXIT_S", 0.05)
+    engine = DecodeEngine(tiny.model, window=256)
+    prompt = tiny.prompt(PROMPTS[0])
+    first = list(engine.submit(prompt, max_new_tokens=5))
+    deadline = time.monotonic() + 10
+    while engine._worker is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine._worker is None
+    assert list(engine.submit(prompt, max_new_tokens=5)) == first
+
+
+def test_requests_that_do_not_fit_are_refused(folders: dict[str, Path]) -> None:
+    tiny = _load(folders["llama"], "llama")
+    engine = DecodeEngine(tiny.model, window=256)
+    with pytest.raises(ValueError, match="window"):
+        engine.submit([5] * 250, max_new_tokens=7)
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.submit([], max_new_tokens=7)
+
+
+def test_detokenize_never_splits_a_character(folders: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    moss = AutoTokenizer.from_pretrained(folders["moss"])  # byte-level: a rare character takes several tokens
+    text = "龘靐齉 MOSS 说：长江约6300公里。<eom>𠀀!"
+    ids = moss(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 2
+    pieces = list(detokenize(iter(ids), moss))
+    assert "".join(pieces) == moss.decode(ids, skip_special_tokens=True) == text.replace("<eom>", "")
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 5
+    assert "龘" in pieces[0] and "靐" in pieces[1]  # each rare character comes out whole, as soon as it is whole
+    llama = AutoTokenizer.from_pretrained(folders["llama"])  # SentencePiece-style spaces
+    ids = llama("The Yangtze is the longest river. 长江 </s> end", add_special_tokens=False)["input_ids"]
+    assert "".join(detokenize(ids, llama)) == llama.decode(ids, skip_special_tokens=True)
+    assert list(detokenize([], llama)) == []
+
+
+@pytest.mark.parametrize("name", ["llama", "moss"])
+def test_the_decode_step_traces_as_one_graph(folders: dict[str, Path], name: str) -> None:
+    """What a CUDA graph captures must be pure tensor work: no host sync (.item(), .tolist()), no branch on a
+    tensor's value. torch.compile(fullgraph=True) refuses exactly those, so tracing the step on the CPU guards
+    the GPU path (repetition penalty on, so its branch is traced too)."""
+    import torch
+
+    tiny = _load(folders[name], name)
+    tiny.model.generation_config.repetition_penalty = 1.2
+    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=2)
+    runner: Any = engine._make_runner()
+    with torch.inference_mode():
+        runner.admit(decode._Request(tiny.prompt(PROMPTS[0]), 8, (), Sampling()), 0)
+        runner._forward(2, 32)
+        eager = runner.logits[:2].clone()
+        torch.compile(runner._forward, fullgraph=True, backend="eager", dynamic=False)(2, 32)
+        assert torch.equal(runner.logits[:2], eager)  # the step is idempotent: same inputs, same writes

@@ -16,7 +16,7 @@ from typing import Any
 
 from app.chat import AnswerEvent, ChatRequest, ChatService, TextEvent
 from knowledge.evaluation import Question
-from knowledge.evidence import contains_normalized, is_not_found
+from knowledge.evidence import CITATION, contains_normalized, is_not_found
 from llms.base import GenerationOptions
 
 
@@ -31,6 +31,15 @@ class AnswerRun:
     ttft_s: float | None  # seconds to the first piece of the answer
     total_s: float
 
+    @property
+    def correct(self) -> bool:
+        """A gold answer occurs in the answer, its [n] markers aside (they annotate, they are not its words)."""
+        return contains_normalized(CITATION.sub("", self.answer), self.question.answers)
+
+    @property
+    def in_context(self) -> bool:
+        return contains_normalized(self.context, self.question.answers)
+
     def to_json(self) -> dict[str, Any]:
         """One line of ``eval --answers --dump``: the question, its gold answers and what happened."""
         q = self.question
@@ -40,8 +49,8 @@ class AnswerRun:
             "answers": list(q.answers),
             "lang": q.lang,
             "answer": self.answer,
-            "correct": contains_normalized(self.answer, q.answers) if q.answers else self.not_found,
-            "in_context": contains_normalized(self.context, q.answers) if q.answers else None,
+            "correct": self.correct if q.answers else self.not_found,
+            "in_context": self.in_context if q.answers else None,
             "not_found": self.not_found,
             "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 3),
             "total_s": round(self.total_s, 3),
@@ -79,8 +88,8 @@ class AnswerEvalResult:
             return round(sum(map(test, runs)) / len(runs), 4) if runs else None
 
         out: dict[str, Any] = {
-            "answer_acc": share(answerable, lambda r: contains_normalized(r.answer, r.question.answers)),
-            "answer_in_context": share(answerable, lambda r: contains_normalized(r.context, r.question.answers)),
+            "answer_acc": share(answerable, lambda r: r.correct),
+            "answer_in_context": share(answerable, lambda r: r.in_context),
             "not_found_rate": share(unanswerable, lambda r: r.not_found),
             "false_not_found": share(answerable, lambda r: r.not_found),
             "p50_ttft_s": round(statistics.median(ttft), 3) if ttft else None,

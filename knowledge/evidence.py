@@ -235,6 +235,28 @@ def best_source(sentence: str, passages: Sequence[str]) -> tuple[int, float]:
     return best, shares[best]
 
 
+_OPENING, _CLOSING = "《“「『（(【‘", "》”」』）)】’"
+
+
+def _answer_sentences(answer: str) -> list[str]:
+    """``answer`` cut after each 。！？!? (or a Latin full stop before a space) and before each line break,
+    but never inside brackets, quotes or a title: "《卡拉OK.LIVE！‧台北‧我》" is one piece."""
+    pieces: list[str] = []
+    start = depth = 0
+    for i, ch in enumerate(answer):
+        if ch in _OPENING:
+            depth += 1
+        elif ch in _CLOSING:
+            depth = max(depth - 1, 0)
+        if ch == "\n" and i > start:
+            pieces.append(answer[start:i])
+            start, depth = i, 0  # an unclosed bracket ends with its line
+        elif depth == 0 and (ch in "。！？!?" or (ch == "." and answer[i + 1 : i + 2].isspace())):
+            pieces.append(answer[start : i + 1])
+            start = i + 1
+    return [*pieces, answer[start:]] if start < len(answer) else pieces
+
+
 def cite(answer: str, passages: Sequence[str], *, min_share: float = 0.5) -> str:
     """``answer`` with a [n] marker (n counts from 1) after each sentence that has none and comes mostly
     from one passage. Markers the model wrote are kept when they name a passage that exists and dropped
@@ -242,7 +264,7 @@ def cite(answer: str, passages: Sequence[str], *, min_share: float = 0.5) -> str
     valid = range(1, len(passages) + 1)
     answer = CITATION.sub(lambda m: m[0] if int(m[1]) in valid else "", answer)
     out = []
-    for piece in re.split(r"(?<=[。！？!?])|(?<=\.)(?=\s)|(?=\n)", answer):
+    for piece in _answer_sentences(answer):
         if not piece.strip() or CITATION.search(piece):
             out.append(piece)
             continue

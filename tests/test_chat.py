@@ -248,3 +248,13 @@ def test_an_oversized_question_or_history_is_refused_with_a_clear_error(
     list(chat.stream(ChatRequest("长江有多长？", history=long_chat)))
     sent = backend.seen[-1]
     assert [m.content for m in sent[1:-1]] == ["第1996句", "第1997句", "第1998句", "第1999句"]
+
+
+def test_an_answer_is_scored_on_its_words_not_its_citation_markers() -> None:
+    from app.answer_eval import AnswerRun
+    from knowledge.evaluation import Question
+
+    album = Question("q1", "张雨生的第六张国语专辑是什么？", ("卡拉OK.LIVE！‧台北‧我",))
+    run = AnswerRun(album, "《卡拉OK.LIVE[1]！‧台北‧我》[1]", "《卡拉OK.LIVE！‧台北‧我》是……", False, 0.1, 0.2)
+    assert run.correct and run.in_context
+    assert not AnswerRun(album, "《卡拉OK》[1]", "", False, 0.1, 0.2).correct

@@ -89,6 +89,9 @@ def test_citations_are_attached_to_the_passage_a_sentence_comes_from_and_invente
     assert cite("长江全长约6300公里[1]。路口镇有8个村[6]。", passages) == "长江全长约6300公里[1]。路口镇有8个村[2]。"
     assert cite("我不知道。", passages) == "我不知道。"  # from no passage: no marker
     assert citations("甲[2]。乙[1]。丙[2]。") == [2, 1]
+    # a "！" inside a title is not the end of the sentence: the marker goes after the title, not into it
+    album = "《卡拉OK.LIVE！‧台北‧我》是张雨生发行的第六张国语专辑。"
+    assert cite("第六张专辑是《卡拉OK.LIVE！‧台北‧我》。", [album]) == "第六张专辑是《卡拉OK.LIVE！‧台北‧我》[1]。"
 
 
 def test_answers_match_ignoring_width_case_spaces_and_punctuation() -> None:

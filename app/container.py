@@ -182,6 +182,7 @@ class Zhiku:
             commit_every=s.ingest.commit_every,
             max_file_mb=s.ingest.max_file_mb,
             max_file_seconds=s.ingest.max_file_seconds,
+            index_interval=s.ingest.index_every_s,
         )
 
     def retriever(self, kb: KnowledgeBase, settings: RetrievalSettings | None = None) -> Retriever:

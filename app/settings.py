@@ -41,6 +41,7 @@ class IngestSettings(_Section):
     max_file_mb: float = Field(200.0, gt=0, description="larger files are reported and skipped")
     max_file_seconds: float = Field(120.0, ge=0, description="a file whose parsing takes longer fails; 0 = no limit")
     commit_every: int = Field(64, ge=1, description="files per checkpoint: an interrupted ingest keeps these")
+    index_every_s: float = Field(30.0, ge=0, description="seconds between vector index file writes during an ingest")
 
 
 class ChunkingSettings(_Section):

@@ -4,6 +4,12 @@ File records, chunk rows, the deduplicated texts with their vectors, the BM25 in
 ``generation`` counter change in one transaction, so a crash leaves either the old or the new state. A
 :class:`Docstore` reads and writes through one connection; inside a read transaction (what
 ``KnowledgeBase.snapshot`` opens) every read sees the same commit.
+
+Each text row records the generation that added it, and each deleted text leaves a tombstone with the
+generation that deleted it: a vector index file written at generation ``g`` is brought to any later
+generation by removing the tombstoned ids and adding the texts newer than ``g`` (:meth:`Docstore.changes_since`),
+so the index file need not be rewritten at every commit. Tombstones older than the newest index file are
+pruned when that file is recorded (``index_generation`` in ``meta``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ CREATE TABLE IF NOT EXISTS files(
     path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, pages INTEGER NOT NULL,
     chunks INTEGER NOT NULL, encoding TEXT, ingested_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS texts(
-    id INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, text TEXT NOT NULL, vector BLOB NOT NULL);
+    id INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, text TEXT NOT NULL, vector BLOB NOT NULL,
+    gen INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY, path TEXT NOT NULL, seq INTEGER NOT NULL, page INTEGER, offset INTEGER NOT NULL,
     heading TEXT NOT NULL, text_id INTEGER NOT NULL, prev_id INTEGER, next_id INTEGER);
@@ -35,10 +42,26 @@ CREATE INDEX IF NOT EXISTS chunks_path ON chunks(path);
 CREATE INDEX IF NOT EXISTS chunks_text ON chunks(text_id);
 -- BM25 index over the same texts (rowid = texts.id), updated in the same transactions: never out of sync
 CREATE VIRTUAL TABLE IF NOT EXISTS texts_fts USING fts5(tokens, tokenize = "unicode61 remove_diacritics 0");
+-- texts deleted since the newest vector index file: what a reader removes from that file's vectors
+CREATE TABLE IF NOT EXISTS removed_texts(id INTEGER NOT NULL, gen INTEGER NOT NULL);
 """
 
 # meta keys that are not manifest fields: counts are computed, not stored
 _COUNTED = {"files", "chunks", "vectors"}
+INDEX_GENERATION = "index_generation"  # meta key: the generation of the newest vector index file written
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a docstore made by an older version up to :data:`SCHEMA` (idempotent; after SCHEMA ran).
+
+    Texts stored before generations were tracked get generation 0: the index file of their time holds
+    them, and a reader that cannot bring a file up to date rebuilds from the rows anyway.
+    """
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(texts)")}
+    with conn:
+        if "gen" not in columns:
+            conn.execute("ALTER TABLE texts ADD COLUMN gen INTEGER NOT NULL DEFAULT 0")
+        conn.execute("CREATE INDEX IF NOT EXISTS texts_gen ON texts(gen)")
 
 
 @dataclass(frozen=True)
@@ -272,12 +295,37 @@ class Docstore:
                 out[int(i)] = np.frombuffer(v, dtype=np.float32)
         return out
 
-    def vector_batches(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        cur = self.conn.execute("SELECT id, vector FROM texts ORDER BY id")
+    def vector_batches(self, batch: int = 4096, *, since: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every text, or of those added after generation ``since``."""
+        if since is None:
+            cur = self.conn.execute("SELECT id, vector FROM texts ORDER BY id")
+        else:
+            cur = self.conn.execute("SELECT id, vector FROM texts WHERE gen > ? ORDER BY id", (since,))
         while rows := cur.fetchmany(batch):
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
             yield ids, vecs
+
+    def vector_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
+
+    def index_generation(self) -> int | None:
+        """The generation of the newest vector index file recorded, if any."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (INDEX_GENERATION,)).fetchone()
+        return int(row[0]) if row else None
+
+    def tracks_changes(self) -> bool:
+        """Whether texts carry their generation (a docstore not yet migrated, read read-only, does not)."""
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(texts)")}
+        has_tombstones = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'removed_texts'"
+        ).fetchone()
+        return "gen" in columns and has_tombstones is not None
+
+    def removed_since(self, generation: int) -> np.ndarray:
+        """Ids of the texts deleted after ``generation`` (some may have been added again since)."""
+        rows = self.conn.execute("SELECT DISTINCT id FROM removed_texts WHERE gen > ?", (generation,)).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def problems(self) -> list[str]:
         """Row-level consistency problems: every vector has its chunk and vice versa, counts match."""
@@ -323,8 +371,9 @@ class Docstore:
         self.conn.execute("DELETE FROM files WHERE path = ?", (path,))
         return removed
 
-    def delete_unused_texts(self, candidates: Iterable[int]) -> list[int]:
-        """Delete those of the given texts that no chunk uses any more; returns their ids."""
+    def delete_unused_texts(self, candidates: Iterable[int], generation: int = 0) -> list[int]:
+        """Delete those of the given texts that no chunk uses any more, leaving a tombstone of
+        ``generation`` for each (for readers of an older index file); returns their ids."""
         unused: list[int] = []
         for part, marks in batches(sorted(set(candidates))):
             unused += [
@@ -336,55 +385,85 @@ class Docstore:
         for part, marks in batches(unused):
             self.conn.execute(f"DELETE FROM texts WHERE id IN ({marks})", part)
             self.conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", part)
+        self.conn.executemany("INSERT INTO removed_texts(id, gen) VALUES(?, ?)", [(i, generation) for i in unused])
         return unused
 
+    def text_ids_by_hash(self, hashes: Iterable[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for part, marks in batches(list(set(hashes))):
+            found.update(self.conn.execute(f"SELECT hash, id FROM texts WHERE hash IN ({marks})", part).fetchall())
+        return found
+
+    def _next_id(self, table: str) -> int:
+        return int(self.conn.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {table}").fetchone()[0])
+
     def insert_file(
-        self, record: FileRecord, chunks: Sequence[NewChunk], vectors: dict[str, np.ndarray]
+        self,
+        record: FileRecord,
+        chunks: Sequence[NewChunk],
+        vectors: dict[str, np.ndarray],
+        generation: int = 0,
     ) -> tuple[list[int], list[np.ndarray]]:
         """Store a file's record and chunks in order; texts it does not have yet are added with their vector
-        from ``vectors`` (by text hash). Returns the ids and vectors of the new texts."""
+        from ``vectors`` (by text hash), marked as added in ``generation``. Returns the ids and vectors of
+        the new texts.
+
+        Ids are given here (the writer holds the lock, so MAX(id) + 1 is free), which lets every table take
+        its rows in one ``executemany`` and the neighbour links go in with the chunks: 4 statements per
+        file instead of 4 per chunk.
+        """
         self.conn.execute(
             "INSERT INTO files(path, sha256, size, pages, chunks, encoding, ingested_at) VALUES(?,?,?,?,?,?,?)",
             (record.path, record.sha256, record.size, record.pages, len(chunks), record.encoding, record.ingested_at),
         )
-        text_ids: dict[str, int] = {}
+        text_ids = self.text_ids_by_hash(c.text_hash for c in chunks)
+        next_text = self._next_id("texts")
         new_ids: list[int] = []
         new_vecs: list[np.ndarray] = []
+        text_rows: list[tuple[int, str, str, bytes, int]] = []
+        fts_rows: list[tuple[int, str]] = []
         for c in chunks:
             if c.text_hash in text_ids:
-                continue
-            row = self.conn.execute("SELECT id FROM texts WHERE hash = ?", (c.text_hash,)).fetchone()
-            if row is not None:
-                text_ids[c.text_hash] = row[0]
                 continue
             if c.text_hash not in vectors:  # a caller bug, or texts another writer removed meanwhile
                 raise KeyError(f"no vector for the new text {c.text_hash} of {record.path}")
             vec = np.ascontiguousarray(vectors[c.text_hash], dtype=np.float32)
-            cur = self.conn.execute(
-                "INSERT INTO texts(hash, text, vector) VALUES(?, ?, ?)", (c.text_hash, c.text, vec.tobytes())
-            )
-            assert cur.lastrowid is not None
-            self.conn.execute("INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)", (cur.lastrowid, c.tokens))
-            text_ids[c.text_hash] = cur.lastrowid
-            new_ids.append(cur.lastrowid)
+            text_id = next_text + len(new_ids)
+            text_rows.append((text_id, c.text_hash, c.text, vec.tobytes(), generation))
+            fts_rows.append((text_id, c.tokens))
+            text_ids[c.text_hash] = text_id
+            new_ids.append(text_id)
             new_vecs.append(vec)
-        chunk_ids: list[int] = []
-        for seq, c in enumerate(chunks):
-            cur = self.conn.execute(
-                "INSERT INTO chunks(path, seq, page, offset, heading, text_id) VALUES(?,?,?,?,?,?)",
-                (record.path, seq, c.page, c.offset, c.heading, text_ids[c.text_hash]),
-            )
-            assert cur.lastrowid is not None
-            chunk_ids.append(cur.lastrowid)
+        self.conn.executemany("INSERT INTO texts(id, hash, text, vector, gen) VALUES(?, ?, ?, ?, ?)", text_rows)
+        self.conn.executemany("INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)", fts_rows)
+        first = self._next_id("chunks")
+        last = first + len(chunks) - 1
         # neighbours within the file, so retrieval can widen a hit without re-reading the document
         self.conn.executemany(
-            "UPDATE chunks SET prev_id = ?, next_id = ? WHERE id = ?",
+            "INSERT INTO chunks(id, path, seq, page, offset, heading, text_id, prev_id, next_id) "
+            "VALUES(?,?,?,?,?,?,?,?,?)",
             [
-                (chunk_ids[i - 1] if i else None, chunk_ids[i + 1] if i + 1 < len(chunk_ids) else None, cid)
-                for i, cid in enumerate(chunk_ids)
+                (
+                    first + seq,
+                    record.path,
+                    seq,
+                    c.page,
+                    c.offset,
+                    c.heading,
+                    text_ids[c.text_hash],
+                    first + seq - 1 if seq else None,
+                    first + seq + 1 if first + seq < last else None,
+                )
+                for seq, c in enumerate(chunks)
             ],
         )
         return new_ids, new_vecs
+
+    def record_index(self, generation: int) -> None:
+        """The vector index file of ``generation`` is on disk: readers start from it, and the tombstones it
+        already reflects are no longer needed (a reader of an older file has its own read transaction)."""
+        self.set_meta([(INDEX_GENERATION, str(generation))])
+        self.conn.execute("DELETE FROM removed_texts WHERE gen <= ?", (generation,))
 
     def set_meta(self, rows: Iterable[tuple[str, str]]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", list(rows))

@@ -1,9 +1,12 @@
 """Bulk, incremental ingestion: files -> loader -> cleaning -> chunks -> embeddings -> knowledge base.
 
-Files are parsed in worker processes (PDF parsing is CPU-bound; :mod:`knowledge.workers`) while the main
-process embeds and writes. Files are keyed by path and content hash: unchanged files are skipped before
-parsing, changed ones replace their chunks, identical chunks share one vector. Every ``commit_every`` files
-are committed together, so an interrupted run keeps what it committed and a re-run finishes the rest.
+Files are parsed in worker processes (PDF parsing is CPU-bound; :mod:`knowledge.workers`) while an embed
+thread embeds the files parsed before and a commit thread writes the checkpoint embedded before that
+(:class:`_Pipeline`): parsers do not wait for the embedding model, nor the model for SQLite. Files are keyed
+by path and content hash: unchanged files are skipped before parsing, changed ones replace their chunks,
+identical chunks share one vector. Every ``commit_every`` files are committed together, in one transaction,
+so an interrupted run keeps what it committed and a re-run finishes the rest. The vector index file is
+written on a timer and at the end, not per checkpoint (:meth:`knowledge.store.KnowledgeBase.deferred_index`).
 
 One bad path is reported with a one-line reason and never stops the run: a file that cannot be parsed, a
 FIFO or device (never opened), a symbolic link loop, a name that is not UTF-8, a folder that cannot be read
@@ -14,14 +17,18 @@ version, which is no longer what the file holds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
 import os
+import queue
 import re
+import sqlite3
 import stat
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +58,8 @@ class Transaction(Protocol):
 
     def remove_file(self, path: str) -> int: ...
 
+    def has_file(self, path: str) -> bool: ...
+
 
 class IngestTarget(Protocol):
     """What ingestion needs of a knowledge base (:class:`knowledge.store.KnowledgeBase` has it)."""
@@ -67,6 +76,8 @@ class IngestTarget(Protocol):
     def known_hashes(self, hashes: Iterable[str]) -> set[str]: ...
 
     def transaction(self) -> AbstractContextManager[Transaction]: ...
+
+    def deferred_index(self, min_interval: float = 30.0) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -418,7 +429,7 @@ def scan_paths(paths: Iterable[Path], extensions: frozenset[str], exclude: Itera
     return found
 
 
-# ----- the run ----------------------------------------------------------------------------------------
+# ----- the run: parse -> embed -> commit, overlapped ------------------------------------------------
 
 
 class _Put(NamedTuple):
@@ -430,6 +441,296 @@ class _Drop(NamedTuple):
     """A failed file whose stored version goes: it is no longer what the file holds."""
 
     failure: FileOutcome
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One file on its way through the pipeline: what to write, in which checkpoint, whether an older
+    version of it is stored (a failure then removes that), and the vectors of its texts the base lacks."""
+
+    item: _Put | _Drop
+    checkpoint: int
+    stale: bool = False
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    failed: bool = False  # its texts could not be embedded, and it has no stored version to remove
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """The entries sent before it (since the previous one) are committed together."""
+
+    number: int
+    last: bool = False
+
+
+class _Cancelled(Exception):
+    """The run is stopping (an error in another stage, Ctrl-C): a stage leaves without finishing."""
+
+
+_POLL_S = 0.1  # how often a stage waiting on a queue looks whether the run is stopping
+_GROUP_MIN_TEXTS = 256  # an embedding call waits up to _GROUP_LINGER_S for this many texts: tiny calls waste a GPU
+_GROUP_MAX_TEXTS = 4096  # and takes about this many at most, so that a checkpoint is not held back long
+_GROUP_LINGER_S = 0.2
+
+
+def _texts_in(item: _Entry | _Checkpoint) -> int:
+    return len(item.item.parsed.embed_texts) if isinstance(item, _Entry) and isinstance(item.item, _Put) else 0
+
+
+def _one_line(err: BaseException) -> str:
+    return (f"{type(err).__name__}: {err}".splitlines() or [""])[0][:300]
+
+
+class _Pipeline:
+    """The stages of one run, each in its own thread, so that none waits for another's work:
+
+    - the caller's thread drives the parser processes and sends each parsed file (:meth:`send`);
+    - the embed thread embeds the texts the base lacks, a group of files at a time, while parsing goes on;
+    - the commit thread writes each checkpoint (``commit_every`` files) in one transaction while the next
+      one is embedded.
+
+    Queues of about one checkpoint each bound the memory: parsers wait only when embedding is behind by
+    that much. A file whose texts cannot be embedded fails alone, with its name; any other error stops
+    every stage and is raised in the caller's thread (:meth:`check`, :meth:`finish`). Each checkpoint is
+    one SQLite transaction, so a kill at any moment keeps exactly the checkpoints committed before it.
+    """
+
+    def __init__(
+        self, ingestor: Ingestor, report: IngestReport, record: Callable[[FileOutcome], None], embed_bar: Any
+    ) -> None:
+        self.ingestor = ingestor
+        self.report = report
+        self.record = record
+        self.embed_bar = embed_bar
+        every = max(1, ingestor.commit_every)
+        self.to_embed: queue.Queue[_Entry | _Checkpoint] = queue.Queue(2 * every + 2)
+        self.to_commit: queue.Queue[_Entry | _Checkpoint] = queue.Queue(every + 1)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.committed = -1  # number of the last checkpoint committed (written by the commit thread only)
+        self.embed_lock = threading.Lock()  # one embedding call at a time: embedders need not be thread-safe
+        self.checkpoint = 0
+        self.in_checkpoint = 0
+        self.threads = [
+            threading.Thread(target=self._guard, args=(self._embed_stage,), name="ingest-embed", daemon=True),
+            threading.Thread(target=self._guard, args=(self._commit_stage,), name="ingest-commit", daemon=True),
+        ]
+
+    # ----- the caller's side -----
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def send(self, item: _Put | _Drop, *, stale: bool) -> None:
+        self._send(_Entry(item, self.checkpoint, stale))
+        self.in_checkpoint += 1
+        if self.in_checkpoint >= self.ingestor.commit_every:
+            self._send(_Checkpoint(self.checkpoint))
+            self.checkpoint += 1
+            self.in_checkpoint = 0
+
+    def check(self) -> None:
+        """Raise the error that stopped a stage, if one did."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        """Commit what is left and wait for the stages to end."""
+        self._send(_Checkpoint(self.checkpoint, last=True))
+        for thread in self.threads:
+            while thread.is_alive():
+                thread.join(_POLL_S)
+        self.check()
+
+    def abort(self) -> None:
+        """Stop every stage (an error, Ctrl-C). A commit under way is let finish: only the SQLite transaction
+        makes anything visible, so even a kill in the middle keeps the base whole, but a clean stop also
+        leaves no rolled-back work behind. The embedding call is left at its next progress report."""
+        self.stop.set()
+        embed, commit = self.threads
+        commit.join()
+        embed.join(1.0)
+
+    def _send(self, item: _Entry | _Checkpoint) -> None:
+        try:
+            self._put(self.to_embed, item)
+        except _Cancelled:
+            self.check()
+            raise
+
+    # ----- shared -----
+    def _guard(self, stage: Callable[[], None]) -> None:
+        try:
+            stage()
+        except _Cancelled:
+            pass
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            if self.error is None:
+                self.error = err
+            self.stop.set()
+
+    def _put(self, q: queue.Queue[_Entry | _Checkpoint], item: _Entry | _Checkpoint) -> None:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise _Cancelled
+
+    def _get(self, q: queue.Queue[_Entry | _Checkpoint], timeout: float | None = None) -> _Entry | _Checkpoint:
+        """The next item; queue.Empty after ``timeout`` seconds (None: wait as long as the run goes on)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.stop.is_set():
+            wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            if wait <= 0:
+                return q.get_nowait()
+            try:
+                return q.get(timeout=wait)
+            except queue.Empty:
+                continue
+        raise _Cancelled
+
+    def _embed_texts(self, hashes: list[str], texts: dict[str, str]) -> dict[str, np.ndarray]:
+        def progress(n: int) -> None:
+            if self.stop.is_set():
+                raise _Cancelled  # leaves a long embedding call at its next batch
+            self.embed_bar.update(n)
+
+        with self.embed_lock:
+            matrix = self.ingestor.embedder.embed_documents([texts[h] for h in hashes], progress=progress)
+        return dict(zip(hashes, matrix, strict=True))
+
+    # ----- the embed stage -----
+    def _embed_stage(self) -> None:
+        # vectors embedded for checkpoints not committed yet: a text met again meanwhile is not embedded twice
+        recent: dict[str, tuple[np.ndarray, int]] = {}
+        while True:
+            group = self._gather()
+            for h in [h for h, (_, number) in recent.items() if number <= self.committed]:
+                del recent[h]  # in the docstore now
+            self._embed_group([g for g in group if isinstance(g, _Entry) and isinstance(g.item, _Put)], recent)
+            for item in group:
+                if isinstance(item, _Entry) and item.failed:
+                    continue
+                self._put(self.to_commit, item)
+            last = group[-1]
+            if isinstance(last, _Checkpoint) and last.last:
+                return
+
+    def _gather(self) -> list[_Entry | _Checkpoint]:
+        """The next files to embed together: up to the end of their checkpoint, waiting a moment for
+        _GROUP_MIN_TEXTS texts and taking no more than about _GROUP_MAX_TEXTS."""
+        group = [self._get(self.to_embed)]
+        texts = _texts_in(group[0])
+        linger_until = time.monotonic() + _GROUP_LINGER_S
+        while not isinstance(group[-1], _Checkpoint) and texts < _GROUP_MAX_TEXTS:
+            wait = max(0.0, linger_until - time.monotonic()) if texts < _GROUP_MIN_TEXTS else 0.0
+            try:
+                group.append(self._get(self.to_embed, timeout=wait))
+            except queue.Empty:
+                break
+            texts += _texts_in(group[-1])
+        return group
+
+    def _embed_group(self, entries: list[_Entry], recent: dict[str, tuple[np.ndarray, int]]) -> None:
+        """Give each entry the vectors of its texts that the base lacks; an entry whose texts cannot be
+        embedded fails alone, with its name."""
+        wanted: dict[str, str] = {}
+        for entry in entries:
+            wanted.update(_put_of(entry).parsed.embed_texts)
+        vectors = {h: recent[h][0] for h in wanted if h in recent}
+        missing = sorted(wanted.keys() - vectors.keys() - self.ingestor.kb.known_hashes(wanted.keys() - vectors.keys()))
+        self.embed_bar.total += len(missing)
+        self.embed_bar.refresh()
+        failed: dict[int, str] = {}
+        if missing:
+            try:
+                vectors.update(self._embed_texts(missing, wanted))
+            except _Cancelled:
+                raise
+            except Exception:  # noqa: BLE001 - find the files it fails on: one at a time
+                todo = set(missing)
+                for i, entry in enumerate(entries):
+                    own = sorted(todo.intersection(_put_of(entry).parsed.embed_texts))
+                    try:
+                        vectors.update(self._embed_texts(own, wanted))
+                    except _Cancelled:
+                        raise
+                    except Exception as err:  # noqa: BLE001 - this file's failure; the run goes on
+                        failed[i] = _one_line(err)
+                    todo.difference_update(own)
+        for i, entry in enumerate(entries):
+            put = _put_of(entry)
+            if i in failed:
+                self._embedding_failed(entry, failed[i])
+                continue
+            entry.vectors = {h: vectors[h] for h in put.parsed.embed_texts if h in vectors}
+            for h, vec in entry.vectors.items():
+                recent[h] = (vec, entry.checkpoint)
+
+    def _embedding_failed(self, entry: _Entry, detail: str) -> None:
+        path = _put_of(entry).record.path
+        outcome = FileOutcome(
+            path, "failed", reason=f"{Path(path).name}: the embedding model failed on this file ({detail})"
+        )
+        if entry.stale:  # its stored version goes, as for a file that fails to parse
+            entry.item = _Drop(outcome)
+        else:
+            entry.failed = True
+            self.record(outcome)
+
+    # ----- the commit stage -----
+    def _commit_stage(self) -> None:
+        pending: list[_Entry] = []
+        while True:
+            item = self._get(self.to_commit)
+            if isinstance(item, _Entry):
+                pending.append(item)
+                continue
+            self._commit(pending)
+            pending = []
+            self.committed = item.number
+            if item.last:
+                return
+
+    def _commit(self, pending: list[_Entry]) -> None:
+        if not pending:
+            return
+        kb = self.ingestor.kb
+        wanted: dict[str, str] = {}
+        vectors: dict[str, np.ndarray] = {}
+        for entry in pending:
+            if isinstance(entry.item, _Put):
+                wanted.update(entry.item.parsed.embed_texts)
+                vectors.update(entry.vectors)
+        outcomes = []
+        with kb.transaction() as tx:
+            # another writer may have removed texts since they were found stored (the lock is held now)
+            late = sorted(set(wanted) - kb.known_hashes(wanted) - vectors.keys())
+            if late:
+                vectors.update(self._embed_texts(late, wanted))
+            for entry in pending:
+                if isinstance(entry.item, _Drop):
+                    failure = entry.item.failure
+                    removed = tx.remove_file(failure.path)
+                    reason = failure.reason + (f"; {_OLD_VERSION_REMOVED}" if removed else "")
+                    outcomes.append(replace(failure, reason=reason))
+                    continue
+                rec, parsed = entry.item
+                try:
+                    existed = tx.has_file(rec.path)
+                    self.report.new_vectors += tx.put_file(rec, parsed.chunks, vectors)
+                except sqlite3.Error as err:  # the whole checkpoint rolls back; say where it happened
+                    raise type(err)(f"{err}, while storing {readable(Path(rec.path).name)}") from err
+                outcomes.append(FileOutcome(rec.path, "updated" if existed else "added", len(parsed.chunks)))
+        for outcome in outcomes:  # only after the commit: a reported file is a stored file
+            self.record(outcome)
+
+
+def _put_of(entry: _Entry) -> _Put:
+    assert isinstance(entry.item, _Put)
+    return entry.item
 
 
 class Ingestor:
@@ -447,6 +748,7 @@ class Ingestor:
         commit_every: int = 64,
         max_file_mb: float = 200.0,
         max_file_seconds: float = 0.0,
+        index_interval: float = 30.0,
     ) -> None:
         kb.check_compatible(embedder.model_id, embedder.dim)
         self.kb = kb
@@ -458,6 +760,7 @@ class Ingestor:
         self.commit_every = commit_every
         self.max_bytes = int(max_file_mb * 1024 * 1024)
         self.max_seconds = max_file_seconds  # 0: no limit (and single-process parsing stays in-process)
+        self.index_interval = index_interval  # seconds between vector index file writes during a run
 
     def run(
         self,
@@ -475,25 +778,49 @@ class Ingestor:
         # never ingest the knowledge bases themselves when a folder holding the data dir is given
         found = scan_paths(roots, self.registry.extensions, exclude=[self.kb.root.parent])
         report.skipped = found.unsupported
+        recording = threading.Lock()  # outcomes come from the caller's thread and the pipeline's
 
         def record(outcome: FileOutcome) -> None:
             if outcome.status == "failed":  # one printable line, whatever the file is called
                 outcome = replace(outcome, reason=readable(outcome.reason))
-            report.outcomes.append(outcome)
-            if on_outcome:
-                on_outcome(outcome)
+            with recording:
+                report.outcomes.append(outcome)
+                if on_outcome:
+                    on_outcome(outcome)
 
-        pending: list[_Put | _Drop] = []  # written together at the next commit
-        had_version: set[str] = set()  # files to parse that have an older version in the base
+        bar = tqdm(total=0, unit="file", desc="ingest", disable=not progress, dynamic_ncols=True)
+        embed_bar = tqdm(total=0, unit="chunk", desc="embed", disable=not progress, dynamic_ncols=True)
+        pipeline = _Pipeline(self, report, record, embed_bar)
+        try:
+            # the index file is written on a timer and once at the end: the rows are the source of truth
+            with self.kb.deferred_index(self.index_interval):
+                pipeline.start()
+                try:
+                    self._feed(pipeline, found, record, bar)
+                    pipeline.finish()
+                except BaseException:
+                    pipeline.abort()
+                    raise
+                if prune:
+                    self._prune(roots, found, record)
+        finally:
+            bar.close()
+            embed_bar.close()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _feed(self, pipeline: _Pipeline, found: Scan, record: Callable[[FileOutcome], None], bar: Any) -> None:
+        """Hash the files, skip the unchanged ones, and send the rest, parsed, down the pipeline."""
 
         def failed(outcome: FileOutcome, *, stale: bool) -> None:
             if stale:
-                pending.append(_Drop(outcome))
+                pipeline.send(_Drop(outcome), stale=True)
             else:
                 record(outcome)
 
         for outcome in found.failed:
             failed(outcome, stale=outcome.path in found.gone and self.kb.file_record(outcome.path) is not None)
+        had_version: set[str] = set()  # files to parse that have an older version in the base
         todo: list[ParseTask] = []
         for path in found.files:
             old = self.kb.file_record(str(path))
@@ -512,45 +839,38 @@ class Ingestor:
                 had_version.add(str(path))
             todo.append(ParseTask(str(path), state, self.max_bytes))
 
-        bar = tqdm(total=len(todo), unit="file", desc="ingest", disable=not progress, dynamic_ncols=True)
-        embed_bar = tqdm(total=0, unit="chunk", desc="embed", disable=not progress, dynamic_ncols=True)
-        try:
-            for task, result in self._parse_all(todo):
+        bar.total = len(todo)
+        bar.refresh()
+        parsed_chunks = 0
+        # closed on any error: the parser processes end now, not when the traceback lets go of them
+        with contextlib.closing(self._parse_all(todo)) as results:
+            for task, result in results:
+                pipeline.check()
                 bar.update(1)
+                stale = task.path in had_version
                 if isinstance(result, FileOutcome):
-                    failed(result, stale=task.path in had_version)
-                else:
-                    rec = FileRecord(
-                        path=task.path,
-                        sha256=result.sha256,
-                        size=result.size,
-                        pages=result.pages,
-                        chunks=len(result.chunks),
-                        encoding=result.encoding,
-                        ingested_at=time.time(),
-                    )
-                    pending.append(_Put(rec, result))
-                    report.pages += result.pages
-                if len(pending) >= self.commit_every:
-                    self._commit(pending, report, record, embed_bar)
-                    pending = []
-                unsaved = sum(len(e.parsed.chunks) for e in pending if isinstance(e, _Put))
-                bar.set_postfix(chunks=report.chunks_added + unsaved, refresh=False)
-            self._commit(pending, report, record, embed_bar)
-            if prune:
-                self._prune(roots, found, record)
-        finally:
-            bar.close()
-            embed_bar.close()
-        report.seconds = time.perf_counter() - started
-        return report
+                    failed(result, stale=stale)
+                    continue
+                rec = FileRecord(
+                    path=task.path,
+                    sha256=result.sha256,
+                    size=result.size,
+                    pages=result.pages,
+                    chunks=len(result.chunks),
+                    encoding=result.encoding,
+                    ingested_at=time.time(),
+                )
+                pipeline.send(_Put(rec, result), stale=stale)
+                pipeline.report.pages += result.pages
+                parsed_chunks += len(result.chunks)
+                bar.set_postfix(chunks=parsed_chunks, refresh=False)
 
     def parse(self, paths: list[Path]) -> Iterator[ParsedFile | FileOutcome]:
         """Parse files (in parallel) without storing them: for benchmarks and dry runs."""
         for _, result in self._parse_all([ParseTask(str(p)) for p in paths]):
             yield result
 
-    def _parse_all(self, tasks: list[ParseTask]) -> Iterator[tuple[ParseTask, ParsedFile | FileOutcome]]:
+    def _parse_all(self, tasks: list[ParseTask]) -> Generator[tuple[ParseTask, ParsedFile | FileOutcome], None, None]:
         parse = functools.partial(
             _parse_task, registry=self.registry, chunk_size=self.chunk_size, chunk_overlap=self.chunk_overlap
         )
@@ -577,45 +897,6 @@ class Ingestor:
         else:
             reason = f"{name}: the parser failed ({failure.detail})"
         return FileOutcome(path, "failed", reason=reason)
-
-    def _commit(
-        self,
-        pending: list[_Put | _Drop],
-        report: IngestReport,
-        record: Callable[[FileOutcome], None],
-        embed_bar: Any,
-    ) -> None:
-        if not pending:
-            return
-        puts = [e for e in pending if isinstance(e, _Put)]
-        wanted: dict[str, str] = {}
-        for put in puts:
-            wanted.update(put.parsed.embed_texts)
-        missing = sorted(set(wanted) - self.kb.known_hashes(wanted))
-        embed_bar.total += len(missing)
-        embed_bar.refresh()
-        vectors: dict[str, np.ndarray] = {}
-        if missing:
-            matrix = self.embedder.embed_documents([wanted[h] for h in missing], progress=embed_bar.update)
-            vectors = dict(zip(missing, matrix, strict=True))
-        outcomes = []
-        with self.kb.transaction() as tx:
-            # another writer may have removed texts since `missing` was computed (the lock is held now)
-            late = sorted(set(wanted) - self.kb.known_hashes(wanted) - vectors.keys())
-            if late:
-                vectors.update(zip(late, self.embedder.embed_documents([wanted[h] for h in late]), strict=True))
-            for entry in pending:
-                if isinstance(entry, _Drop):
-                    removed = tx.remove_file(entry.failure.path)
-                    reason = entry.failure.reason + (f"; {_OLD_VERSION_REMOVED}" if removed else "")
-                    outcomes.append(replace(entry.failure, reason=reason))
-                    continue
-                rec, parsed = entry
-                existed = self.kb.file_record(rec.path) is not None
-                report.new_vectors += tx.put_file(rec, parsed.chunks, vectors)
-                outcomes.append(FileOutcome(rec.path, "updated" if existed else "added", len(parsed.chunks)))
-        for outcome in outcomes:  # only after the commit: a reported file is a stored file
-            record(outcome)
 
     def _prune(self, roots: list[Path], found: Scan, record: Callable[[FileOutcome], None]) -> None:
         folders = tuple(os.path.realpath(r) + os.sep for r in roots if r.is_dir())

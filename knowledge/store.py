@@ -1,9 +1,15 @@
 """A knowledge base on disk: SQLite docstore + vector index file + JSON manifest. No pickle anywhere.
 
-The docstore (:mod:`knowledge.docstore`) is the source of truth. The vector index (:mod:`knowledge.vectors`)
-is written after each commit as the file of that generation (temp file + rename); if a crash lost it, it is
-rebuilt from the vectors in SQLite. The manifest is a human-readable copy of the metadata, also written
-atomically.
+The docstore (:mod:`knowledge.docstore`) is the source of truth: every vector is a BLOB in its row, tagged
+with the generation that added it, and deleted texts leave tombstones. The vector index
+(:mod:`knowledge.vectors`) is a cache of those rows, written as the file of one generation (temp file +
+rename) and recorded in the docstore. A single transaction writes it after its commit; a bulk ingest
+(:meth:`KnowledgeBase.deferred_index`) writes it at most every so many seconds and once at the end, so a
+checkpoint's cost does not grow with the whole base (serialising and fsyncing every vector at every
+commit did). Whoever needs the index of a newer generation loads the newest file and applies the rows
+added and the tombstones left since (read in the same SQLite transaction); only when no file can be used
+is the whole index rebuilt from SQLite. Nothing is unpickled. The manifest is a human-readable copy of the
+metadata, written atomically with the index file.
 
 Reads go through :meth:`KnowledgeBase.snapshot`: one SQLite read transaction and the vector index of the
 generation it sees, so the vectors a search finds and the chunks it returns belong to the same commit, whatever
@@ -41,6 +47,7 @@ from knowledge.docstore import (
     connect_reader,
     connect_writer,
     file_signature,
+    migrate,
     open_error,
     reader_mode,
 )
@@ -62,6 +69,7 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 _MAX_READERS = 8  # read connections kept per knowledge base (one per concurrent snapshot)
+_INDEX_COST_SHARE = 10  # deferred index writes: at least this many times their own duration apart
 
 
 class StoreError(ZhikuError, RuntimeError):
@@ -177,6 +185,7 @@ class KnowledgeBase:
         self._snapshot_index: tuple[int, VectorIndex] | None = None
         self._snapshot_index_lock = threading.Lock()
         self._index: VectorIndex | None = None  # the writer's working index, at self.manifest.generation
+        self._schedule: _IndexSchedule | None = None  # set inside deferred_index(): when to write the index file
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
@@ -210,6 +219,7 @@ class KnowledgeBase:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(SCHEMA)
+                migrate(conn)
                 meta = Docstore(conn).meta()
                 if not meta and create is not None:  # a kill between the tables and the metadata row
                     made = create() if callable(create) else create
@@ -223,6 +233,7 @@ class KnowledgeBase:
                 with kb._writer_lock():  # another writer's lock clears temp files: never write beside one
                     kb._reload_if_stale()
                     Docstore(conn).backfill_lexical_index()
+                    kb._adopt_index_file()
                     kb._write_manifest()
             except (sqlite3.Error, OSError) as err:  # a read-only folder or a full disk: one clear line
                 raise StoreError(
@@ -281,6 +292,7 @@ class KnowledgeBase:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(SCHEMA)
+                migrate(conn)
                 with conn:
                     Docstore(conn).set_meta([*manifest.meta_rows(), ("base_id", uuid.uuid4().hex)])
             finally:
@@ -389,15 +401,37 @@ class KnowledgeBase:
             return index
 
     def _load_index(self, generation: int, docstore: Docstore) -> VectorIndex:
-        expected = docstore.counts()["vectors"]
-        with contextlib.suppress(VectorIndexError):  # lost, damaged or stale: rebuilt below
-            index = self.kind.load(self.root / self.kind.file_name(generation))
-            if len(index) == expected and index.dim == self.manifest.dim:
-                return index
-        index = self.kind.create(self.manifest.dim)
+        """The index of ``generation`` from the files (brought up to date), or rebuilt from every row."""
+        index = self._index_from_files(generation, docstore)
+        if index is not None and len(index) == docstore.vector_count():
+            return index
+        index = self.kind.create(self.manifest.dim)  # lost, damaged or unusable: the rows have every vector
         for ids, vecs in docstore.vector_batches():
             index.add(ids, vecs)
         return index
+
+    def _index_from_files(self, generation: int, docstore: Docstore) -> VectorIndex | None:
+        """The index file of ``generation``, else the newest one recorded before it plus what the docstore
+        added and removed since (the crash recovery of a deferred write: rows are appended, never
+        unpickled). None when neither file can be read."""
+        candidates = [generation]
+        recorded = docstore.index_generation()
+        if recorded is not None and recorded < generation and docstore.tracks_changes():
+            candidates.append(recorded)
+        for file_generation in candidates:
+            try:
+                index = self.kind.load(self.root / self.kind.file_name(file_generation))
+            except VectorIndexError:
+                continue
+            if index.dim != self.manifest.dim:
+                continue
+            if file_generation < generation:
+                # removals first: an id deleted after the file was written may have been given out again
+                index.remove(docstore.removed_since(file_generation))
+                for ids, vecs in docstore.vector_batches(since=file_generation):
+                    index.add(ids, vecs)
+            return index
+        return None
 
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
         with self.snapshot() as snap:
@@ -449,12 +483,10 @@ class KnowledgeBase:
         with self.snapshot() as snap:
             problems = snap.docstore.problems()
             vectors = snap.docstore.counts()["vectors"]
-            try:
-                on_disk = len(self.kind.load(self.root / self.kind.file_name(snap.generation)))
-            except VectorIndexError:
-                on_disk = None
+            index = self._index_from_files(snap.generation, snap.docstore)  # a lost file is rebuilt: no problem
+            on_disk = None if index is None else len(index)
         if on_disk is not None and on_disk != vectors:
-            problems.append(f"index file holds {on_disk} vectors, docstore {vectors}")
+            problems.append(f"index file (brought up to date) holds {on_disk} vectors, docstore {vectors}")
         return problems
 
     # ----- writing -------------------------------------------------------------------------------
@@ -480,11 +512,48 @@ class KnowledgeBase:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """All changes inside are committed together, then the index file and manifest are written."""
+        """All changes inside are committed together, then the index file and manifest are written (inside
+        :meth:`deferred_index`: only when they are due)."""
         self._conn()
         with self._writer_lock():
             self._reload_if_stale()
             yield from self._transaction()
+
+    @contextlib.contextmanager
+    def deferred_index(self, min_interval: float = 30.0) -> Iterator[None]:
+        """For bulk writes: commits inside write the index file and manifest only every ``min_interval``
+        seconds (and never more than a tenth of the time: the interval grows with the write's cost), and
+        once more when the block ends without an error. The rows are the source of truth meanwhile:
+        readers bring the older file up to date from them, and so does the next writer after a crash."""
+        previous, self._schedule = self._schedule, _IndexSchedule(min_interval)
+        try:
+            yield
+        finally:
+            self._schedule = previous
+        if self._writer is not None:  # a read-only base has committed nothing here
+            self.save_index()
+
+    def save_index(self) -> None:
+        """Write the index file (and manifest) of the newest commit, unless the recorded one is of it."""
+        conn = self._conn()
+        with self._writer_lock():
+            try:
+                self._reload_if_stale()
+                generation = self.manifest.generation
+                on_disk = (self.root / self.kind.file_name(generation)).exists()
+                if on_disk and Docstore(conn).index_generation() == generation:
+                    return
+                self._write_index_and_manifest(self._working_index())
+            except (sqlite3.Error, OSError) as err:
+                raise _save_error(self.name, self.root, err) from err
+
+    def _adopt_index_file(self) -> None:
+        """A base written before index files were recorded: its file of the current generation is the one."""
+        docstore = Docstore(self._conn())
+        generation = self.manifest.generation
+        if docstore.index_generation() is None and (self.root / self.kind.file_name(generation)).exists():
+            with self._conn():
+                docstore.record_index(generation)
 
     def _reload_if_stale(self) -> None:
         docstore = Docstore(self._conn())
@@ -501,16 +570,12 @@ class KnowledgeBase:
         try:
             yield from self._transaction_unguarded()
         except (sqlite3.Error, OSError) as err:  # disk full, read-only folder, ...: one clear line
-            raise StoreError(
-                f"could not save knowledge base {self.name!r} ({err}); what was saved before is intact",
-                f"free disk space, or give the user running Zhiku write access to {self.root}, then run the same "
-                "command again",
-            ) from err
+            raise _save_error(self.name, self.root, err) from err
 
     def _transaction_unguarded(self) -> Iterator[Transaction]:
         conn = self._conn()
         index = self._working_index()
-        tx = Transaction(Docstore(conn), index)
+        tx = Transaction(Docstore(conn), index, self.manifest.generation + 1)
         try:
             with conn:  # one SQLite transaction: commit on success, roll back on error
                 conn.execute("BEGIN IMMEDIATE")
@@ -524,14 +589,25 @@ class KnowledgeBase:
             raise
         if tx.changed:
             self.manifest = _manifest(self.name, Docstore(conn).meta())
-            try:
-                self._persist_index(index)  # if this fails, the next open rebuilds the index from SQLite
-            finally:
-                self._write_manifest()  # the manifest follows the committed docstore either way
+            if self._schedule is None or self._schedule.due():
+                self._write_index_and_manifest(index)
+
+    def _write_index_and_manifest(self, index: VectorIndex) -> None:
+        started = time.monotonic()
+        try:
+            self._persist_index(index)  # if this fails, readers bring the older file up to date from SQLite
+        finally:
+            self._write_manifest()  # the manifest follows the committed docstore either way
+            if self._schedule is not None:
+                self._schedule.wrote(time.monotonic() - started)
 
     def _persist_index(self, index: VectorIndex) -> None:
-        current = self.kind.file_name(self.manifest.generation)
+        generation = self.manifest.generation
+        current = self.kind.file_name(generation)
         index.save(self.root / current)
+        conn = self._conn()
+        with conn:  # recorded only once the file is whole; older files are removed only after that
+            Docstore(conn).record_index(generation)
         for old in self.root.glob("index-*"):
             if old.name != current:
                 old.unlink(missing_ok=True)
@@ -556,14 +632,44 @@ class KnowledgeBase:
         self.close()
 
 
-class Transaction:
-    """Changes to one knowledge base, applied by :meth:`KnowledgeBase.transaction`."""
+@dataclass
+class _IndexSchedule:
+    """When a deferred index write is due: ``min_interval`` seconds after the last one, and at least
+    _INDEX_COST_SHARE times as long as that write took (a base large enough to take seconds to write is
+    written less often)."""
 
-    def __init__(self, docstore: Docstore, index: VectorIndex) -> None:
+    min_interval: float
+    last: float = field(default_factory=time.monotonic)
+    cost: float = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= max(self.min_interval, _INDEX_COST_SHARE * self.cost)
+
+    def wrote(self, seconds: float) -> None:
+        self.last, self.cost = time.monotonic(), seconds
+
+
+def _save_error(name: str, root: Path, err: Exception) -> StoreError:
+    return StoreError(
+        f"could not save knowledge base {name!r} ({err}); what was saved before is intact",
+        f"free disk space, or give the user running Zhiku write access to {root}, then run the same command again",
+    )
+
+
+class Transaction:
+    """Changes to one knowledge base, applied by :meth:`KnowledgeBase.transaction`; ``generation`` is the
+    one it commits."""
+
+    def __init__(self, docstore: Docstore, index: VectorIndex, generation: int = 0) -> None:
         self._docstore = docstore
         self._index = index
+        self.generation = generation
         self.changed = False
         self._maybe_unused: set[int] = set()  # texts whose chunks were removed: dropped at the end if unused
+
+    def has_file(self, path: str) -> bool:
+        """Whether the base holds a version of this file (as this transaction sees it)."""
+        return self._docstore.file_record(path) is not None
 
     def remove_file(self, path: str) -> int:
         """Drop a file's chunks; the vectors no other chunk uses go at the end of the transaction. Returns
@@ -577,7 +683,7 @@ class Transaction:
         """Delete the texts (and vectors) that lost their last chunk in this transaction. Only at the end:
         a file rewritten with some paragraphs kept, or a paragraph moving to another file of the same
         batch, reuses the stored text and vector (the caller did not embed them again)."""
-        unused = self._docstore.delete_unused_texts(self._maybe_unused)
+        unused = self._docstore.delete_unused_texts(self._maybe_unused, self.generation)
         self._maybe_unused.clear()
         if unused:
             self._index.remove(np.asarray(unused, dtype=np.int64))
@@ -586,7 +692,7 @@ class Transaction:
         """Store a file's chunks in order (replacing any old version). ``vectors`` holds one vector per text
         hash that the knowledge base does not have yet. Returns the number of new vectors."""
         self.remove_file(record.path)
-        new_ids, new_vecs = self._docstore.insert_file(record, chunks, vectors)
+        new_ids, new_vecs = self._docstore.insert_file(record, chunks, vectors, self.generation)
         if new_ids:
             self._index.add(np.asarray(new_ids, dtype=np.int64), np.vstack(new_vecs))
         self.changed = True

@@ -1,0 +1,411 @@
+"""Ingest as a pipeline: parsing, embedding and committing overlap; errors stay with their file; the vector
+index file is written on a timer, and readers bring an older one up to date from the docstore's rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from langchain_core.documents import Document
+
+from app.container import Zhiku
+from knowledge.docstore import Docstore, FileRecord, NewChunk
+from knowledge.ingest import text_hash
+from knowledge.store import KnowledgeBase, Manifest
+from plugins.hookspecs import RegisterLoader, hookimpl
+from tests.conftest import HashingEmbedder
+from tests.helpers import make_corpus
+
+EMB = HashingEmbedder()
+WAIT_S = 30.0  # far above what any step here takes; a hang fails instead of stalling
+
+
+def write_docs(folder: Path, n: int, paragraphs: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        path = folder / f"f{i:02d}.txt"
+        text = "\n\n".join(f"第{i}号文件第{j}段：长江是中国最长的河流，全长约六千三百公里。" for j in range(paragraphs))
+        path.write_text(text, encoding="utf-8")
+        files.append(path)
+    return files
+
+
+def ingest(app: Zhiku, *paths: Path, kb: str = "t", prune: bool = False) -> Any:
+    with app.open_kb(kb, create=True) as store:
+        return app.ingestor(store).run(list(paths), prune=prune, progress=False)
+
+
+def no_pipeline_threads_left() -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not [t for t in threading.enumerate() if t.name.startswith("ingest-")]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class GatedEmbedder(HashingEmbedder):
+    """Blocks its first call until ``release`` is set, and tells when each call starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.started: list[list[str]] = []
+        self.call_started = threading.Event()
+
+    def embed_documents(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        self.started.append(list(texts))
+        self.call_started.set()
+        if len(self.started) == 1:
+            assert self.release.wait(WAIT_S), "the test never released the embedder"
+        return super().embed_documents(texts, progress)
+
+
+def test_parsers_go_on_while_the_embedder_is_busy(app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first embedding call is held; the files after it are parsed meanwhile (in-process parsing: the
+    loader runs in the caller's thread, so it counts them), and everything is stored once it is released."""
+    import knowledge.ingest as ingest_module
+
+    embedder = GatedEmbedder()
+    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
+    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    app.settings.ingest.commit_every = 2
+    write_docs(tmp_path / "docs", 6)
+    parsed: list[str] = []
+    real_parse = ingest_module.parse_file
+
+    def counting_parse(path: str, *args: Any) -> Any:
+        parsed.append(path)
+        return real_parse(path, *args)
+
+    monkeypatch.setattr(ingest_module, "parse_file", counting_parse)
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(ingest(app, tmp_path / "docs")))
+    runner.start()
+    try:
+        assert embedder.call_started.wait(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while len(parsed) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(parsed) == 6, "parsing stopped while the embedder was busy"
+        assert len(embedder.started) == 1
+    finally:
+        embedder.release.set()
+        runner.join(WAIT_S)
+    [report] = result
+    assert (report.failures, report.count("added")) == ([], 6)
+    assert no_pipeline_threads_left()
+
+
+def test_the_embedder_goes_on_while_a_checkpoint_is_written(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit of the first checkpoint is held in its transaction until the embedder has been called for
+    the next one: embedding never waits for a checkpoint's SQLite writes."""
+    import knowledge.store as store
+
+    embedder = HashingEmbedder()
+    calls: list[int] = []
+    next_embedded = threading.Event()
+    real_embed = embedder.embed_documents
+
+    def embed(texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        calls.append(len(texts))
+        if len(calls) >= 2:
+            next_embedded.set()
+        return real_embed(texts, progress)
+
+    monkeypatch.setattr(embedder, "embed_documents", embed)
+    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
+    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    app.settings.ingest.commit_every = 1
+    write_docs(tmp_path / "docs", 3)
+    real_put = store.Transaction.put_file
+    overlapped: list[bool] = []
+
+    def slow_put(self: Any, *args: Any, **kwargs: Any) -> int:
+        if not overlapped:
+            overlapped.append(next_embedded.wait(WAIT_S))
+        return real_put(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.Transaction, "put_file", slow_put)
+    report = ingest(app, tmp_path / "docs")
+    assert overlapped == [True], "the embedder waited for the commit"
+    assert (report.failures, report.count("added")) == ([], 3)
+
+
+class FailingEmbedder(HashingEmbedder):
+    """Fails on any batch holding a text with the marker, like a model that chokes on one input."""
+
+    def embed_documents(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        if any("坏段落" in t for t in texts):
+            raise RuntimeError("CUDA error: device-side assert triggered\nmore detail on a second line")
+        return super().embed_documents(texts, progress)
+
+
+def test_a_file_the_embedder_fails_on_fails_alone_with_its_name(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embedder = FailingEmbedder()
+    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
+    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    app.settings.ingest.commit_every = 3
+    docs = tmp_path / "docs"
+    write_docs(docs, 4)
+    bad = docs / "坏文件.txt"
+    bad.write_text("这是一个坏段落，模型处理不了。", encoding="utf-8")
+    report = ingest(app, docs)
+    [failure] = report.failures
+    assert failure.path == str(bad.resolve())
+    assert failure.reason.startswith("坏文件.txt: the embedding model failed on this file (RuntimeError: CUDA")
+    assert "\n" not in failure.reason
+    assert report.count("added") == 4
+    with app.open_kb("t") as kb:
+        assert kb.counts()["files"] == 4 and kb.check() == []
+
+    # a stored file that now fails loses its old version, as when it fails to parse
+    bad.write_text("一个好段落。", encoding="utf-8")
+    assert ingest(app, docs).count("added") == 1
+    bad.write_text("又一个坏段落。", encoding="utf-8")
+    again = ingest(app, docs)
+    [failure] = again.failures
+    assert failure.reason.endswith("its old version was removed from the knowledge base")
+    with app.open_kb("t") as kb:
+        assert str(bad.resolve()) not in {f.path for f in kb.files()} and kb.check() == []
+
+
+def test_a_commit_error_stops_every_stage_and_is_raised(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    import knowledge.store as store
+    from knowledge.store import StoreError
+
+    app.settings.ingest.commit_every = 2
+    write_docs(tmp_path / "docs", 8)
+    real_put = store.Transaction.put_file
+    calls = 0
+
+    def fail_second_checkpoint(self: Any, *args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_put(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.Transaction, "put_file", fail_second_checkpoint)
+    with pytest.raises(StoreError, match=r"database or disk is full, while storing f02\.txt"):
+        ingest(app, tmp_path / "docs")
+    monkeypatch.undo()
+    assert no_pipeline_threads_left()
+    with app.open_kb("t", readonly=True) as kb:
+        assert kb.counts()["files"] == 2 and kb.check() == []  # the first checkpoint, and nothing of the second
+    report = ingest(app, tmp_path / "docs")
+    assert (report.failures, report.count("added"), report.count("unchanged")) == ([], 6, 2)
+
+
+def interrupting_loader(path: Path) -> list[Document]:
+    raise KeyboardInterrupt  # Ctrl-C while this file is parsed
+
+
+class InterruptPlugin:
+    @hookimpl
+    def register_loaders(self, register: RegisterLoader) -> None:
+        register(".stop", interrupting_loader)
+
+
+def test_ctrl_c_keeps_what_was_committed_and_a_rerun_converges(app: Zhiku, tmp_path: Path) -> None:
+    app.plugins.register(InterruptPlugin())
+    app.settings.ingest.commit_every = 2
+    docs = tmp_path / "docs"
+    write_docs(docs, 5)
+    (docs / "f02x.stop").write_text("x", encoding="utf-8")  # parsed after f00-f02 (sorted by name)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(app, docs)
+    assert no_pipeline_threads_left()
+    with app.open_kb("t", readonly=True) as kb:
+        assert kb.check() == []
+        interrupted = {Path(f.path).name for f in kb.files()}
+    assert interrupted <= {"f00.txt", "f01.txt", "f02.txt"}
+    (docs / "f02x.stop").unlink()
+    report = ingest(app, docs)
+    assert report.failures == [] and report.count("added") + report.count("unchanged") == 5
+    with app.open_kb("t", readonly=True) as kb:
+        assert kb.check() == [] and kb.counts()["files"] == 5
+
+
+def test_a_bulk_ingest_writes_the_index_file_once_not_per_checkpoint(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import knowledge.vectors as vectors
+
+    saves: list[str] = []
+    real_save = vectors.FaissIndex.save
+
+    def counting_save(self: Any, path: Path) -> None:
+        saves.append(path.name)
+        real_save(self, path)
+
+    monkeypatch.setattr(vectors.FaissIndex, "save", counting_save)
+    app.settings.ingest.commit_every = 1
+    write_docs(tmp_path / "docs", 6)
+    report = ingest(app, tmp_path / "docs")
+    assert report.count("added") == 6
+    with app.open_kb("t", readonly=True) as kb:
+        generation = kb.manifest.generation
+        assert kb.check() == []
+    assert generation == 6 and saves == [f"index-{generation}.faiss"]  # six commits, one write at the end
+    assert sorted(p.name for p in (app.settings.data_dir / "kb" / "t").glob("index-*")) == saves
+
+
+# ----- the store: an index file behind the docstore ----------------------------------------------------
+def manifest() -> Manifest:
+    return Manifest(EMB.model_id, EMB.dim, 120, 20)
+
+
+def put(kb: KnowledgeBase, path: str, texts: list[str]) -> int:
+    chunks = [NewChunk(t, text_hash(t), page=1, offset=i * 10) for i, t in enumerate(texts)]
+    vectors = {c.text_hash: EMB._one(c.text) for c in chunks}
+    with kb.transaction() as tx:
+        return tx.put_file(FileRecord(path, "sha-" + path, 1, 1, 0, "utf-8", time.time()), chunks, vectors)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_readers_bring_an_older_index_file_up_to_date_from_the_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits in a deferred block, then a crash before the index file is written again: the file on disk
+    is two generations old. Readers (and check) add the newer rows and drop the tombstoned ones, including a
+    text id that was deleted and given out again; nothing is rebuilt from scratch, nothing unpickled."""
+    import pickle
+
+    kb = KnowledgeBase.open(tmp_path / "kb", create=manifest())
+    put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。", "珠穆朗玛峰是世界最高峰。"])  # ids 1-3
+    written = kb.manifest.generation
+    with pytest.raises(_Crash), kb.deferred_index(min_interval=3600):
+        put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。"])  # text 3 deleted: a tombstone
+        put(kb, "/b.txt", ["泰山位于山东省中部，是五岳之首。"])  # gets id 3 again
+        raise _Crash
+    kb.close()
+    root = tmp_path / "kb"
+    assert [p.name for p in root.glob("index-*")] == [f"index-{written}.faiss"]
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pickle used on a load path")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    rebuilt: list[bool] = []
+    real_batches = Docstore.vector_batches
+
+    def recording(self: Docstore, batch: int = 4096, *, since: int | None = None) -> Any:
+        rebuilt.append(since is None)
+        return real_batches(self, batch, since=since)
+
+    monkeypatch.setattr(Docstore, "vector_batches", recording)
+    with KnowledgeBase.open(root, readonly=True) as reader:
+        assert reader.manifest.generation == written + 2
+        hits = reader.search(EMB.embed_query("泰山位于山东省中部，是五岳之首。"), 5)
+        assert [h.chunk.source for h in hits][:1] == ["/b.txt"]
+        assert "珠穆朗玛峰是世界最高峰。" not in [h.chunk.text for h in hits]
+        assert len(hits) == 3 and reader.check() == []
+    assert rebuilt and not any(rebuilt), "the index was rebuilt from every row instead of brought up to date"
+
+    with KnowledgeBase.open(root) as writer:  # the next writer catches up the same way, and writes at the end
+        with writer.deferred_index():
+            put(writer, "/c.txt", ["西湖在杭州城西。"])
+        assert [p.name for p in root.glob("index-*")] == [f"index-{writer.manifest.generation}.faiss"]
+        assert writer.check() == []
+        assert writer._conn().execute("SELECT COUNT(*) FROM removed_texts").fetchone() == (0,)  # pruned
+
+
+def test_a_base_from_before_generations_were_tracked_is_read_and_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "kb"
+    with KnowledgeBase.open(root, create=manifest()) as kb:
+        put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。"])
+    conn = sqlite3.connect(root / "docstore.sqlite")
+    with conn:  # as the previous version wrote it
+        conn.execute("DROP INDEX texts_gen")
+        conn.execute("ALTER TABLE texts DROP COLUMN gen")
+        conn.execute("DROP TABLE removed_texts")
+        conn.execute("DELETE FROM meta WHERE key = 'index_generation'")
+    conn.close()
+    with KnowledgeBase.open(root, readonly=True) as reader:
+        assert reader.search(EMB.embed_query("黄河"), 1)[0].chunk.text == "黄河是中国第二长河。"
+        assert reader.check() == []
+    with KnowledgeBase.open(root) as kb:
+        with kb.deferred_index():
+            put(kb, "/a.txt", ["长江是中国最长的河流。"])
+            put(kb, "/b.txt", ["泰山是五岳之首。"])
+        assert kb.check() == [] and kb.counts() == {"files": 2, "chunks": 2, "vectors": 2}
+        assert kb.search(EMB.embed_query("泰山是五岳之首。"), 1)[0].chunk.source == "/b.txt"
+
+
+class _CountingConnection:
+    """Counts the statements a docstore sends (executemany counts once)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.statements = 0
+
+    def execute(self, *args: Any) -> Any:
+        self.statements += 1
+        return self._conn.execute(*args)
+
+    def executemany(self, *args: Any) -> Any:
+        self.statements += 1
+        return self._conn.executemany(*args)
+
+
+def test_a_file_is_stored_with_a_few_statements_whatever_its_size(tmp_path: Path) -> None:
+    """Rows go in with executemany: statements per file, not per chunk; neighbours are linked in the same
+    insert."""
+    texts = [f"第{i}段：长江流经{i}个省份。" for i in range(200)] + ["第0段：长江流经0个省份。"]
+    with KnowledgeBase.open(tmp_path / "kb", create=manifest()) as kb:
+        conn = kb._conn()
+        counting = _CountingConnection(conn)
+        chunks = [NewChunk(t, text_hash(t), page=1, offset=i) for i, t in enumerate(texts)]
+        vectors = {c.text_hash: EMB._one(c.text) for c in chunks}
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            record = FileRecord("/a.txt", "x", 1, 1, 0, None, 0.0)
+            new_ids, _ = Docstore(counting).insert_file(record, chunks, vectors, 1)  # type: ignore[arg-type]
+        assert len(new_ids) == 200
+        assert counting.statements <= 8
+        rows = conn.execute("SELECT id, seq, prev_id, next_id FROM chunks ORDER BY seq").fetchall()
+        assert len(rows) == 201
+        assert all(r[2] == (rows[i - 1][0] if i else None) for i, r in enumerate(rows))
+        assert all(r[3] == (rows[i + 1][0] if i + 1 < len(rows) else None) for i, r in enumerate(rows))
+
+
+def test_the_parallel_pipeline_stores_what_a_serial_run_stores(app: Zhiku, tmp_path: Path) -> None:
+    """Two parser processes, checkpoints of one file, texts shared across files and checkpoints: the same
+    base as a single in-process run, and every shared text embedded once."""
+    docs = tmp_path / "docs"
+    make_corpus(docs)
+    shared = "同一段落在许多文件里出现：长江是中国最长的河流。"
+    for i in range(6):
+        (docs / f"shared{i}.txt").write_text(f"{shared}\n\n第{i}个文件自己的段落。", encoding="utf-8")
+    serial = ingest(app, docs, kb="serial")
+    embedder = app.embedder()
+    before = embedder.calls  # type: ignore[attr-defined]
+    app.settings.ingest.workers = 2
+    app.settings.ingest.commit_every = 1
+    parallel = ingest(app, docs, kb="parallel")
+    assert embedder.calls - before == parallel.new_vectors  # type: ignore[attr-defined]
+    assert (parallel.failures, parallel.new_vectors) == ([], serial.new_vectors)
+    with app.open_kb("serial") as a, app.open_kb("parallel") as b:
+        assert a.counts() == b.counts() and b.check() == []
+        assert {f.path: f.chunks for f in a.files()} == {f.path: f.chunks for f in b.files()}

@@ -1,0 +1,47 @@
+"""bench/ingest.py runs end to end on the CPU with its tiny random model (its figures are not checked)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import make_corpus
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "docs")
+    done = subprocess.run(
+        [sys.executable, "bench/ingest.py", "--tiny", "--workers", "1", "--copies", "1", str(tmp_path / "docs")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ZHIKU_DATA_DIR": str(tmp_path / "unused")},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = re.fullmatch(
+        r"ingest benchmark: (\d+) files, \d+ pages, (\d+) chunks \((\d+) distinct texts\); embedder "
+        r"tiny:random-64; 1 parser processes; \d+ CPU cores",
+        lines[0],
+    )
+    assert header, lines[0]
+    files, chunks, texts = (int(g) for g in header.groups())
+    assert files == 2 * 6 and chunks > files and texts > chunks // 2  # the copies' texts are new texts
+    assert re.fullmatch(r"parse-only   \(1 processes\): +[\d.]+ chunks/s  \([\d.]+ s\)", lines[1]), lines[1]
+    assert re.fullmatch(r"embed-only   \(tiny:random-64\): +[\d.]+ chunks/s  \([\d.]+ s\)", lines[2]), lines[2]
+    whole = re.fullmatch(
+        r"whole ingest \(1 processes\): +[\d.]+ chunks/s  \([\d.]+ s; (\d+) chunks, (\d+) new vectors, 0 files "
+        r"failed\)",
+        lines[3],
+    )
+    assert whole and int(whole.group(1)) == chunks and int(whole.group(2)) == texts, lines[3]
+    assert re.fullmatch(r"whole / slower stage: [\d.]+", lines[4]), lines[4]

@@ -113,7 +113,7 @@ class ChatSettings(_Section):
     passage_template: str = "[{n}] {text}"
     top_k: int = Field(5, ge=0, le=50, description="passages retrieved per question; 0 = no retrieval")
     evidence_budget: int = Field(
-        300, ge=0, description="tokens of the passages' best sentences the model reads; 0 = the whole passages"
+        150, ge=0, description="tokens of the passages' best sentences the model reads; 0 = the whole passages"
     )
     min_coverage: float = Field(
         0.4,

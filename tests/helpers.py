@@ -1,8 +1,29 @@
-"""Builders for test documents."""
+"""Builders for test documents, and a runner for the benchmarks' smoke tests."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def run_bench(script: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> list[str]:
+    """``bench/<script> args`` on one CPU thread (no GPU); its stdout lines, after checking it exited 0."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+        cwd=cwd,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
 
 ARTICLE = (
     "天生三桥\n\n天生三桥位于重庆武隆县仙女山镇，是重庆直辖市级风景名胜区。"

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import run_bench
+
 NUMBER = r"[\d.]+"
 
 
 def test_the_chat_bench_runs_tiny_on_a_cpu() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "chat.py"), "--tiny", "--chats", "4"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = run_bench("chat.py", "--tiny", "--chats", "4")
     assert len(lines) == 5, lines
     assert lines[0].startswith("model: tiny Llama, random weights, torch.float32 on cpu (CPU)"), lines[0]
     assert lines[0].endswith("prompt 300 tokens, 32 new tokens"), lines[0]

@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.helpers import make_corpus
+from tests.helpers import make_corpus, run_bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path) -> None:
     make_corpus(tmp_path / "docs")
-    done = subprocess.run(
-        [sys.executable, "bench/ingest.py", "--tiny", "--workers", "1", "--copies", "1", str(tmp_path / "docs")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "ZHIKU_DATA_DIR": str(tmp_path / "unused")},
+    lines = run_bench(
+        "ingest.py",
+        "--tiny",
+        "--workers",
+        "1",
+        "--copies",
+        "1",
+        str(tmp_path / "docs"),
+        env={"ZHIKU_DATA_DIR": str(tmp_path / "unused")},
     )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
     header = re.fullmatch(
         r"ingest benchmark: (\d+) files, \d+ pages, (\d+) chunks \((\d+) distinct texts\); embedder "
         r"tiny:random-64; 1 parser processes; \d+ CPU cores",

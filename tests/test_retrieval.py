@@ -44,9 +44,7 @@ def test_bm25_finds_a_rare_word_and_follows_updates_and_deletes(app: Zhiku, tmp_
     kb = make_kb(app, docs, {"a.txt": "钼铁矿石的冶炼方法。", "b.txt": "今天天气很好。"})
     with kb.snapshot() as snap:
         found = [h.chunk.source for h in snap.hits_for_texts(snap.lexical_search(fts_query("钼铁矿石"), 5))]
-    assert found == [
-        str((docs / "a.txt").resolve())
-    ]
+    assert found == [str((docs / "a.txt").resolve())]
     (docs / "a.txt").write_text("铜矿的开采历史。", encoding="utf-8")
     app.ingestor(kb).run([docs], progress=False)
     assert kb.lexical_search(fts_query("钼铁矿石"), 5) == []

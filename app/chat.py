@@ -16,15 +16,17 @@ from app.settings import Settings
 from common.errors import InvalidRequestError
 from common.text import has_han
 from knowledge.evidence import (
+    CITATION,
+    LEADING_CITATIONS,
     NOT_FOUND_EN,
     NOT_FOUND_ZH,
+    best_quote,
     citations,
     cite,
     coverage,
     is_follow_up,
     is_not_found,
     normalize,
-    rank_sentences,
     select_evidence,
 )
 from knowledge.library import KnowledgeLibrary
@@ -187,17 +189,24 @@ class ChatService:
     def finish(
         self, question: str, answer: str, passages: Sequence[Passage], evidence: Sequence[str] = ()
     ) -> AnswerEvent:
-        """The answer as shown: [n] markers where the model gave none, and the supporting sentence."""
+        """The answer as shown: [n] markers where the model gave none, and the source text that answers the
+        question (``chat.quote_evidence``). A reply with no words of its own (the small model sometimes
+        echoes the passages' "[1]" and stops) is replaced by that source text."""
         if not passages:
             return AnswerEvent(answer)
         if is_not_found(answer):
             return AnswerEvent(answer, not_found=True, evidence=tuple(evidence))
         texts = [p.text for p in passages]
-        shown = cite(answer, texts)
-        if self.settings.chat.quote_evidence and answer.strip():
-            best = rank_sentences(f"{question}\n{answer}", texts, whole=True)
-            if best and best[0].score > 0 and normalize(best[0].text) not in normalize(answer):
-                shown = f"{shown.rstrip()}\n\n> {best[0].text} [{best[0].passage + 1}]"
+        chat = self.settings.chat
+        answer = LEADING_CITATIONS.sub("", answer)  # "[1] 2个社区" copies the passages' layout
+        words = normalize(CITATION.sub("", answer))
+        quote = best_quote(question, texts, chat.quote_min_chars) if chat.quote_evidence or not words else None
+        if quote is not None and not words:
+            shown = f"{quote.text}[{quote.passage + 1}]"
+        else:
+            shown = cite(answer, texts)
+            if quote is not None and normalize(quote.text) not in words:
+                shown = f"{shown.rstrip()}\n\n> {quote.text} [{quote.passage + 1}]"
         return AnswerEvent(shown, cited=tuple(citations(shown)), evidence=tuple(evidence))
 
     def checked(self, request: ChatRequest) -> ChatRequest:
@@ -268,4 +277,4 @@ class ChatService:
             for piece in pieces:
                 answer += piece
                 yield TextEvent(piece)
-        yield self.finish(request.question, answer, passages, evidence or ())
+        yield self.finish(query, answer, passages, evidence or ())

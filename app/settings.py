@@ -123,7 +123,10 @@ class ChatSettings(_Section):
         "'not in the knowledge base' without asking the model; 0 = always ask the model",
     )
     greedy_with_context: bool = Field(True, description="answer from passages with temperature 0")
-    quote_evidence: bool = Field(True, description="end an answer with the source sentence that supports it")
+    quote_evidence: bool = Field(True, description="end an answer with the source text that answers the question")
+    quote_min_chars: int = Field(
+        40, ge=0, description="a quote shorter than this takes the sentences after it (a heading alone says little)"
+    )
     generation: GenerationOptions = GenerationOptions(temperature=0.3)
     max_question_chars: int = Field(8000, ge=1, description="longer questions (and system prompts) are refused")
     max_history_messages: int = Field(64, ge=0, description="only the newest messages of a conversation are sent")

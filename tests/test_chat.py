@@ -81,6 +81,20 @@ def test_answer_streams_after_its_sources_and_the_prompt_holds_the_passages(
     assert final.cited == (1,)
 
 
+@pytest.mark.parametrize("reply", ["[1]", "[1] [2]", " [1]\n"])
+def test_a_reply_with_no_words_of_its_own_becomes_the_source_text_that_answers(
+    service: tuple[ChatService, EchoBackend], reply: str
+) -> None:
+    svc, _ = service
+    passages = svc.retrieve("docs", "黄河被称为什么？", 2)
+    final = svc.finish("黄河被称为什么？", reply, passages)
+    n = next(i for i, p in enumerate(passages, 1) if "母亲河" in p.text)
+    assert final.text == f"黄河是中国第二长河，被称为母亲河。[{n}]" and final.cited == (n,)
+    # a reply that starts by copying the passages' "[1] " keeps its words, not the copied marker
+    shown = svc.finish("黄河被称为什么？", "[1] 母亲河", passages).text
+    assert shown.startswith("母亲河") and "> 黄河是中国第二长河，被称为母亲河。" in shown
+
+
 def test_a_question_the_knowledge_base_cannot_answer_gets_not_found_without_the_model(
     service: tuple[ChatService, EchoBackend],
 ) -> None:

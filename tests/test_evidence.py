@@ -7,6 +7,7 @@ import pytest
 
 from common.text import language_of
 from knowledge.evidence import (
+    best_quote,
     citations,
     cite,
     contains_normalized,
@@ -31,6 +32,30 @@ def test_sentences_split_on_chinese_and_latin_ends_and_keep_closing_quotes() -> 
         "Then it ends.",
         "Next!",
     ]
+
+
+def test_a_sentence_never_ends_inside_a_title_brackets_or_an_initial() -> None:
+    album = "《卡拉OK.LIVE！‧台北‧我》是张雨生发行的第六张国语专辑。专辑中所有歌曲的词曲皆由他自己创作！"
+    assert split_sentences(album, whole=True) == [
+        "《卡拉OK.LIVE！‧台北‧我》是张雨生发行的第六张国语专辑。",
+        "专辑中所有歌曲的词曲皆由他自己创作！",
+    ]
+    assert split_sentences("由汤玛斯·霍尔兹（Thomas R. Holtz）正式建立。同年另一支。", whole=True) == [
+        "由汤玛斯·霍尔兹（Thomas R. Holtz）正式建立。",
+        "同年另一支。",
+    ]
+    # a bracket a chunk left open glues nothing together
+    assert split_sentences("开了（没有关。后面一句。", whole=True) == ["开了（没有关。", "后面一句。"]
+
+
+def test_the_quote_answers_the_question_and_a_short_one_takes_the_next_sentence() -> None:
+    plant = "六耳铃是菊科艾纳香属的植物。花期从10月起\n至翌年5~6月结果。"
+    quote = best_quote("花期是什么时候？", [RIVER, plant], min_chars=12)
+    assert quote is not None and quote.passage == 1
+    # 7 characters alone say too little: the next sentence comes too, on one line
+    assert quote.text == "花期从10月起 至翌年5~6月结果。"
+    assert best_quote("花期是什么时候？", [RIVER, plant], min_chars=0).text == "花期从10月起"
+    assert best_quote("量子计算机", [RIVER]) is None
 
 
 def test_the_evidence_is_the_best_sentence_and_its_neighbours_verbatim_within_the_budget() -> None:

@@ -277,9 +277,17 @@ def _parse_safely(path: str, registry: LoaderRegistry, size: int, overlap: int) 
         return FileOutcome(path, "failed", reason=f"{Path(path).name}: {type(err).__name__}: {err}".splitlines()[0])
 
 
+# Parser processes run at this lower priority: they are many and throughput-bound, while the process that
+# feeds the embedder and writes checkpoints is one, and the whole ingest waits on it whenever it is starved.
+PARSER_NICENESS = 5
+
+
 def _warm_up() -> None:
-    """Run once in each parser process before it takes files: the first tokenisation builds jieba's
-    dictionary (seconds on a busy machine), which is not the first file's parsing time."""
+    """Run once in each parser process before it takes files: lower its priority, and build jieba's
+    dictionary (the first tokenisation: seconds on a busy machine), which is not the first file's parsing
+    time."""
+    with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows; a container may forbid it
+        os.nice(PARSER_NICENESS)
     fts_document("中文")
 
 
@@ -468,9 +476,12 @@ class _Cancelled(Exception):
 
 
 _POLL_S = 0.1  # how often a stage waiting on a queue looks whether the run is stopping
-_GROUP_MIN_TEXTS = 256  # an embedding call waits up to _GROUP_LINGER_S for this many texts: tiny calls waste a GPU
-_GROUP_MAX_TEXTS = 4096  # and takes about this many at most, so that a checkpoint is not held back long
-_GROUP_LINGER_S = 0.2
+# An embedding call waits up to _GROUP_LINGER_S for _GROUP_MIN_TEXTS texts, across checkpoints: each call has a
+# fixed cost (a tokeniser thread, batch planning, a device sync), and calls of ~256 texts, one or two per
+# checkpoint, made the embedder 2.2x slower inside an ingest than alone (H200, 22,695 chunks: 6.5 s vs 2.9 s).
+_GROUP_MIN_TEXTS = 2048
+_GROUP_MAX_TEXTS = 8192  # and takes about this many at most, so that commits are not held back long
+_GROUP_LINGER_S = 0.5
 
 
 def _texts_in(item: _Entry | _Checkpoint) -> int:
@@ -619,12 +630,13 @@ class _Pipeline:
                 return
 
     def _gather(self) -> list[_Entry | _Checkpoint]:
-        """The next files to embed together: up to the end of their checkpoint, waiting a moment for
-        _GROUP_MIN_TEXTS texts and taking no more than about _GROUP_MAX_TEXTS."""
+        """The next files (and checkpoint marks) to embed together, in order: waiting a moment for
+        _GROUP_MIN_TEXTS texts, then taking what is already queued, up to about _GROUP_MAX_TEXTS texts or the
+        run's last checkpoint."""
         group = [self._get(self.to_embed)]
         texts = _texts_in(group[0])
         linger_until = time.monotonic() + _GROUP_LINGER_S
-        while not isinstance(group[-1], _Checkpoint) and texts < _GROUP_MAX_TEXTS:
+        while texts < _GROUP_MAX_TEXTS and not (isinstance(group[-1], _Checkpoint) and group[-1].last):
             wait = max(0.0, linger_until - time.monotonic()) if texts < _GROUP_MIN_TEXTS else 0.0
             try:
                 group.append(self._get(self.to_embed, timeout=wait))

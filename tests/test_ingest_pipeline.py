@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from langchain_core.documents import Document
 
+import knowledge.ingest as ingest_module
 from app.container import Zhiku
 from knowledge.docstore import Docstore, FileRecord, NewChunk
 from knowledge.ingest import text_hash
@@ -71,7 +72,6 @@ class GatedEmbedder(HashingEmbedder):
 def test_parsers_go_on_while_the_embedder_is_busy(app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first embedding call is held; the files after it are parsed meanwhile (in-process parsing: the
     loader runs in the caller's thread, so it counts them), and everything is stored once it is released."""
-    import knowledge.ingest as ingest_module
 
     embedder = GatedEmbedder()
     monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
@@ -136,9 +136,47 @@ def test_the_embedder_goes_on_while_a_checkpoint_is_written(
         return real_put(self, *args, **kwargs)
 
     monkeypatch.setattr(store.Transaction, "put_file", slow_put)
+    # one embedding call per file (grouping would otherwise embed all three at once, before any commit)
+    monkeypatch.setattr(ingest_module, "_GROUP_MIN_TEXTS", 1)
+    monkeypatch.setattr(ingest_module, "_GROUP_LINGER_S", 0.0)
     report = ingest(app, tmp_path / "docs")
     assert overlapped == [True], "the embedder waited for the commit"
     assert (report.failures, report.count("added")) == ([], 3)
+
+
+def test_small_checkpoints_are_embedded_together_and_committed_one_by_one(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedding call has a fixed cost, so the embedder takes the texts of several checkpoints at once;
+    each checkpoint is still its own transaction, in order."""
+    import knowledge.store as store
+
+    embedder = HashingEmbedder()
+    calls: list[int] = []
+    real_embed = embedder.embed_documents
+
+    def embed(texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        calls.append(len(texts))
+        return real_embed(texts, progress)
+
+    monkeypatch.setattr(embedder, "embed_documents", embed)
+    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
+    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    monkeypatch.setattr(ingest_module, "_GROUP_LINGER_S", 5.0)  # however slowly the files come
+    app.settings.ingest.commit_every = 1
+    write_docs(tmp_path / "docs", 4)
+    transactions: list[int] = []
+    real_transaction = store.KnowledgeBase.transaction
+
+    def counting(self: Any) -> Any:
+        transactions.append(1)
+        return real_transaction(self)
+
+    monkeypatch.setattr(store.KnowledgeBase, "transaction", counting)
+    report = ingest(app, tmp_path / "docs")
+    assert (report.failures, report.count("added")) == ([], 4)
+    assert len(calls) == 1, calls  # four files of a few texts each: one call
+    assert len(transactions) == 4  # one checkpoint per file, as configured
 
 
 class FailingEmbedder(HashingEmbedder):

@@ -95,8 +95,8 @@ DEFAULT_SYSTEM_PROMPT_EN = "You are Zhiku's assistant. Answer in English, accura
 # model follows what it read last. No "say when it is not there": the service decides that before asking
 # (chat.min_coverage), and asked to, the 0.5B model refused answerable questions (7 of 100 dev questions).
 GROUNDED_TEMPLATE_ZH = (
-    "资料：\n{passages}\n\n只根据上面的资料回答问题，不要使用资料以外的知识。回答简短，直接使用资料原文中的词句，"
-    "并在句末标注依据的资料编号，如[1]。\n问题：{question}"
+    "资料：\n{passages}\n\n只根据上面的资料回答问题，不要使用资料以外的知识。从资料中找出回答问题的句子，原样摘录，"
+    "不要改写，并在句末标注资料编号，如[1]。\n问题：{question}"
 )
 GROUNDED_TEMPLATE_EN = (
     "Sources:\n{passages}\n\nAnswer the question from the sources above only, not from other knowledge. Be "

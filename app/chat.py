@@ -187,11 +187,12 @@ class ChatService:
         return coverage(query, [p.text for p in passages]) >= self.settings.chat.min_coverage
 
     def finish(
-        self, question: str, answer: str, passages: Sequence[Passage], evidence: Sequence[str] = ()
+        self, query: str, answer: str, passages: Sequence[Passage], evidence: Sequence[str] = ()
     ) -> AnswerEvent:
-        """The answer as shown: [n] markers where the model gave none, and the source text that answers the
-        question (``chat.quote_evidence``). A reply with no words of its own (the small model sometimes
-        echoes the passages' "[1]" and stops) is replaced by that source text."""
+        """The answer as shown: [n] markers where the model gave none, and the source text that answers
+        ``query`` (what retrieval searched for: a follow-up with the question it follows), when
+        ``chat.quote_evidence``. A reply with no words of its own (the small model sometimes echoes the
+        passages' "[1]" and stops) is replaced by that source text."""
         if not passages:
             return AnswerEvent(answer)
         if is_not_found(answer):
@@ -200,7 +201,7 @@ class ChatService:
         chat = self.settings.chat
         answer = LEADING_CITATIONS.sub("", answer)  # "[1] 2个社区" copies the passages' layout
         words = normalize(CITATION.sub("", answer))
-        quote = best_quote(question, texts, chat.quote_min_chars) if chat.quote_evidence or not words else None
+        quote = best_quote(query, texts, chat.quote_min_chars) if chat.quote_evidence or not words else None
         if quote is not None and not words:
             shown = f"{quote.text}[{quote.passage + 1}]"
         else:

@@ -7,8 +7,9 @@ each call gets the conversation's history and settings, so browser sessions neve
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,25 @@ from llms.base import ChatBackend, GenerationOptions, Message, fit_messages
 def is_chinese(text: str) -> bool:
     """The question's language picks the system prompt: any Han character counts as Chinese."""
     return has_han(text)
+
+
+# What the start of a reply may be while it could still become a citation marker: "", " ", "[", "[1"
+_MARKER_SO_FAR = re.compile(r"\s*(?:\[\d{0,2})?")
+
+
+def without_leading_citations(pieces: Iterable[str]) -> Iterator[str]:
+    """Streamed pieces without the "[1] " a small model copies from the passages' layout at the start of
+    its reply, as the answer shown at the end drops it: the first piece waits until the reply's start is
+    clearly not a marker."""
+    stream = iter(pieces)
+    head = ""
+    for piece in stream:
+        head += piece
+        rest = LEADING_CITATIONS.sub("", head)
+        if not _MARKER_SO_FAR.fullmatch(rest):
+            yield rest
+            break
+    yield from stream
 
 
 @dataclass(frozen=True)
@@ -275,7 +295,7 @@ class ChatService:
         # bounded concurrency: extra requests wait here; closing() ends the generation as soon as the
         # consumer stops (UI stop button, client gone) instead of whenever the generator is collected
         with slot, contextlib.closing(backend.stream(messages, options)) as pieces:
-            for piece in pieces:
+            for piece in without_leading_citations(pieces) if passages else pieces:
                 answer += piece
                 yield TextEvent(piece)
         yield self.finish(query, answer, passages, evidence or ())

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from app.chat import AnswerEvent, ChatRequest, ChatService, SourcesEvent, StatusEvent, TextEvent, is_chinese
+from app.chat import (
+    AnswerEvent,
+    ChatRequest,
+    ChatService,
+    SourcesEvent,
+    StatusEvent,
+    TextEvent,
+    is_chinese,
+    without_leading_citations,
+)
 from app.container import Zhiku
 from app.settings import DEFAULT_SYSTEM_PROMPT_EN, DEFAULT_SYSTEM_PROMPT_ZH
 from knowledge.evidence import NOT_FOUND_EN, NOT_FOUND_ZH
@@ -93,6 +102,21 @@ def test_a_reply_with_no_words_of_its_own_becomes_the_source_text_that_answers(
     # a reply that starts by copying the passages' "[1] " keeps its words, not the copied marker
     shown = svc.finish("黄河被称为什么？", "[1] 母亲河", passages).text
     assert shown.startswith("母亲河") and "> 黄河是中国第二长河，被称为母亲河。" in shown
+
+
+@pytest.mark.parametrize(
+    ("pieces", "streamed"),
+    [
+        (["[", "1]", " 桃花", "源"], ["桃花", "源"]),  # the copied marker never reaches the screen
+        ([" ", "[1]", "\n", "答案"], ["答案"]),
+        (["[1] [2]", "答"], ["答"]),
+        (["[1]"], []),  # nothing of its own: the answer shown at the end is the quoted source
+        (["[注", "] 文"], ["[注", "] 文"]),  # a bracket that is not a marker goes out as it came
+        (["桃花", "[1]"], ["桃花", "[1]"]),  # markers after the start stay
+    ],
+)
+def test_a_marker_copied_at_the_start_of_a_reply_is_not_streamed(pieces: list[str], streamed: list[str]) -> None:
+    assert list(without_leading_citations(pieces)) == streamed
 
 
 def test_a_question_the_knowledge_base_cannot_answer_gets_not_found_without_the_model(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Literal
+from typing import Any, Literal
 
 Language = Literal["zh-Hans", "zh-Hant", "other"]
 
@@ -74,3 +75,16 @@ def language_of(text: str) -> Language:
     traditional = sum(ch in _TRADITIONAL_SET for ch in text)
     simplified = sum(ch in _SIMPLIFIED_SET for ch in text)
     return "zh-Hant" if traditional > simplified else "zh-Hans"
+
+
+@functools.cache
+def _t2s() -> Any:
+    import opencc  # imported on first use: no work at import time
+
+    return opencc.OpenCC("t2s")
+
+
+def to_simplified(text: str) -> str:
+    """``text`` with Traditional Chinese characters and phrases written in Simplified (OpenCC t2s), for
+    comparing words across the scripts: "桃花源记中渔人" asked of "桃花源記 … 漁人"."""
+    return _t2s().convert(text) if has_han(text) else text

@@ -58,6 +58,15 @@ def test_the_quote_answers_the_question_and_a_short_one_takes_the_next_sentence(
     assert best_quote("量子计算机", [RIVER]) is None
 
 
+def test_a_simplified_question_finds_its_answer_in_a_traditional_passage() -> None:
+    story = "桃花源記\n東晉 陶淵明\n晉太元中，武陵人捕魚為業。緣溪行，忘路之遠近。漁人甚異之。"
+    guide = "注意：Big5 编码的文件也能被当作 GB18030 解码，本目录中的《桃花源记》就是这样。"
+    question = "桃花源记中捕鱼的武陵人是哪个朝代的人？"
+    quote = best_quote(question, [guide, story])
+    assert quote is not None and quote.passage == 1 and "晉太元中" in quote.text  # quoted as the passage has it
+    assert coverage(question, [story]) > coverage(question, [guide])
+
+
 def test_the_evidence_is_the_best_sentence_and_its_neighbours_verbatim_within_the_budget() -> None:
     evidence = select_evidence("路口镇管辖下有几个村和社区？", [RIVER, TOWN], budget=60)
     assert evidence[0] == ""  # the river passage shares no word with the question

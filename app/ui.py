@@ -1,8 +1,10 @@
 """The web UI (Gradio): chat with a knowledge base, manage system-prompt presets, upload documents.
 
-Everything a conversation owns lives in the browser session: the chat history is the Chatbot's value,
-the system prompt and generation settings are component values. This module keeps no mutable state;
-the shared parts (models, knowledge bases, presets on disk) belong to the services of :class:`Zhiku`.
+A browser session shows one conversation: its chat is the Chatbot's value, its system prompt and
+generation settings are component values, and each finished answer saves them to the conversation store
+(:mod:`app.ui_conversations`), whose id the browser keeps so that a reload reopens it. This module keeps no
+mutable state; the shared parts (models, knowledge bases, presets and conversations on disk) belong to the
+services of :class:`Zhiku` and the stores.
 
 :func:`layout` creates the components, :func:`wire` connects their events to the handlers of
 :mod:`app.ui_handlers` (plain functions, tested without a browser) through thin adapters that speak
@@ -19,9 +21,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from app import ui_conversations as uc
 from app import ui_handlers as h
 from app.auth import Users, make_auth
 from app.container import Zhiku
+from app.conversations import ConversationStore
 from app.presets import PresetStore
 from app.ui_handlers import NO_KB, NONE_YET, ChatControls, ChatUpdate, PresetUpdate
 from common.errors import ZhikuError
@@ -49,8 +53,9 @@ def build_ui(app: Zhiku) -> gr.Blocks:
     import gradio as gr
 
     presets = PresetStore(app.settings.data_dir)
+    conversations = ConversationStore(app.settings.data_dir)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        wire(demo, app, presets, layout(app, presets))
+        wire(demo, app, presets, conversations, layout(app, presets))
     demo.queue(default_concurrency_limit=app.settings.llm.max_concurrent)
     return demo
 
@@ -81,11 +86,48 @@ class Components:
     upload_result: gr.Markdown
     page_choice: gr.Dropdown  # the current answer's PDF sources
     page_view: gr.Image  # the chosen one's page, its passage marked
+    sidebar: Sidebar
 
     @property
     def controls(self) -> list[Any]:
         """The inputs of :class:`ChatControls`, in its order."""
         return [self.kb, self.system_prompt, *self.generation]
+
+
+@dataclass(frozen=True)
+class Sidebar:
+    """The saved conversations: a list to open one, and what can be done with the open one."""
+
+    new: gr.Button
+    search: gr.Textbox
+    listing: gr.Radio
+    title: gr.Textbox
+    rename: gr.Button
+    delete: gr.Button
+    export_md: gr.Button
+    export_json: gr.Button
+    export_file: gr.File
+
+
+def _sidebar() -> Sidebar:
+    import gradio as gr
+
+    with gr.Sidebar(label="对话 Conversations", open=True, elem_id="conversations"):
+        new = gr.Button("＋ 新对话 New chat", variant="primary", size="sm", elem_id="conv-new")
+        search = gr.Textbox(
+            show_label=False, placeholder="搜索对话 Search", max_lines=1, elem_id="conv-search", submit_btn=False
+        )
+        listing = gr.Radio(choices=[], value=None, show_label=False, elem_id="conv-list")
+        with gr.Accordion("当前对话 This conversation", open=False, elem_id="conv-actions"):
+            title = gr.Textbox(label="名称 Name", max_lines=1, elem_id="conv-title")
+            with gr.Row():
+                rename = gr.Button("重命名 Rename", size="sm", elem_id="conv-rename")
+                delete = gr.Button("删除 Delete", size="sm", variant="stop", elem_id="conv-delete")
+            with gr.Row():
+                export_md = gr.Button("导出 Markdown", size="sm", elem_id="conv-export-md")
+                export_json = gr.Button("导出 JSON", size="sm", elem_id="conv-export-json")
+            export_file = gr.File(label="导出文件 Export", interactive=False, elem_id="conv-export-file")
+    return Sidebar(new, search, listing, title, rename, delete, export_md, export_json, export_file)
 
 
 def layout(app: Zhiku, presets: PresetStore) -> Components:
@@ -95,6 +137,7 @@ def layout(app: Zhiku, presets: PresetStore) -> Components:
     settings = app.settings
     initial_kbs = h.kb_choices(app.kbs)
     gr.Markdown(f"# {TITLE}\n与你的文档对话 · Chat with your documents", elem_id="title")
+    sidebar = _sidebar()
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(
@@ -102,7 +145,7 @@ def layout(app: Zhiku, presets: PresetStore) -> Components:
                 elem_id="chatbot",
                 height=380,
                 buttons=["copy"],
-                feedback_options=None,
+                feedback_options=("Like", "Dislike"),  # 👍/👎, stored with the conversation
                 placeholder="选择知识库，然后提问 · Pick a knowledge base and ask a question",
                 # no LaTeX: Gradio cuts $$...$$ out of the Markdown before parsing it, which could unpair
                 # the code fences that safe_markdown() relies on
@@ -195,7 +238,7 @@ def layout(app: Zhiku, presets: PresetStore) -> Components:
     return Components(
         chatbot, question, send, stop, regenerate, clear, sources, effective, kb, system_prompt, preset_list,
         preset_name, preset_save, preset_delete, generation, files, upload_kb, upload_button, upload_result,
-        page_choice, page_view,
+        page_choice, page_view, sidebar,
     )  # fmt: skip
 
 
@@ -245,10 +288,11 @@ class Adapters:
     """The handlers of :mod:`app.ui_handlers` in Gradio's terms: component values in; values, dropdown
     updates, ``gr.skip()`` for "unchanged" and toasts out."""
 
-    def __init__(self, gr: ModuleType, app: Zhiku, presets: PresetStore) -> None:
+    def __init__(self, gr: ModuleType, app: Zhiku, presets: PresetStore, conversations: ConversationStore) -> None:
         self.gr = gr
         self.app = app
         self.presets = presets
+        self.conversations = conversations
 
     def toast(self, warning: str | None, info: str | None = None) -> None:
         # a toast renders its text as HTML: escaped, a message quoting a name or a document adds no <img>
@@ -327,13 +371,86 @@ class Adapters:
             kb = self.gr.Dropdown(choices=update.kbs, **({"value": update.kb} if update.kb else {}))
         return self.keep(update.summary), kb, None if update.clear_files else self.gr.skip()
 
+    # ---- saved conversations (the sidebar) ----
 
-def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> None:
+    def listing(self, choices: uc.Choices | None, selected: str | None) -> Any:
+        if choices is None:
+            return self.gr.skip()
+        return self.gr.Radio(choices=choices, value=selected or None)
+
+    def save(self, conversation_id: str | None, chat: Any, owner: str, *controls: Any) -> tuple[Any, Any]:
+        """(the session's conversation id, the sidebar list) after an answer."""
+        saved = uc.save(self.conversations, owner, conversation_id, chat, ChatControls(*controls))
+        self.toast(saved.warning)
+        return saved.conversation_id, self.listing(saved.choices, saved.conversation_id)
+
+    def control_values(self, controls: ChatControls) -> list[Any]:
+        """The values of :attr:`Components.controls` for ``controls`` (the config's default where None)."""
+        gen = self.app.settings.chat.generation
+        defaults = [gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, None, self.app.settings.chat.top_k]
+        given = [getattr(controls, name) for name in uc.GENERATION]
+        kb = controls.kb if controls.kb in h.kb_choices(self.app.kbs) else NO_KB
+        return [
+            kb,
+            controls.system_prompt or "",
+            *(d if g is None else g for g, d in zip(given, defaults, strict=True)),
+        ]
+
+    def open(self, conversation_id: str | None, owner: str, *, quiet: bool = False) -> tuple[Any, ...]:
+        """Outputs of :func:`wire`'s ``opened``: the id, the chat and its panels, the controls, the name."""
+        opened = uc.open_conversation(self.conversations, owner, conversation_id)
+        if not quiet:
+            self.toast(opened.warning)
+        title = ""
+        if opened.conversation_id:
+            title = self.conversations.get(owner, opened.conversation_id).title
+        choices = uc.choices(self.conversations, owner)
+        controls = self.control_values(opened.controls) if opened.conversation_id else [self.gr.skip()] * 8
+        return (
+            opened.conversation_id,
+            self.gr.Radio(choices=choices, value=opened.conversation_id or None),
+            opened.chat,
+            NONE_YET,
+            "",
+            [],
+            self.gr.Dropdown(choices=[], value=None),
+            None,
+            *controls,
+            title,
+        )
+
+    def search(self, query: str | None, conversation_id: str | None, owner: str) -> Any:
+        return self.gr.Radio(choices=uc.choices(self.conversations, owner, query or ""), value=conversation_id or None)
+
+    def rename(self, conversation_id: str | None, title: str | None, owner: str) -> Any:
+        saved = uc.rename(self.conversations, owner, conversation_id, title)
+        self.toast(saved.warning)
+        return self.listing(saved.choices, saved.conversation_id)
+
+    def delete(self, conversation_id: str | None, owner: str) -> tuple[Any, ...]:
+        saved = uc.delete(self.conversations, owner, conversation_id)
+        self.toast(saved.warning)
+        if saved.warning:
+            return (self.gr.skip(),) * 3
+        return "", self.listing(saved.choices, None), []
+
+    def export(self, conversation_id: str | None, kind: str, owner: str) -> Any:
+        path, warning = uc.export(self.conversations, owner, conversation_id, "json" if kind == "json" else "md")
+        self.toast(warning)
+        return None if path is None else str(path)
+
+
+def owner_of(request: Any) -> str:
+    """The logged-in user's name ("" without login): whose conversations a request reaches."""
+    return str(getattr(request, "username", None) or "")
+
+
+def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: ConversationStore, c: Components) -> None:
     """Connect the events of ``demo``'s components. Every event is private (not in the API page); the chat
     events share one concurrency limit, the model's."""
     import gradio as gr
 
-    on = Adapters(gr, app, presets)
+    on = Adapters(gr, app, presets, conversations)
     private: Any = {"api_visibility": "private"}
     chat_limit = app.settings.llm.max_concurrent
 
@@ -404,7 +521,70 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, c: Components) -> No
         concurrency_id="ingest",
         **private,
     )
-    demo.load(on.refresh, inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list], **private)
+    loaded = demo.load(on.refresh, inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list], **private)
+    _wire_conversations(gr, on, c, [chat_event, regen_event], loaded, answer_outputs, private)
+
+
+def _wire_conversations(
+    gr: ModuleType,
+    on: Adapters,
+    c: Components,
+    answers: list[Any],
+    loaded: Any,
+    answer_outputs: list[Any],
+    private: Any,
+) -> None:
+    """The sidebar: each finished answer saves the chat; a reload reopens the session's conversation."""
+    side = c.sidebar
+    # the open conversation's id, kept in the browser's storage: a reload or a new tab reopens it
+    conversation = gr.BrowserState("", storage_key="zhiku-conversation")
+
+    def with_owner(fn: Any) -> Any:
+        """``fn(*inputs, owner)`` as a Gradio handler. Gradio finds ``gr.Request`` by its type annotation,
+        and this module's annotations are strings: the wrapper is given the class itself."""
+
+        def call(*args: Any, request: Any = None) -> Any:
+            return fn(*args, owner_of(request))
+
+        call.__annotations__ = {"request": gr.Request}
+        return call
+
+    def save(conversation_id: str | None, chat: Any, *controls: Any, request: Any = None) -> tuple[Any, Any]:
+        return on.save(conversation_id, chat, owner_of(request), *controls)
+
+    save.__annotations__ = {"request": gr.Request}
+    for event in answers:
+        event.then(save, inputs=[conversation, c.chatbot, *c.controls], outputs=[conversation, side.listing], **private)
+
+    def rate(conversation_id: str | None, request: Any = None, data: Any = None) -> None:
+        on.toast(uc.feedback(on.conversations, owner_of(request), conversation_id, data.index, data.liked))
+
+    rate.__annotations__ = {"request": gr.Request, "data": gr.LikeData}
+    c.chatbot.like(rate, inputs=[conversation], **private)
+
+    opened = [conversation, side.listing, *answer_outputs, *c.controls, side.title]
+    side.listing.input(with_owner(on.open), inputs=[side.listing], outputs=opened, **private)
+    side.new.click(with_owner(lambda owner: on.open(None, owner)), outputs=opened, **private)
+    c.clear.click(lambda: ("", gr.Radio(value=None), ""), outputs=[conversation, side.listing, side.title], **private)
+    on_load = with_owner(lambda cid, owner: on.open(cid, owner, quiet=True))
+    loaded.then(on_load, inputs=[conversation], outputs=opened, **private)
+    side.search.change(with_owner(on.search), inputs=[side.search, conversation], outputs=[side.listing], **private)
+    side.rename.click(with_owner(on.rename), inputs=[conversation, side.title], outputs=[side.listing], **private)
+    side.delete.click(
+        with_owner(on.delete), inputs=[conversation], outputs=[conversation, side.listing, c.chatbot], **private
+    )
+    side.export_md.click(
+        with_owner(lambda cid, owner: on.export(cid, "md", owner)),
+        inputs=[conversation],
+        outputs=[side.export_file],
+        **private,
+    )
+    side.export_json.click(
+        with_owner(lambda cid, owner: on.export(cid, "json", owner)),
+        inputs=[conversation],
+        outputs=[side.export_file],
+        **private,
+    )
 
 
 def launch(

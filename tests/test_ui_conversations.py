@@ -1,0 +1,211 @@
+"""Saved conversations in the UI (issue 13): the sidebar's handlers without a browser, then in Chromium a
+conversation that survives a reload and a server restart, renamed, exported and deleted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import ui_conversations as uc
+from app.container import Zhiku
+from app.conversations import ConversationStore
+from app.settings import load_settings
+from app.ui import launch
+from app.ui_handlers import NO_KB, ChatControls
+from tests.conftest import HashingPlugin
+from tests.test_ui import EchoPlugin, _free_port, ask, browser, messages, wait_answered
+
+__all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
+
+CHAT = [
+    {"role": "user", "content": "长江有多长？"},
+    {"role": "assistant", "content": "约6300公里[1]"},
+]
+
+
+# ----- handlers -------------------------------------------------------------------------------------
+def test_an_answered_chat_is_saved_and_opens_with_its_settings(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    controls = ChatControls(kb="samples", system_prompt="只用中文回答。", temperature=0.3, seed=7.0, retrieval_k=4.0)
+    assert uc.save(store, "", "", [], controls) == uc.Saved("", None)  # nothing to save yet
+    saved = uc.save(store, "", "", CHAT, controls)
+    assert saved.warning is None and saved.conversation_id
+    assert saved.choices == [("今天 Today · 长江有多长？", saved.conversation_id)]
+    more = [*CHAT, {"role": "user", "content": "黄河呢？"}, {"role": "assistant", "content": "约5464公里"}]
+    assert uc.save(store, "", saved.conversation_id, more, controls).conversation_id == saved.conversation_id
+
+    opened = uc.open_conversation(store, "", saved.conversation_id)
+    assert [(m["role"], m["content"]) for m in opened.chat] == [(m["role"], m["content"]) for m in more]
+    assert opened.controls == ChatControls(
+        kb="samples", system_prompt="只用中文回答。", temperature=0.3, seed=7.0, retrieval_k=4.0
+    )
+    assert uc.open_conversation(store, "", "").chat == []
+
+
+def test_a_chat_without_a_knowledge_base_reopens_without_one(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    saved = uc.save(store, "", "", CHAT, ChatControls(kb=NO_KB))
+    assert uc.open_conversation(store, "", saved.conversation_id).controls.kb == NO_KB
+
+
+def test_a_conversation_deleted_elsewhere_is_saved_as_a_new_one(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    first = uc.save(store, "", "", CHAT, ChatControls()).conversation_id
+    assert uc.delete(store, "", first).conversation_id == ""
+    again = uc.save(store, "", first, CHAT, ChatControls())
+    assert again.conversation_id not in ("", first)
+    gone = uc.open_conversation(store, "", first)
+    assert gone.chat == [] and gone.warning and "no conversation" in gone.warning
+
+
+def test_users_reach_only_their_own_conversations(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    alice = uc.save(store, "alice", "", CHAT, ChatControls()).conversation_id
+    assert uc.choices(store, "bob") == []
+    assert uc.open_conversation(store, "bob", alice).chat == []
+    assert uc.rename(store, "bob", alice, "mine").warning
+    assert uc.delete(store, "bob", alice).warning
+    assert uc.export(store, "bob", alice, "json") == (None, f"no conversation {alice}; pick one from the list")
+    # bob's answer to alice's id is saved as bob's own new conversation, never into alice's
+    bobs = uc.save(store, "bob", alice, CHAT, ChatControls()).conversation_id
+    assert bobs != alice
+    assert len(store.messages("alice", alice)) == 2
+
+
+def test_thumbs_on_an_answer_are_stored_with_it(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    cid = uc.save(store, "", "", CHAT, ChatControls()).conversation_id
+    assert uc.feedback(store, "", cid, 1, False) is None
+    assert store.messages("", cid)[1].rating == -1
+    assert uc.feedback(store, "", cid, 1, True) is None
+    assert store.messages("", cid)[1].rating == 1
+    assert uc.feedback(store, "", cid, 0, True) == "only answers can be rated"
+    assert uc.feedback(store, "", cid, 5, True) == "the conversation has no message 6; rate an answer it shows"
+    assert uc.feedback(store, "", "", 1, True) == "this answer is not saved yet: wait until it is complete"
+    assert uc.feedback(store, "intruder", cid, 1, False) is not None
+    assert store.messages("", cid)[1].rating == 1
+
+
+def test_sidebar_labels_group_by_day() -> None:
+    today = dt.date(2026, 12, 2)
+    noon = dt.datetime(2026, 12, 2, 12).timestamp()
+    assert uc.day_label(noon, today) == "今天 Today"
+    assert uc.day_label(noon - 86_400, today) == "昨天 Yesterday"
+    assert uc.day_label(noon - 5 * 86_400, today) == "2026-11-27"
+
+
+def test_export_writes_markdown_and_json(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    cid = uc.save(store, "", "", CHAT, ChatControls(kb="samples")).conversation_id
+    md, warning = uc.export(store, "", cid, "md")
+    assert warning is None and md is not None and md.name == f"conversation-{cid}.md"
+    assert "**问 Q:** 长江有多长？" in md.read_text(encoding="utf-8")
+    js, _ = uc.export(store, "", cid, "json")
+    assert js is not None
+    data = json.loads(js.read_text(encoding="utf-8"))
+    assert [m["content"] for m in data["messages"]] == ["长江有多长？", "约6300公里[1]"]
+    assert data["kb"] == "samples"
+    assert uc.export(store, "", "", "md")[0] is None
+
+
+# ----- in the browser -------------------------------------------------------------------------------
+def _start(data_dir: Path, config: Path) -> str:
+    zhiku = Zhiku(load_settings(config), entry_points=False)
+    zhiku.plugins.register(HashingPlugin())
+    zhiku.plugins.register(EchoPlugin())
+    port = _free_port()
+    launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    data_dir = tmp_path / "data"
+    path = tmp_path / "config.yml"
+    path.write_text(
+        f"data_dir: {json.dumps(str(data_dir))}\nembedding:\n  backend: hashing\nllm:\n  backend: echo\n",
+        encoding="utf-8",
+    )
+    yield data_dir, path
+    import gradio
+
+    gradio.close_all(verbose=False)
+
+
+def _page(browser: Any, url: str) -> tuple[Any, Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.wait_for_selector("#question textarea")
+    return context, page
+
+
+def _listed(page: Any) -> list[str]:
+    return [t.strip() for t in page.locator("#conv-list label").all_inner_texts()]
+
+
+@pytest.mark.slow
+def test_a_conversation_survives_reload_and_restart(browser: Any, config: tuple[Path, Path]) -> None:
+    import gradio
+
+    data_dir, path = config
+    url = _start(data_dir, path)
+    context, page = _page(browser, url)
+    ask(page, "第一个问题：长江有多长？")
+    wait_answered(page, 1)
+    page.wait_for_function("() => document.querySelectorAll('#conv-list label').length === 1")
+    assert _listed(page) == ["今天 Today · 第一个问题：长江有多长？"]
+    answered = messages(page)
+
+    page.reload()  # the browser remembers which conversation it had open
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === 1")
+    assert messages(page) == answered
+    context.close()
+
+    gradio.close_all(verbose=False)
+    url = _start(data_dir, path)  # a new server process over the same data dir
+    context, page = _page(browser, url)  # and a new browser: nothing remembered there
+    page.wait_for_function("() => document.querySelectorAll('#conv-list label').length === 1")
+    assert messages(page) == []
+    page.locator("#conv-list label").first.click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === 1")
+    assert messages(page) == answered
+
+    # 👍 on the answer is stored with it
+    page.locator('#chatbot [data-testid="bot"]').first.hover()
+    page.locator('#chatbot button[aria-label="赞"], #chatbot button[aria-label="Like"]').first.click()  # zh-CN: 赞
+    store = ConversationStore(data_dir)
+    (conv,) = store.conversations("")
+    for _ in range(600):  # the event is asynchronous: wait for it (a hang guard, not a timing check)
+        if store.messages("", conv.id)[1].rating == 1:
+            break
+        page.wait_for_timeout(100)
+    assert store.messages("", conv.id)[1].rating == 1
+
+    page.get_by_text("当前对话 This conversation").click()
+    title = page.locator("#conv-title").locator("input, textarea").first
+    assert title.input_value() == "第一个问题：长江有多长？"
+    title.fill("长江")
+    page.locator("#conv-rename").click()
+    page.wait_for_function("() => document.querySelector('#conv-list').innerText.includes('今天 Today · 长江')")
+
+    page.locator("#conv-export-json").click()
+    link = page.locator("#conv-export-file a").first
+    link.wait_for()
+    with page.expect_download() as download:
+        link.click()
+    exported = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
+    assert exported["title"] == "长江"
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant"]
+
+    page.locator("#conv-delete").click()
+    page.wait_for_function("() => document.querySelectorAll('#conv-list label').length === 0")
+    assert messages(page) == []
+    assert ConversationStore(data_dir).conversations("") == []
+    context.close()

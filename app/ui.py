@@ -317,8 +317,11 @@ class Adapters:
         self, question: str | None, chat: Any, stopper: h.Stopper | None, *controls: Any
     ) -> Iterator[tuple[Any, ...]]:
         updates = h.ask(self.app.chat, question, chat, ChatControls(*controls))
+        taken = False  # the box is emptied once, when the question is taken: a draft typed later stays
         for update in h.until_stopped(updates, stopper):
-            yield ("" if update.chat is not None else self.gr.skip(), *self.chat_outputs(update))
+            box = self.gr.skip() if taken or update.chat is None else ""
+            taken = taken or update.chat is not None
+            yield (box, *self.chat_outputs(update))
 
     def regenerate(self, chat: Any, stopper: h.Stopper | None, *controls: Any) -> Iterator[tuple[Any, ...]]:
         for update in h.until_stopped(h.regenerate(self.app.chat, chat, ChatControls(*controls)), stopper):
@@ -472,7 +475,8 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         outputs=[c.question, *answer_outputs],
         concurrency_limit=chat_limit,
         concurrency_id="chat",
-        trigger_mode="once",
+        # a question sent while an answer streams waits for it, then is answered (the box keeps it meanwhile)
+        trigger_mode="always_last",
         show_progress="minimal",
         **private,
     )

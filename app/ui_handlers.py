@@ -42,6 +42,7 @@ NONE_YET = '<p class="sources-note"><em>暂无 / none yet</em></p>'
 SEARCHING = '<p class="sources-note"><em>检索中… / searching…</em></p>'
 NOT_SEARCHED = '<p class="sources-note"><em>—</em></p>'  # an answer that failed before its sources came
 EMPTY_ANSWER = "（模型没有给出回答 / empty answer）"
+STOPPED_MARK = "（已停止 / stopped）"  # ends an answer cut short by Stop
 INTERNAL_ERROR = "内部错误 / internal error"
 NO_QUESTION = "请输入问题 / Please type a question"
 NOTHING_TO_REGENERATE = "还没有可以重新生成的问题 / Nothing to regenerate yet"
@@ -198,6 +199,10 @@ def no_kb_html() -> str:
     return _note("未使用知识库 / no knowledge base selected")
 
 
+def retrieval_off_html() -> str:
+    return _note("未检索：检索段落数为 0 / not searched: retrieval top-k is 0")
+
+
 def not_found_html(kb: str) -> str:
     return _note(f"知识库 {kb} 中没有找到能回答这个问题的段落 / nothing in the knowledge base answers this")
 
@@ -323,7 +328,7 @@ def history_of(chat: Sequence[dict[str, str]]) -> list[Message]:
     turns: list[Message] = []
     pending: str | None = None
     for m in chat:
-        text = model_text(m["content"]).strip()
+        text = model_text(m["content"]).strip().removesuffix(STOPPED_MARK).strip()
         if m["role"] == "user":
             pending = text or None
         elif pending is not None and text and not text.startswith(ERROR_MARK):
@@ -416,7 +421,9 @@ def answer(
     the answer was shown; closing the generator (Stop) ends the model's generation at once."""
     kb = kb_name(controls.kb)
     chat = [*prior, {"role": "user", "content": safe_markdown(question)}]
-    sources = SEARCHING if kb else no_kb_html()
+    # top-k 0 answers without searching: the panel says so instead of "nothing found"
+    retrieval_off = kb is not None and controls.retrieval_k is not None and int(controls.retrieval_k) <= 0
+    sources = (retrieval_off_html() if retrieval_off else SEARCHING) if kb else no_kb_html()
     found: list[Source] = []
     effective = text = ""
 
@@ -445,7 +452,7 @@ def answer(
                     yield ChatUpdate([*chat, status], sources, effective)
                 elif isinstance(event, SourcesEvent):  # shown at once, marked when the answer is complete
                     found = list(event.sources)
-                    sources = sources_html(found, kb)
+                    sources = retrieval_off_html() if retrieval_off else sources_html(found, kb)
                     yield ChatUpdate(chat, sources, effective)
                 elif isinstance(event, TextEvent) and event.text:
                     text += event.text
@@ -506,12 +513,18 @@ class Stopper:
 
 
 def until_stopped(updates: Iterator[ChatUpdate], stopper: Stopper | None) -> Iterator[ChatUpdate]:
-    """``updates`` until Stop is pressed; then ``updates`` is closed, which ends the model's generation."""
+    """``updates`` until Stop is pressed; then ``updates`` is closed, which ends the model's generation, and
+    the answer shown so far is marked as stopped."""
     ticket = stopper.begin() if stopper is not None else 0
     try:
         for update in updates:
             yield update
             if stopper is not None and stopper.stopped(ticket):
+                if update.chat and update.chat[-1]["role"] == "assistant":
+                    last = update.chat[-1]["content"]
+                    if not last.startswith(ERROR_MARK) and not last.endswith(STOPPED_MARK):
+                        marked = {"role": "assistant", "content": f"{last}\n\n{STOPPED_MARK}"}
+                        yield ChatUpdate([*update.chat[:-1], marked])
                 return
     finally:
         close = getattr(updates, "close", None)

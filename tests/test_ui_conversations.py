@@ -1,11 +1,13 @@
 """Saved conversations in the UI (issue 13): the sidebar's handlers without a browser, then in Chromium a
-conversation that survives a reload and a server restart, renamed, exported and deleted."""
+conversation that survives a reload and a server restart, renamed, exported and deleted; and the input box
+during an answer (a draft stays, a question sent meanwhile is answered next)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from app.conversations import ConversationStore
 from app.settings import load_settings
 from app.ui import launch
 from app.ui_handlers import NO_KB, ChatControls
+from llms.base import GenerationOptions, Message
+from plugins.hookspecs import hookimpl
 from tests.conftest import HashingPlugin
 from tests.test_ui import EchoPlugin, _free_port, ask, browser, messages, wait_answered
 
@@ -114,10 +118,32 @@ def test_export_writes_markdown_and_json(tmp_path: Path) -> None:
 
 
 # ----- in the browser -------------------------------------------------------------------------------
+class Slow:
+    """An LLM backend whose answer takes a few seconds to stream: time to type while it answers."""
+
+    name = "slow"
+    context_window = 100_000
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return sum(len(m.content) for m in messages)
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
+        for n in range(30):
+            time.sleep(0.1)
+            yield f"{n} "
+
+
+class SlowPlugin:
+    @hookimpl
+    def register_llms(self, register: Any) -> None:
+        register("slow", lambda options: Slow())
+
+
 def _start(data_dir: Path, config: Path) -> str:
     zhiku = Zhiku(load_settings(config), entry_points=False)
     zhiku.plugins.register(HashingPlugin())
     zhiku.plugins.register(EchoPlugin())
+    zhiku.plugins.register(SlowPlugin())
     port = _free_port()
     launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     return f"http://127.0.0.1:{port}/"
@@ -208,4 +234,36 @@ def test_a_conversation_survives_reload_and_restart(browser: Any, config: tuple[
     page.wait_for_function("() => document.querySelectorAll('#conv-list label').length === 0")
     assert messages(page) == []
     assert ConversationStore(data_dir).conversations("") == []
+    context.close()
+
+
+@pytest.mark.slow
+def test_a_draft_stays_and_a_question_sent_during_an_answer_is_answered_next(
+    browser: Any, config: tuple[Path, Path]
+) -> None:
+    data_dir, path = config
+    path.write_text(path.read_text(encoding="utf-8").replace("backend: echo", "backend: slow"), encoding="utf-8")
+    context, page = _page(browser, _start(data_dir, path))
+    box = page.locator("#question textarea")
+    streaming = (
+        "() => /\\d+ \\d+/.test([...document.querySelectorAll('#chatbot [data-testid=\"bot\"]')].pop()?.innerText"
+        " ?? '')"
+    )
+
+    ask(page, "第一个问题")
+    page.wait_for_function(streaming)  # the answer is streaming: the question was taken
+    box.fill("还没写完的草稿")
+    wait_answered(page, 1)
+    assert box.input_value() == "还没写完的草稿"  # the finished answer left the draft alone
+
+    box.fill("第二个问题")
+    page.locator("#send").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === 2")
+    page.wait_for_function(streaming)
+    box.fill("第三个问题")  # sent while the second answer streams: it waits, then is answered
+    page.locator("#send").click()
+    wait_answered(page, 3)
+    chat = messages(page)
+    assert [text for role, text in chat if role == "user"] == ["第一个问题", "第二个问题", "第三个问题"]
+    assert all(text.startswith("0 1 2") for role, text in chat if role == "bot")
     context.close()

@@ -29,6 +29,7 @@ from app.ui_handlers import (
     NOT_SEARCHED,
     NOTHING_TO_REGENERATE,
     SEARCHING,
+    STOPPED_MARK,
     ChatControls,
     ChatUpdate,
     PageRef,
@@ -42,6 +43,7 @@ from app.ui_handlers import (
     preset_names,
     refresh,
     regenerate,
+    retrieval_off_html,
     safe_markdown,
     save_preset,
     show_page,
@@ -208,9 +210,19 @@ def test_stop_ends_the_sessions_answer_in_progress_and_not_the_next_one(
         if shown[-1] == "Hello":
             other.stop()  # another session's Stop changes nothing here
             stopper.stop()
-    assert shown[-1] == "Hello" and backend.closed == 1  # the generation ended at once
+    # the generation ended at once, and the answer shown so far says it was stopped
+    assert shown[-2:] == ["Hello", f"Hello\n\n{STOPPED_MARK}"] and backend.closed == 1
     *_, last = until_stopped(ask(service, "hi", [], ChatControls()), stopper)
     assert texts(last)[-1] == ("assistant", "Hello, world")  # a Stop before an answer does not end it
+    # the mark is the UI's: a follow-up gives the model the answer without it
+    stopped = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"Hello\n\n{STOPPED_MARK}"}]
+    assert [m.content for m in history_of(stopped)] == ["hi", "Hello"]
+
+
+def test_retrieval_top_k_zero_says_it_did_not_search(service: ChatService) -> None:
+    *_, last = ask(service, "青蛙有几只？", [], ChatControls(kb="notes", retrieval_k=0))
+    assert last.sources == retrieval_off_html()
+    assert texts(last)[-1][0] == "assistant" and not texts(last)[-1][1].startswith(ERROR_MARK)
 
 
 def test_history_keeps_only_answered_turns_as_the_model_wrote_them() -> None:

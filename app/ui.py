@@ -271,7 +271,14 @@ def _generation_settings(app: Zhiku) -> list[Any]:
                 label="max_new_tokens",
                 elem_id="max-new-tokens",
             ),
-            gr.Number(value=gen.seed, precision=0, label="seed（留空 = 随机 / empty: random）", elem_id="seed"),
+            # a Textbox, not a Number: an empty Number becomes 0 when the accordion first renders it, which
+            # silently turned "random" into seed 0
+            gr.Textbox(
+                value="" if gen.seed is None else str(gen.seed),
+                label="seed（留空 = 随机 / empty: random）",
+                max_lines=1,
+                elem_id="seed",
+            ),
             gr.Slider(
                 0,
                 50,
@@ -390,7 +397,8 @@ class Adapters:
     def control_values(self, controls: ChatControls) -> list[Any]:
         """The values of :attr:`Components.controls` for ``controls`` (the config's default where None)."""
         gen = self.app.settings.chat.generation
-        defaults = [gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, None, self.app.settings.chat.top_k]
+        seed = "" if gen.seed is None else str(gen.seed)
+        defaults = [gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, seed, self.app.settings.chat.top_k]
         given = [getattr(controls, name) for name in uc.GENERATION]
         kb = controls.kb if controls.kb in h.kb_choices(self.app.kbs) else NO_KB
         return [

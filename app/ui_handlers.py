@@ -384,7 +384,7 @@ class ChatControls:
     top_p: float | None = None
     top_k: float | None = None
     max_new_tokens: float | None = None
-    seed: float | None = None  # None: random (it has no config default to fall back to)
+    seed: float | str | None = None  # None or empty: random (it has no config default to fall back to)
     retrieval_k: float | None = None
 
 
@@ -409,8 +409,22 @@ def generation_options(defaults: GenerationOptions, controls: ChatControls) -> G
         "max_new_tokens": None if controls.max_new_tokens is None else int(controls.max_new_tokens),
     }
     options = {**defaults.model_dump(), **{k: v for k, v in given.items() if v is not None}}
-    options["seed"] = None if controls.seed is None else int(controls.seed)
+    options["seed"] = parse_seed(controls.seed)
     return GenerationOptions(**options)
+
+
+def parse_seed(seed: float | str | None) -> int | None:
+    """The seed box's value as an int; None (random) when empty."""
+    if isinstance(seed, str):
+        text = seed.strip()
+        if not text:
+            return None
+        if not re.fullmatch(r"[+-]?\d{1,19}", text):
+            raise ValueError(
+                f"seed {text[:40]!r} is not a whole number: write one, or leave it empty for a random seed"
+            )
+        return int(text)
+    return None if seed is None else int(seed)
 
 
 def answer(

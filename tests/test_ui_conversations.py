@@ -267,3 +267,16 @@ def test_a_draft_stays_and_a_question_sent_during_an_answer_is_answered_next(
     assert [text for role, text in chat if role == "user"] == ["第一个问题", "第二个问题", "第三个问题"]
     assert all(text.startswith("0 1 2") for role, text in chat if role == "bot")
     context.close()
+
+
+@pytest.mark.slow
+def test_opening_the_generation_settings_changes_nothing(browser: Any, config: tuple[Path, Path]) -> None:
+    """An empty seed (random) used to become 0 when the accordion first rendered it."""
+    data_dir, path = config
+    context, page = _page(browser, _start(data_dir, path))
+    page.get_by_text("生成设置 Generation settings").click()
+    seed = page.locator("#seed").locator("input, textarea").first
+    seed.wait_for()
+    page.locator("#max-new-tokens input[type=number]").wait_for()
+    assert seed.input_value() == ""
+    context.close()

@@ -39,6 +39,7 @@ from app.ui_handlers import (
     history_of,
     md_cell,
     model_text,
+    parse_seed,
     pick_preset,
     preset_names,
     refresh,
@@ -217,6 +218,18 @@ def test_stop_ends_the_sessions_answer_in_progress_and_not_the_next_one(
     # the mark is the UI's: a follow-up gives the model the answer without it
     stopped = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"Hello\n\n{STOPPED_MARK}"}]
     assert [m.content for m in history_of(stopped)] == ["hi", "Hello"]
+
+
+@pytest.mark.parametrize(("box", "seed"), [("", None), ("  ", None), (" 42 ", 42), ("-3", -3), (None, None), (7.0, 7)])
+def test_the_seed_box_is_empty_for_random_or_a_whole_number(box: float | str | None, seed: int | None) -> None:
+    assert parse_seed(box) == seed
+
+
+def test_a_seed_that_is_not_a_number_is_a_warning(service: ChatService) -> None:
+    with pytest.raises(ValueError, match="leave it empty for a random seed"):
+        parse_seed("1.5")
+    *_, last = ask(service, "hi", [], ChatControls(seed="abc"))
+    assert last.warning is not None and "'abc' is not a whole number" in last.warning
 
 
 def test_retrieval_top_k_zero_says_it_did_not_search(service: ChatService) -> None:

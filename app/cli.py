@@ -31,6 +31,11 @@ cli = typer.Typer(
 )
 kb_cli = typer.Typer(help="List, inspect, check and delete knowledge bases.", no_args_is_help=True)
 cli.add_typer(kb_cli, name="kb")
+users_cli = typer.Typer(
+    help="UI accounts (login is on when there is one): stored as password hashes in <data_dir>/users.json.",
+    no_args_is_help=True,
+)
+cli.add_typer(users_cli, name="users")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="config file (default: $ZHIKU_CONFIG or config.yml)")]
 DataDirOpt = Annotated[
@@ -48,10 +53,17 @@ EXIT_ERROR = 2
 
 @contextmanager
 def _app(config: Path | None, data_dir: Path | None) -> Iterator[Zhiku]:
-    """Build the app and check its configuration; the error boundary of every command: a ZhikuError (or an
-    operating-system error such as a missing file) becomes one ``error:`` line and its exit code."""
-    try:
+    """Build the app and check its configuration, inside :func:`_errors`."""
+    with _errors():
         yield Zhiku(load_settings(config, data_dir=data_dir)).check()
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """The error boundary of every command: a ZhikuError (or an operating-system error such as a missing
+    file) becomes one ``error:`` line and its exit code."""
+    try:
+        yield
     except ZhikuError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
@@ -178,9 +190,11 @@ def serve(
 ) -> None:
     """Start the chat web UI."""
     from app.ui import launch
+    from app.users import UserStore, all_logins
 
     with _app(config, data_dir) as app:
-        users = [(u.name, u.password_hash) for u in app.settings.server.users]
+        configured = [(u.name, u.password_hash) for u in app.settings.server.users]
+        users = all_logins(configured, UserStore(app.settings.data_dir))
         launch(app, host=host, port=port, auth=users or None)
 
 
@@ -329,3 +343,67 @@ def kb_delete(
 
 def main() -> None:
     cli()
+
+
+def _user_store(config: Path | None, data_dir: Path | None) -> Any:
+    from app.users import UserStore
+
+    return UserStore(load_settings(config, data_dir=data_dir).data_dir)
+
+
+def _read_password(from_stdin: bool) -> str:
+    import getpass
+    import sys
+
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if not sys.stdin.isatty():
+        raise ZhikuError("no terminal to ask for the password", "pipe it in with --password-stdin")
+    first = getpass.getpass("password: ")
+    if first != getpass.getpass("again: "):
+        raise ZhikuError("the passwords differ", "type the same password twice")
+    return first
+
+
+@users_cli.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="the login name")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from standard input (one line)")
+    ] = False,
+    replace: Annotated[bool, typer.Option(help="set a new password for an existing user")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Add a UI user (asks for the password twice; only its salted scrypt hash is stored)."""
+    with _errors():
+        store = _user_store(config, data_dir)
+        added = store.add(name, _read_password(password_stdin), replace=replace)
+    typer.echo(f"user {added} saved in {store.path}; restart `serve` to log them in")
+
+
+@users_cli.command("remove")
+def users_remove(name: Annotated[str, typer.Argument()], config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Remove a UI user added with `users add` (their conversations and presets stay on disk)."""
+    with _errors():
+        store = _user_store(config, data_dir)
+        store.remove(name)
+    typer.echo(f"user {name} removed; restart `serve` to log them out")
+
+
+@users_cli.command("list")
+def users_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """The UI users: those of `users add` and those of server.users in config.yml."""
+    with _errors():
+        settings = load_settings(config, data_dir=data_dir)
+        from app.users import UserStore
+
+        stored = UserStore(settings.data_dir).names()
+        configured = [u.name for u in settings.server.users]
+    rows = [{"name": n, "source": "users.json"} for n in stored] + [
+        {"name": n, "source": "config.yml"} for n in configured
+    ]
+    if as_json:
+        _print_json(rows)
+    else:
+        typer.echo("\n".join(f"{r['name']}\t({r['source']})" for r in rows) if rows else "no users: login is off")

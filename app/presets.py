@@ -7,6 +7,7 @@ never file paths; they are validated anyway so that they stay printable and unam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import unicodedata
@@ -43,10 +44,15 @@ def validate_preset_name(name: str) -> str:
 
 
 class PresetStore:
-    """CRUD on ``<data_dir>/presets.json``; safe to share between the threads of one process."""
+    """CRUD on ``<data_dir>/presets.json`` (``owner`` "": no login) or on a logged-in user's own file
+    ``<data_dir>/presets-<hash of the name>.json`` (a user name never becomes a path); safe to share between
+    the threads of one process."""
 
-    def __init__(self, data_dir: Path | str) -> None:
-        self.path = Path(data_dir) / FILE_NAME
+    def __init__(self, data_dir: Path | str, owner: str = "") -> None:
+        name = FILE_NAME
+        if owner:
+            name = f"presets-{hashlib.sha256(owner.encode('utf-8')).hexdigest()[:16]}.json"
+        self.path = Path(data_dir) / name
         self._lock = threading.Lock()
 
     def _read(self) -> dict[str, str]:

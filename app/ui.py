@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -47,15 +48,17 @@ footer { display: none !important; }
 """
 
 
-def build_ui(app: Zhiku) -> gr.Blocks:
-    """The Gradio app over ``app``'s services, with its queue configured; :func:`launch` serves it."""
+def build_ui(app: Zhiku, accounts: bool = False) -> gr.Blocks:
+    """The Gradio app over ``app``'s services, with its queue configured; :func:`launch` serves it.
+    ``accounts``: login is on, so presets and conversations are each user's own, and the page shows the
+    user's name and a logout."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
     presets = PresetStore(app.settings.data_dir)
     conversations = ConversationStore(app.settings.data_dir)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        wire(demo, app, presets, conversations, layout(app, presets))
+        wire(demo, app, presets, conversations, layout(app, None if accounts else presets, accounts))
     demo.queue(default_concurrency_limit=app.settings.llm.max_concurrent)
     return demo
 
@@ -87,6 +90,7 @@ class Components:
     page_choice: gr.Dropdown  # the current answer's PDF sources
     page_view: gr.Image  # the chosen one's page, its passage marked
     sidebar: Sidebar
+    user: gr.Markdown  # the logged-in user's name (empty without login)
 
     @property
     def controls(self) -> list[Any]:
@@ -130,13 +134,18 @@ def _sidebar() -> Sidebar:
     return Sidebar(new, search, listing, title, rename, delete, export_md, export_json, export_file)
 
 
-def layout(app: Zhiku, presets: PresetStore) -> Components:
-    """Create the components, inside the caller's ``gr.Blocks``."""
+def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> Components:
+    """Create the components, inside the caller's ``gr.Blocks``. ``presets``: the ones to list before the
+    page has loaded (None with login: whose they are is known only then)."""
     import gradio as gr
 
     settings = app.settings
     initial_kbs = h.kb_choices(app.kbs)
-    gr.Markdown(f"# {TITLE}\n与你的文档对话 · Chat with your documents", elem_id="title")
+    with gr.Row(equal_height=True):
+        gr.Markdown(f"# {TITLE}\n与你的文档对话 · Chat with your documents", elem_id="title")
+        with gr.Column(scale=0, min_width=160, visible=accounts):
+            user = gr.Markdown("", elem_id="user")
+            gr.Button("退出登录 Log out", link="/logout", size="sm", elem_id="logout")
     sidebar = _sidebar()
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -208,7 +217,8 @@ def layout(app: Zhiku, presets: PresetStore) -> Components:
             )
             with gr.Group():
                 preset_list = gr.Dropdown(
-                    choices=h.preset_names(presets)[0],  # a problem is shown when the page loads (refresh)
+                    # a problem is shown when the page loads (refresh), which also lists a user's own
+                    choices=h.preset_names(presets)[0] if presets is not None else [],
                     value=None,
                     label="预设 Presets",
                     elem_id="preset-list",
@@ -238,7 +248,7 @@ def layout(app: Zhiku, presets: PresetStore) -> Components:
     return Components(
         chatbot, question, send, stop, regenerate, clear, sources, effective, kb, system_prompt, preset_list,
         preset_name, preset_save, preset_delete, generation, files, upload_kb, upload_button, upload_result,
-        page_choice, page_view, sidebar,
+        page_choice, page_view, sidebar, user,
     )  # fmt: skip
 
 
@@ -298,8 +308,18 @@ class Adapters:
     def __init__(self, gr: ModuleType, app: Zhiku, presets: PresetStore, conversations: ConversationStore) -> None:
         self.gr = gr
         self.app = app
-        self.presets = presets
+        self.presets = presets  # without login; with it, each user's own: presets_for()
         self.conversations = conversations
+        self._user_presets: dict[str, PresetStore] = {}  # one store (and its lock) per user
+        self._user_presets_lock = threading.Lock()
+
+    def presets_for(self, owner: str) -> PresetStore:
+        if not owner:
+            return self.presets
+        with self._user_presets_lock:
+            if owner not in self._user_presets:
+                self._user_presets[owner] = PresetStore(self.app.settings.data_dir, owner)
+            return self._user_presets[owner]
 
     def toast(self, warning: str | None, info: str | None = None) -> None:
         # a toast renders its text as HTML: escaped, a message quoting a name or a document adds no <img>
@@ -344,12 +364,14 @@ class Adapters:
         if stopper is not None:
             stopper.stop()
 
-    def refresh(self, kb_value: str | None, preset_value: str | None) -> tuple[Any, Any]:
-        fresh = h.refresh(self.app.kbs, self.presets, kb_value, preset_value)
+    def refresh(self, kb_value: str | None, preset_value: str | None, owner: str) -> tuple[Any, Any, Any]:
+        """(the knowledge bases, the user's presets, the user's name) when the page loads."""
+        fresh = h.refresh(self.app.kbs, self.presets_for(owner), kb_value, preset_value)
         self.toast(fresh.warning)
         return (
             self.gr.Dropdown(choices=fresh.kbs, value=fresh.kb),
             self.gr.Dropdown(choices=fresh.presets, value=fresh.preset),
+            f"👤 {h.md_cell(owner)}" if owner else "",
         )
 
     def preset_outputs(self, update: PresetUpdate) -> tuple[Any, Any]:
@@ -359,16 +381,16 @@ class Adapters:
         listed = self.gr.skip() if choices is None else self.gr.Dropdown(choices=choices, value=update.selected)
         return listed, self.keep(update.name)
 
-    def pick_preset(self, name: str | None) -> tuple[Any, Any]:
-        update = h.pick_preset(self.presets, name)
+    def pick_preset(self, name: str | None, owner: str) -> tuple[Any, Any]:
+        update = h.pick_preset(self.presets_for(owner), name)
         self.toast(update.warning, update.info)
         return self.keep(update.prompt), self.keep(update.name)
 
-    def save_preset(self, name: str | None, text: str | None) -> tuple[Any, Any]:
-        return self.preset_outputs(h.save_preset(self.presets, name, text))
+    def save_preset(self, name: str | None, text: str | None, owner: str) -> tuple[Any, Any]:
+        return self.preset_outputs(h.save_preset(self.presets_for(owner), name, text))
 
-    def delete_preset(self, name: str | None, selected: str | None) -> tuple[Any, Any]:
-        return self.preset_outputs(h.delete_preset(self.presets, name, selected))
+    def delete_preset(self, name: str | None, selected: str | None, owner: str) -> tuple[Any, Any]:
+        return self.preset_outputs(h.delete_preset(self.presets_for(owner), name, selected))
 
     def upload(self, files: Any, target: str | None, selected: str | None, progress: Any) -> tuple[Any, Any, Any]:
         def report(done: int, total: int, desc: str) -> None:
@@ -452,8 +474,20 @@ class Adapters:
 
 
 def owner_of(request: Any) -> str:
-    """The logged-in user's name ("" without login): whose conversations a request reaches."""
+    """The logged-in user's name ("" without login): whose conversations and presets a request reaches."""
     return str(getattr(request, "username", None) or "")
+
+
+def with_owner(gr: ModuleType, fn: Any) -> Any:
+    """``fn(*inputs, owner)`` as a Gradio handler. Gradio finds ``gr.Request`` by its type annotation, and
+    this module's annotations are strings: the wrapper is given the class itself."""
+
+    # positional first: Gradio injects the request only into a positional parameter (never after *args)
+    def call(request: Any, *args: Any) -> Any:
+        return fn(*args, owner_of(request))
+
+    call.__annotations__ = {"request": gr.Request}
+    return call
 
 
 def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: ConversationStore, c: Components) -> None:
@@ -518,12 +552,20 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         **private,
     )
     c.page_choice.input(on.show_page, inputs=[pages, c.page_choice], outputs=[c.page_view], **private)
-    c.preset_list.input(on.pick_preset, inputs=[c.preset_list], outputs=[c.system_prompt, c.preset_name], **private)
+    c.preset_list.input(
+        with_owner(gr, on.pick_preset), inputs=[c.preset_list], outputs=[c.system_prompt, c.preset_name], **private
+    )
     c.preset_save.click(
-        on.save_preset, inputs=[c.preset_name, c.system_prompt], outputs=[c.preset_list, c.preset_name], **private
+        with_owner(gr, on.save_preset),
+        inputs=[c.preset_name, c.system_prompt],
+        outputs=[c.preset_list, c.preset_name],
+        **private,
     )
     c.preset_delete.click(
-        on.delete_preset, inputs=[c.preset_name, c.preset_list], outputs=[c.preset_list, c.preset_name], **private
+        with_owner(gr, on.delete_preset),
+        inputs=[c.preset_name, c.preset_list],
+        outputs=[c.preset_list, c.preset_name],
+        **private,
     )
     c.upload_button.click(
         upload,
@@ -533,7 +575,9 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         concurrency_id="ingest",
         **private,
     )
-    loaded = demo.load(on.refresh, inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list], **private)
+    loaded = demo.load(
+        with_owner(gr, on.refresh), inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list, c.user], **private
+    )
     _wire_conversations(gr, on, c, [chat_event, regen_event], loaded, answer_outputs, private)
 
 
@@ -551,20 +595,10 @@ def _wire_conversations(
     # the open conversation's id, kept in the browser's storage: a reload or a new tab reopens it
     conversation = gr.BrowserState("", storage_key="zhiku-conversation")
 
-    def with_owner(fn: Any) -> Any:
-        """``fn(*inputs, owner)`` as a Gradio handler. Gradio finds ``gr.Request`` by its type annotation,
-        and this module's annotations are strings: the wrapper is given the class itself."""
-
-        def call(*args: Any, request: Any = None) -> Any:
-            return fn(*args, owner_of(request))
-
-        call.__annotations__ = {"request": gr.Request}
-        return call
-
-    def save(conversation_id: str | None, chat: Any, *controls: Any, request: Any = None) -> tuple[Any, Any]:
+    def save(request: Any, conversation_id: str | None, chat: Any, *controls: Any) -> tuple[Any, Any]:
         return on.save(conversation_id, chat, owner_of(request), *controls)
 
-    save.__annotations__ = {"request": gr.Request}
+    save.__annotations__ = {"request": gr.Request}  # see with_owner
     for event in answers:
         event.then(save, inputs=[conversation, c.chatbot, *c.controls], outputs=[conversation, side.listing], **private)
 
@@ -575,24 +609,24 @@ def _wire_conversations(
     c.chatbot.like(rate, inputs=[conversation], **private)
 
     opened = [conversation, side.listing, *answer_outputs, *c.controls, side.title]
-    side.listing.input(with_owner(on.open), inputs=[side.listing], outputs=opened, **private)
-    side.new.click(with_owner(lambda owner: on.open(None, owner)), outputs=opened, **private)
+    side.listing.input(with_owner(gr, on.open), inputs=[side.listing], outputs=opened, **private)
+    side.new.click(with_owner(gr, lambda owner: on.open(None, owner)), outputs=opened, **private)
     c.clear.click(lambda: ("", gr.Radio(value=None), ""), outputs=[conversation, side.listing, side.title], **private)
-    on_load = with_owner(lambda cid, owner: on.open(cid, owner, quiet=True))
+    on_load = with_owner(gr, lambda cid, owner: on.open(cid, owner, quiet=True))
     loaded.then(on_load, inputs=[conversation], outputs=opened, **private)
-    side.search.change(with_owner(on.search), inputs=[side.search, conversation], outputs=[side.listing], **private)
-    side.rename.click(with_owner(on.rename), inputs=[conversation, side.title], outputs=[side.listing], **private)
+    side.search.change(with_owner(gr, on.search), inputs=[side.search, conversation], outputs=[side.listing], **private)
+    side.rename.click(with_owner(gr, on.rename), inputs=[conversation, side.title], outputs=[side.listing], **private)
     side.delete.click(
-        with_owner(on.delete), inputs=[conversation], outputs=[conversation, side.listing, c.chatbot], **private
+        with_owner(gr, on.delete), inputs=[conversation], outputs=[conversation, side.listing, c.chatbot], **private
     )
     side.export_md.click(
-        with_owner(lambda cid, owner: on.export(cid, "md", owner)),
+        with_owner(gr, lambda cid, owner: on.export(cid, "md", owner)),
         inputs=[conversation],
         outputs=[side.export_file],
         **private,
     )
     side.export_json.click(
-        with_owner(lambda cid, owner: on.export(cid, "json", owner)),
+        with_owner(gr, lambda cid, owner: on.export(cid, "json", owner)),
         inputs=[conversation],
         outputs=[side.export_file],
         **private,
@@ -623,7 +657,7 @@ def launch(
 
     server = app.settings.server
     checker = make_auth(auth) if auth is not None else None  # a bad hash fails here, before serving
-    demo = build_ui(app)
+    demo = build_ui(app, accounts=checker is not None)
     theme = gr.themes.Soft(
         font=["Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", "Source Han Sans SC", "sans-serif"],
         font_mono=["Noto Sans Mono CJK SC", "monospace"],

@@ -99,3 +99,14 @@ def test_concurrent_saves_lose_nothing(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert store.list() == {f"p{i}": f"text {i}" for i in range(20)}
+
+
+def test_each_user_has_their_own_presets_in_a_file_not_named_after_them(tmp_path: Path) -> None:
+    shared, alice, bob = PresetStore(tmp_path), PresetStore(tmp_path, "alice"), PresetStore(tmp_path, "../bob")
+    alice.save("mine", "alice 的提示")
+    assert bob.list() == {} and shared.list() == {}
+    assert PresetStore(tmp_path, "alice").list() == {"mine": "alice 的提示"}
+    bob.save("mine", "bob 的提示")
+    assert alice.get("mine") == "alice 的提示"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alice.path.name, bob.path.name])
+    assert all(p.parent == tmp_path and "bob" not in p.name for p in (alice.path, bob.path))

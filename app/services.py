@@ -130,6 +130,29 @@ class KnowledgeBaseService:
         with self._open_kb(name) as store:
             return store.check()
 
+    def overview(self) -> list[dict[str, Any]]:
+        """Per knowledge base: name, files, chunks, embedding model, last change (for the UI's list)."""
+        rows = []
+        for name in self.names():
+            info = self.info(name)
+            rows.append({k: info.get(k) for k in ("name", "files", "chunks", "embedding_model", "updated_at")})
+        return rows
+
+    def remove_file(self, name: str, path: str) -> int:
+        """Remove one file (as ``info()["sources"]`` names it) from a knowledge base, in one transaction: its
+        chunks, and the vectors no other chunk uses. An uploaded copy of it goes too. Returns the chunks
+        removed."""
+        with self._open_kb(name) as store:
+            if path not in {s["path"] for s in store.info()["sources"]}:
+                raise StoreError(f"knowledge base {name!r} has no file {path}", "pick one from its file list")
+            with store.transaction() as tx:
+                removed = tx.remove_file(path)
+        uploads = uploads_folder(self.settings.data_dir, name).resolve()
+        copy = Path(path).resolve()
+        if copy.parent == uploads:  # only ever a file Zhiku itself copied in
+            copy.unlink(missing_ok=True)
+        return removed
+
     def delete(self, name: str) -> None:
         """Delete a knowledge base and the files uploaded into it."""
         if not self.catalog.exists(name):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from app import ui_conversations as uc
 from app import ui_handlers as h
+from app import ui_kb
 from app.auth import Users, make_auth
 from app.container import Zhiku
 from app.conversations import ConversationStore
@@ -91,6 +92,7 @@ class Components:
     page_view: gr.Image  # the chosen one's page, its passage marked
     sidebar: Sidebar
     user: gr.Markdown  # the logged-in user's name (empty without login)
+    kb_page: KbPage
 
     @property
     def controls(self) -> list[Any]:
@@ -111,6 +113,43 @@ class Sidebar:
     export_md: gr.Button
     export_json: gr.Button
     export_file: gr.File
+
+
+@dataclass(frozen=True)
+class KbPage:
+    """The knowledge-base page: every base, one base's files, and deleting either."""
+
+    tab: gr.Tab
+    bases: gr.Dataframe
+    base: gr.Dropdown
+    files: gr.Dataframe
+    file: gr.Dropdown
+    remove_file: gr.Button
+    confirm: gr.Checkbox
+    delete_base: gr.Button
+    status: gr.Markdown
+
+
+def _kb_page(tab: gr.Tab) -> KbPage:
+    import gradio as gr
+
+    bases = gr.Dataframe(
+        headers=["知识库 base", "文件 files", "段落 chunks", "嵌入模型 embedding model", "更新 updated"],
+        interactive=False,
+        elem_id="kb-bases",
+    )
+    base = gr.Dropdown(choices=[], value=None, label="知识库 Knowledge base", elem_id="kb-pick")
+    files = gr.Dataframe(
+        headers=["文件 file", "页 pages", "段落 chunks", "编码 encoding"], interactive=False, elem_id="kb-files"
+    )
+    with gr.Row():
+        file = gr.Dropdown(choices=[], value=None, label="文件 File", elem_id="kb-file", scale=4)
+        remove_file = gr.Button("从知识库删除 Remove file", variant="stop", elem_id="kb-remove-file", scale=1)
+    with gr.Row():
+        confirm = gr.Checkbox(label="确认删除整个知识库 I mean to delete the whole base", elem_id="kb-confirm")
+        delete_base = gr.Button("删除知识库 Delete base", variant="stop", elem_id="kb-delete")
+    status = gr.Markdown(elem_id="kb-status")
+    return KbPage(tab, bases, base, files, file, remove_file, confirm, delete_base, status)
 
 
 def _sidebar() -> Sidebar:
@@ -147,108 +186,111 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
             user = gr.Markdown("", elem_id="user")
             gr.Button("退出登录 Log out", link="/logout", size="sm", elem_id="logout")
     sidebar = _sidebar()
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=3):
-            chatbot = gr.Chatbot(
-                label="对话 Chat",
-                elem_id="chatbot",
-                height=380,
-                buttons=["copy"],
-                feedback_options=("Like", "Dislike"),  # 👍/👎, stored with the conversation
-                placeholder="选择知识库，然后提问 · Pick a knowledge base and ask a question",
-                # no LaTeX: Gradio cuts $$...$$ out of the Markdown before parsing it, which could unpair
-                # the code fences that safe_markdown() relies on
-                latex_delimiters=[],
-            )
-            with gr.Row():
-                question = gr.Textbox(
-                    show_label=False,
-                    placeholder="输入问题，回车发送 / Ask a question, Enter to send",
-                    elem_id="question",
-                    scale=6,
-                    lines=1,
-                    max_lines=6,
+    with gr.Tabs(elem_id="tabs"):
+        with gr.Tab("对话 Chat", elem_id="chat-tab"), gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    label="对话 Chat",
+                    elem_id="chatbot",
+                    height=380,
+                    buttons=["copy"],
+                    feedback_options=("Like", "Dislike"),  # 👍/👎, stored with the conversation
+                    placeholder="选择知识库，然后提问 · Pick a knowledge base and ask a question",
+                    # no LaTeX: Gradio cuts $$...$$ out of the Markdown before parsing it, which could unpair
+                    # the code fences that safe_markdown() relies on
+                    latex_delimiters=[],
                 )
-                send = gr.Button("发送 Send", variant="primary", elem_id="send", scale=1, min_width=90)
-            with gr.Row():
-                stop = gr.Button("停止 Stop", variant="stop", elem_id="stop", size="sm")
-                regenerate = gr.Button("重新生成 Regenerate", elem_id="regenerate", size="sm")
-                clear = gr.Button("清空 Clear", elem_id="clear", size="sm")
-            gr.Markdown("#### 引用来源 Sources")
-            # HTML, not Markdown: a passage is shown whole and as it is (escaped), never parsed as Markdown
-            sources = gr.HTML(NONE_YET, elem_id="sources")
-            with gr.Accordion("查看原文页 View page", open=False, elem_id="page-panel"):
-                page_choice = gr.Dropdown(
-                    choices=[],
-                    value=None,
-                    label="PDF 来源 PDF source",
-                    elem_id="page-choice",
-                )
-                page_view = gr.Image(
-                    type="pil",
-                    format="png",
-                    interactive=False,
-                    show_label=False,
-                    height=560,
-                    elem_id="page-view",
-                )
-            effective = gr.Textbox(
-                label="本次回答使用的系统提示 Effective system prompt",
-                interactive=False,
-                lines=1,
-                max_lines=3,
-                elem_id="effective-system-prompt",
-            )
-        with gr.Column(scale=2):
-            kb = gr.Dropdown(
-                choices=initial_kbs,
-                value=initial_kbs[1] if len(initial_kbs) > 1 else NO_KB,
-                label="知识库 Knowledge base",
-                elem_id="kb",
-            )
-            system_prompt = gr.Textbox(
-                value="",  # empty: the config's default for the question's language (zh or en)
-                placeholder=settings.chat.system_prompt_zh,
-                label="系统提示 System prompt",
-                info="留空 = 按问题语言使用默认提示 / empty: the default for the question's language",
-                lines=3,
-                max_lines=10,
-                elem_id="system-prompt",
-            )
-            with gr.Group():
-                preset_list = gr.Dropdown(
-                    # a problem is shown when the page loads (refresh), which also lists a user's own
-                    choices=h.preset_names(presets)[0] if presets is not None else [],
-                    value=None,
-                    label="预设 Presets",
-                    elem_id="preset-list",
-                )
-                preset_name = gr.Textbox(label="预设名称 Preset name", max_lines=1, elem_id="preset-name")
                 with gr.Row():
-                    preset_save = gr.Button("保存预设 Save", size="sm", elem_id="preset-save")
-                    preset_delete = gr.Button("删除预设 Delete", size="sm", elem_id="preset-delete")
-            generation = _generation_settings(app)
-            with gr.Accordion("上传文档 Upload documents", open=False, elem_id="upload"):
-                extensions = app.ingest.extensions
-                files = gr.File(
-                    label=f"文件 files（{', '.join(extensions)}；≤ {settings.server.max_upload_mb:g} MB）",
-                    file_count="multiple",
-                    file_types=extensions,
-                    type="filepath",
-                    elem_id="upload-files",
+                    question = gr.Textbox(
+                        show_label=False,
+                        placeholder="输入问题，回车发送 / Ask a question, Enter to send",
+                        elem_id="question",
+                        scale=6,
+                        lines=1,
+                        max_lines=6,
+                    )
+                    send = gr.Button("发送 Send", variant="primary", elem_id="send", scale=1, min_width=90)
+                with gr.Row():
+                    stop = gr.Button("停止 Stop", variant="stop", elem_id="stop", size="sm")
+                    regenerate = gr.Button("重新生成 Regenerate", elem_id="regenerate", size="sm")
+                    clear = gr.Button("清空 Clear", elem_id="clear", size="sm")
+                gr.Markdown("#### 引用来源 Sources")
+                # HTML, not Markdown: a passage is shown whole and as it is (escaped), never parsed as Markdown
+                sources = gr.HTML(NONE_YET, elem_id="sources")
+                with gr.Accordion("查看原文页 View page", open=False, elem_id="page-panel"):
+                    page_choice = gr.Dropdown(
+                        choices=[],
+                        value=None,
+                        label="PDF 来源 PDF source",
+                        elem_id="page-choice",
+                    )
+                    page_view = gr.Image(
+                        type="pil",
+                        format="png",
+                        interactive=False,
+                        show_label=False,
+                        height=560,
+                        elem_id="page-view",
+                    )
+                effective = gr.Textbox(
+                    label="本次回答使用的系统提示 Effective system prompt",
+                    interactive=False,
+                    lines=1,
+                    max_lines=3,
+                    elem_id="effective-system-prompt",
                 )
-                upload_kb = gr.Textbox(
-                    label="导入到知识库 Into knowledge base",
-                    placeholder="留空 = 当前选择的知识库 / empty: the selected one",
-                    max_lines=1,
-                    elem_id="upload-kb",
+            with gr.Column(scale=2):
+                kb = gr.Dropdown(
+                    choices=initial_kbs,
+                    value=initial_kbs[1] if len(initial_kbs) > 1 else NO_KB,
+                    label="知识库 Knowledge base",
+                    elem_id="kb",
                 )
-                upload_button = gr.Button("导入 Ingest", variant="primary", elem_id="upload-button")
-                upload_result = gr.Markdown(elem_id="upload-result")
+                system_prompt = gr.Textbox(
+                    value="",  # empty: the config's default for the question's language (zh or en)
+                    placeholder=settings.chat.system_prompt_zh,
+                    label="系统提示 System prompt",
+                    info="留空 = 按问题语言使用默认提示 / empty: the default for the question's language",
+                    lines=3,
+                    max_lines=10,
+                    elem_id="system-prompt",
+                )
+                with gr.Group():
+                    preset_list = gr.Dropdown(
+                        # a problem is shown when the page loads (refresh), which also lists a user's own
+                        choices=h.preset_names(presets)[0] if presets is not None else [],
+                        value=None,
+                        label="预设 Presets",
+                        elem_id="preset-list",
+                    )
+                    preset_name = gr.Textbox(label="预设名称 Preset name", max_lines=1, elem_id="preset-name")
+                    with gr.Row():
+                        preset_save = gr.Button("保存预设 Save", size="sm", elem_id="preset-save")
+                        preset_delete = gr.Button("删除预设 Delete", size="sm", elem_id="preset-delete")
+                generation = _generation_settings(app)
+                with gr.Accordion("上传文档 Upload documents", open=False, elem_id="upload"):
+                    extensions = app.ingest.extensions
+                    files = gr.File(
+                        label=f"文件 files（{', '.join(extensions)}；≤ {settings.server.max_upload_mb:g} MB）",
+                        file_count="multiple",
+                        file_types=extensions,
+                        type="filepath",
+                        elem_id="upload-files",
+                    )
+                    upload_kb = gr.Textbox(
+                        label="导入到知识库 Into knowledge base",
+                        placeholder="留空 = 当前选择的知识库 / empty: the selected one",
+                        max_lines=1,
+                        elem_id="upload-kb",
+                    )
+                    upload_button = gr.Button("导入 Ingest", variant="primary", elem_id="upload-button")
+                    upload_result = gr.Markdown(elem_id="upload-result")
+        with gr.Tab("知识库 Knowledge bases", elem_id="kb-tab") as kb_tab:
+            kb_page = _kb_page(kb_tab)
     return Components(
         chatbot, question, send, stop, regenerate, clear, sources, effective, kb, system_prompt, preset_list,
         preset_name, preset_save, preset_delete, generation, files, upload_kb, upload_button, upload_result,
-        page_choice, page_view, sidebar, user,
+        page_choice, page_view, sidebar, user, kb_page,
     )  # fmt: skip
 
 
@@ -473,6 +515,38 @@ class Adapters:
         return None if path is None else str(path)
 
 
+class KbAdapters:
+    """The knowledge-base page's handlers (:mod:`app.ui_kb`) in Gradio's terms."""
+
+    def __init__(self, on: Adapters) -> None:
+        self.on = on
+        self.kbs = on.app.kbs
+
+    def outputs(self, view: ui_kb.KbView, chat_kb: str | None = None) -> tuple[Any, ...]:
+        """(bases, base picker, files, file picker, status, confirm box, the chat's knowledge-base picker)"""
+        gr = self.on.gr
+        self.on.toast(view.warning)
+        kb_choices = h.kb_choices(self.kbs)
+        return (
+            view.bases,
+            gr.Dropdown(choices=view.names, value=view.base),
+            view.files,
+            gr.Dropdown(choices=view.paths, value=None),
+            view.status,
+            False,
+            gr.Dropdown(choices=kb_choices, value=chat_kb if chat_kb in kb_choices else NO_KB),
+        )
+
+    def show(self, base: str | None, chat_kb: str | None) -> tuple[Any, ...]:
+        return self.outputs(ui_kb.view(self.kbs, base), chat_kb)
+
+    def remove_file(self, base: str | None, path: str | None, chat_kb: str | None) -> tuple[Any, ...]:
+        return self.outputs(ui_kb.remove_file(self.kbs, base, path), chat_kb)
+
+    def delete_base(self, base: str | None, confirmed: bool, chat_kb: str | None) -> tuple[Any, ...]:
+        return self.outputs(ui_kb.delete_base(self.kbs, base, bool(confirmed)), chat_kb)
+
+
 def owner_of(request: Any) -> str:
     """The logged-in user's name ("" without login): whose conversations and presets a request reaches."""
     return str(getattr(request, "username", None) or "")
@@ -579,6 +653,20 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         with_owner(gr, on.refresh), inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list, c.user], **private
     )
     _wire_conversations(gr, on, c, [chat_event, regen_event], loaded, answer_outputs, private)
+    page, kb_on = c.kb_page, KbAdapters(on)
+    kb_outputs = [page.bases, page.base, page.files, page.file, page.status, page.confirm, c.kb]
+    page.tab.select(kb_on.show, inputs=[page.base, c.kb], outputs=kb_outputs, **private)
+    page.base.input(kb_on.show, inputs=[page.base, c.kb], outputs=kb_outputs, **private)
+    page.remove_file.click(
+        kb_on.remove_file, inputs=[page.base, page.file, c.kb], outputs=kb_outputs, concurrency_id="ingest", **private
+    )
+    page.delete_base.click(
+        kb_on.delete_base,
+        inputs=[page.base, page.confirm, c.kb],
+        outputs=kb_outputs,
+        concurrency_id="ingest",
+        **private,
+    )
 
 
 def _wire_conversations(

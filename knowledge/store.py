@@ -475,7 +475,10 @@ class KnowledgeBase:
             "chunk_overlap": m.chunk_overlap,
             "format_version": m.format_version,
             "updated_at": updated,
-            "sources": [{"path": f.path, "pages": f.pages, "chunks": f.chunks, "sha256": f.sha256} for f in files],
+            "sources": [
+                {"path": f.path, "pages": f.pages, "chunks": f.chunks, "sha256": f.sha256, "encoding": f.encoding}
+                for f in files
+            ],
         }
 
     def check(self) -> list[str]:

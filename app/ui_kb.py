@@ -1,0 +1,73 @@
+"""The UI's knowledge-base page, as plain functions over :class:`app.services.KnowledgeBaseService` (the
+service ``python -m app kb`` uses), tested without a browser; :mod:`app.ui` wires them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.services import KnowledgeBaseService
+from app.ui_handlers import readable
+from common.errors import ZhikuError
+
+
+@dataclass(frozen=True)
+class KbView:
+    bases: list[list[Any]]  # name, files, chunks, embedding model, last change
+    names: list[str]
+    base: str | None  # the base whose files are listed
+    files: list[list[Any]] = field(default_factory=list)  # file name, pages, chunks, encoding
+    paths: list[tuple[str, str]] = field(default_factory=list)  # (label, path as the base stores it)
+    status: str = ""
+    warning: str | None = None
+
+
+def _when(ts: Any) -> str:
+    return dt.datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M") if ts else ""
+
+
+def view(kbs: KnowledgeBaseService, base: str | None, status: str = "", warning: str | None = None) -> KbView:
+    """Every base, and ``base``'s files (the first base's when ``base`` is gone or not given)."""
+    try:
+        rows = kbs.overview()
+    except (ZhikuError, OSError) as err:
+        return KbView([], [], None, warning=readable(err))
+    names = [r["name"] for r in rows]
+    bases = [[r["name"], r["files"], r["chunks"], r["embedding_model"], _when(r["updated_at"])] for r in rows]
+    base = base if base in names else (names[0] if names else None)
+    files: list[list[Any]] = []
+    paths: list[tuple[str, str]] = []
+    if base is not None:
+        try:
+            sources = kbs.info(base)["sources"]
+        except (ZhikuError, OSError) as err:
+            return KbView(bases, names, base, warning=readable(err))
+        for src in sources:
+            name = Path(src["path"]).name
+            files.append([name, src["pages"], src["chunks"], src.get("encoding") or ""])
+            paths.append((f"{name}  ({src['path']})", src["path"]))
+    return KbView(bases, names, base, files, paths, status, warning)
+
+
+def remove_file(kbs: KnowledgeBaseService, base: str | None, path: str | None) -> KbView:
+    if not base or not path:
+        return view(kbs, base, warning="pick a knowledge base and one of its files first")
+    try:
+        removed = kbs.remove_file(base, path)
+    except (ZhikuError, OSError) as err:
+        return view(kbs, base, warning=readable(err))
+    return view(kbs, base, status=f"已删除 removed {Path(path).name} ({removed} chunks) from {base}")
+
+
+def delete_base(kbs: KnowledgeBaseService, base: str | None, confirmed: bool) -> KbView:
+    if not base:
+        return view(kbs, None, warning="pick a knowledge base first")
+    if not confirmed:
+        return view(kbs, base, warning=f"tick the box to confirm deleting the whole knowledge base {base!r}")
+    try:
+        kbs.delete(base)
+    except (ZhikuError, OSError) as err:
+        return view(kbs, base, warning=readable(err))
+    return view(kbs, None, status=f"已删除知识库 deleted knowledge base {base}")

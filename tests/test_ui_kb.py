@@ -1,0 +1,115 @@
+"""The knowledge-base page (issue 13): the handlers over the service the CLI uses, then in Chromium a file
+removed from a base that stops appearing in the chat's sources."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import ui_kb
+from app.container import Zhiku
+from app.settings import load_settings
+from app.ui import launch
+from app.ui_handlers import NO_KB
+from tests.conftest import HashingPlugin
+from tests.test_ui import EchoPlugin, _free_port, ask, browser, choose, wait_answered
+
+__all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
+
+FROGS = "青蛙笔记：池塘里的青蛙一共有七只，它们每天晚上都在荷叶上唱歌。"
+RIVERS = "河流笔记：长江是中国最长的河流，全长约6300公里，流经十一个省级行政区。"
+
+
+@pytest.fixture
+def zhiku(tmp_path: Path) -> Zhiku:
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"data_dir: {json.dumps(str(tmp_path / 'data'))}\nembedding:\n  backend: hashing\nllm:\n  backend: echo\n"
+        "chat:\n  top_k: 3\n  min_coverage: 0\n",
+        encoding="utf-8",
+    )
+    app = Zhiku(load_settings(config), entry_points=False)
+    app.plugins.register(HashingPlugin())
+    app.plugins.register(EchoPlugin())
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "frogs.txt").write_text(FROGS, encoding="utf-8")
+    (docs / "rivers.txt").write_text(RIVERS, encoding="gb18030")
+    app.ingest.ingest("notes", [docs])
+    return app
+
+
+def test_the_page_lists_bases_and_a_bases_files(zhiku: Zhiku) -> None:
+    view = ui_kb.view(zhiku.kbs, None)
+    assert view.names == ["notes"] and view.base == "notes"
+    assert view.bases[0][:3] == ["notes", 2, 2]
+    assert sorted(row[0] for row in view.files) == ["frogs.txt", "rivers.txt"]
+    assert {row[0]: row[3] for row in view.files}["rivers.txt"] == "gb18030"
+    assert len(view.paths) == 2 and all(Path(path).is_absolute() for _, path in view.paths)
+
+
+def test_removing_a_file_takes_its_chunks_out_of_retrieval(zhiku: Zhiku) -> None:
+    frogs = next(path for label, path in ui_kb.view(zhiku.kbs, "notes").paths if "frogs" in label)
+    assert any("青蛙" in p.text for p in zhiku.chat.retrieve("notes", "青蛙有几只？", 3))
+    after = ui_kb.remove_file(zhiku.kbs, "notes", frogs)
+    assert after.warning is None and "frogs.txt" in after.status
+    assert [row[0] for row in after.files] == ["rivers.txt"]
+    assert not any("青蛙" in p.text for p in zhiku.chat.retrieve("notes", "青蛙有几只？", 3))
+    assert zhiku.kbs.check("notes") == []  # vectors and chunks still agree
+    again = ui_kb.remove_file(zhiku.kbs, "notes", frogs)
+    assert again.warning is not None and "has no file" in again.warning
+
+
+def test_deleting_a_base_needs_the_confirmation(zhiku: Zhiku) -> None:
+    refused = ui_kb.delete_base(zhiku.kbs, "notes", confirmed=False)
+    assert refused.warning is not None and "confirm" in refused.warning
+    assert zhiku.kbs.names() == ["notes"]
+    deleted = ui_kb.delete_base(zhiku.kbs, "notes", confirmed=True)
+    assert deleted.warning is None and deleted.names == [] and deleted.base is None
+    assert zhiku.kbs.names() == []
+
+
+@pytest.fixture
+def kb_server(zhiku: Zhiku) -> Iterator[str]:
+    port = _free_port()
+    launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        import gradio
+
+        gradio.close_all(verbose=False)
+
+
+@pytest.mark.slow
+def test_a_file_removed_in_the_browser_stops_appearing_in_sources(browser: Any, kb_server: str) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(kb_server)
+    page.wait_for_selector("#question textarea")
+    page.wait_for_function("() => document.querySelector('#kb input')?.value")
+    choose(page, "kb", "notes")
+    ask(page, "青蛙有几只？")
+    wait_answered(page, 1)
+    assert "frogs.txt" in page.locator("#sources").inner_text()
+
+    page.get_by_role("tab", name="知识库 Knowledge bases").click()
+    page.wait_for_function("() => document.querySelector('#kb-files')?.innerText.includes('frogs.txt')")
+    page.locator("#kb-file input").click()
+    page.get_by_role("option", name="frogs.txt", exact=False).click()
+    page.locator("#kb-remove-file").click()
+    page.wait_for_function("() => !document.querySelector('#kb-files').innerText.includes('frogs.txt')")
+    assert "rivers.txt" in page.locator("#kb-files").inner_text()
+
+    page.get_by_role("tab", name="对话 Chat").click()
+    assert page.locator("#kb input").input_value() in ("notes", NO_KB)
+    choose(page, "kb", "notes")
+    ask(page, "青蛙有几只？")
+    wait_answered(page, 2)
+    assert "frogs.txt" not in page.locator("#sources").inner_text()
+    context.close()

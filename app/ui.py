@@ -47,6 +47,12 @@ CSS = """
 #effective-system-prompt textarea { font-size: 0.85em; }
 footer { display: none !important; }
 """
+CLOSE_SIDEBAR_ON_PHONES = """() => {
+  const side = document.querySelector('#conversations');
+  if (window.innerWidth < 768 && side && side.classList.contains('open')) {
+    side.querySelector('button.toggle-button')?.click();
+  }
+}"""
 
 
 def build_ui(app: Zhiku, accounts: bool = False) -> gr.Blocks:
@@ -182,17 +188,24 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
     initial_kbs = h.kb_choices(app.kbs)
     with gr.Row(equal_height=True):
         gr.Markdown(f"# {TITLE}\n与你的文档对话 · Chat with your documents", elem_id="title")
-        with gr.Column(scale=0, min_width=160, visible=accounts):
-            user = gr.Markdown("", elem_id="user")
-            gr.Button("退出登录 Log out", link="/logout", size="sm", elem_id="logout")
+        with gr.Column(scale=0, min_width=160):
+            user = gr.Markdown("", elem_id="user", visible=accounts)
+            with gr.Row():
+                # light/dark in the browser only: Gradio's themes follow the "dark" class on <body>
+                gr.Button("🌓 明/暗", size="sm", elem_id="theme-toggle").click(
+                    None, js="() => { document.body.classList.toggle('dark'); }", api_visibility="private"
+                )
+                gr.Button("退出登录 Log out", link="/logout", size="sm", elem_id="logout", visible=accounts)
     sidebar = _sidebar()
     with gr.Tabs(elem_id="tabs"):
         with gr.Tab("对话 Chat", elem_id="chat-tab"), gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(
                     label="对话 Chat",
+                    show_label=False,  # its badge covered the first message
                     elem_id="chatbot",
-                    height=380,
+                    height="62vh",  # the window's height, less the input, buttons and sources
+                    min_height=320,
                     buttons=["copy"],
                     feedback_options=("Like", "Dislike"),  # 👍/👎, stored with the conversation
                     placeholder="选择知识库，然后提问 · Pick a knowledge base and ask a question",
@@ -649,6 +662,8 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         concurrency_id="ingest",
         **private,
     )
+    # on a phone the open sidebar would cover the chat: it starts closed there (its toggle opens it)
+    demo.load(None, js=CLOSE_SIDEBAR_ON_PHONES, api_visibility="private")
     loaded = demo.load(
         with_owner(gr, on.refresh), inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list, c.user], **private
     )

@@ -233,6 +233,7 @@ def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
     assert page.locator("#question textarea").input_value() == ""
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.wait_for_function("() => document.querySelectorAll('#conv-list label').length >= 1")  # saved
     page.screenshot(path=str(SCREENSHOT))
     context.close()
 

@@ -26,6 +26,7 @@ from tests.test_ui import EchoPlugin, _free_port, ask, browser, messages, wait_a
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHAT = [
     {"role": "user", "content": "长江有多长？"},
     {"role": "assistant", "content": "约6300公里[1]"},
@@ -203,6 +204,8 @@ def test_a_conversation_survives_reload_and_restart(browser: Any, config: tuple[
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === 1")
     assert messages(page) == answered
 
+    page.screenshot(path=str(DOCS / "conversations.png"))  # the README's picture of the sidebar
+
     # 👍 on the answer is stored with it
     page.locator('#chatbot [data-testid="bot"]').first.hover()
     page.locator('#chatbot button[aria-label="赞"], #chatbot button[aria-label="Like"]').first.click()  # zh-CN: 赞
@@ -279,4 +282,26 @@ def test_opening_the_generation_settings_changes_nothing(browser: Any, config: t
     seed.wait_for()
     page.locator("#max-new-tokens input[type=number]").wait_for()
     assert seed.input_value() == ""
+    context.close()
+
+
+@pytest.mark.slow
+def test_the_phone_viewport_has_no_horizontal_overflow(browser: Any, config: tuple[Path, Path]) -> None:
+    data_dir, path = config
+    context = browser.new_context(viewport={"width": 390, "height": 844}, locale="zh-CN")
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(_start(data_dir, path))
+    page.wait_for_selector("#question textarea")
+    # the sidebar starts closed on a phone: it would cover the chat (a click on Send would hit it)
+    page.wait_for_function("() => !document.querySelector('#conversations').classList.contains('open')")
+    ask(page, "手机上的一个很长的问题，" * 8)  # clicks Send: nothing covers it
+    wait_answered(page, 1)
+    page.locator("#sources").scroll_into_view_if_needed()
+    width = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"the page is {width[0]} px wide in a {width[1]} px window"
+    box = page.locator("#chatbot").bounding_box()
+    assert box is not None and box["width"] >= 300  # the chat, not a sliver
+    page.locator("#theme-toggle").click()
+    page.wait_for_function("() => document.body.classList.contains('dark')")
     context.close()

@@ -100,6 +100,7 @@ def test_a_file_removed_in_the_browser_stops_appearing_in_sources(browser: Any, 
 
     page.get_by_role("tab", name="知识库 Knowledge bases").click()
     page.wait_for_function("() => document.querySelector('#kb-files')?.innerText.includes('frogs.txt')")
+    page.screenshot(path=str(Path(__file__).resolve().parent.parent / "docs" / "knowledge-bases.png"))
     page.locator("#kb-file input").click()
     page.get_by_role("option", name="frogs.txt", exact=False).click()
     page.locator("#kb-remove-file").click()

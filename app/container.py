@@ -29,6 +29,7 @@ from llms.base import ChatBackend, LLMCatalog, LLMFactory, LLMSpec, NoOptions
 from plugins.registry import Registry, build_plugin_manager
 
 if TYPE_CHECKING:
+    from app.jobs import IngestJobs
     from app.services import ChatService, IngestService, KnowledgeBaseService
 
 BUILTIN_PLUGINS: tuple[ModuleType, ...] = (knowledge_plugin, llms_plugin)
@@ -203,6 +204,14 @@ class Zhiku:
         from app.services import IngestService
 
         return IngestService(self.settings, self.open_kb, self.ingestor, self.library, self.loaders.extensions)
+
+    @cached_property
+    def jobs(self) -> IngestJobs:
+        """Background ingests (the UI's knowledge-base page); jobs a stopped server left running are marked
+        interrupted when this is first built."""
+        from app.jobs import IngestJobs
+
+        return IngestJobs(self.settings.data_dir, self.ingest)
 
     @cached_property
     def kbs(self) -> KnowledgeBaseService:

@@ -79,20 +79,26 @@ class IngestService:
     def upload(self, kb: str, files: Sequence[str | Path], on_outcome: OnOutcome | None = None) -> UploadResult:
         """Keep uploaded files under ``<data_dir>/uploads/<kb>`` and ingest them. Files of a type no loader
         reads, over ``server.max_upload_mb`` or not regular files are refused with a reason, never copied."""
+        copied, rejected = self.stage(kb, files)
+        result = UploadResult(kb, rejected=rejected)
+        if copied:
+            result.ingest = self.ingest(kb, copied, on_outcome=on_outcome)
+        return result
+
+    def stage(self, kb: str, files: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+        """Copy the acceptable uploads under ``<data_dir>/uploads/<kb>`` (before the request's temp files go);
+        returns (the copies, (file name, one-line reason) for each refused one)."""
         validate_name(kb)
         accepted, rejected = check_uploads(files, self.extensions, self.settings.server.max_upload_mb)
-        result = UploadResult(kb, rejected=rejected)
         copied: list[Path] = []
         for filename, src in accepted.items():
             try:
                 dest = upload_destination(self.settings.data_dir, kb, filename)
             except ValueError as err:  # belt and braces after safe_filename
-                result.rejected.append((filename, str(err)))
+                rejected.append((filename, str(err)))
                 continue
             copied.append(_copy_atomically(src, dest))
-        if copied:
-            result.ingest = self.ingest(kb, copied, on_outcome=on_outcome)
-        return result
+        return copied, rejected
 
 
 def _copy_atomically(src: Path, dest: Path) -> Path:

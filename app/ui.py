@@ -134,6 +134,12 @@ class KbPage:
     confirm: gr.Checkbox
     delete_base: gr.Button
     status: gr.Markdown
+    uploads: gr.File  # files to ingest in the background
+    target: gr.Textbox
+    start: gr.Button
+    job: gr.Markdown  # the user's latest background ingest
+    job_files: gr.Dataframe
+    timer: gr.Timer  # polls the job while it runs
 
 
 def _kb_page(tab: gr.Tab) -> KbPage:
@@ -155,7 +161,26 @@ def _kb_page(tab: gr.Tab) -> KbPage:
         confirm = gr.Checkbox(label="确认删除整个知识库 I mean to delete the whole base", elem_id="kb-confirm")
         delete_base = gr.Button("删除知识库 Delete base", variant="stop", elem_id="kb-delete")
     status = gr.Markdown(elem_id="kb-status")
-    return KbPage(tab, bases, base, files, file, remove_file, confirm, delete_base, status)
+    gr.Markdown("#### 后台导入 Ingest in the background")
+    uploads = gr.File(file_count="multiple", type="filepath", label="文件 files", elem_id="kb-uploads")
+    with gr.Row():
+        target = gr.Textbox(
+            label="导入到 Into",
+            placeholder="留空 = 上面选择的知识库；新名字 = 新建 / empty: the base above; a new name creates one",
+            max_lines=1,
+            elem_id="kb-target",
+            scale=4,
+        )
+        start = gr.Button("开始导入 Start", variant="primary", elem_id="kb-start", scale=1)
+    job = gr.Markdown(elem_id="kb-job")
+    job_files = gr.Dataframe(
+        headers=["文件 file", "状态 status", "段落 chunks", "原因 reason"], interactive=False, elem_id="kb-job-files"
+    )
+    timer = gr.Timer(1.0, active=False)
+    return KbPage(
+        tab, bases, base, files, file, remove_file, confirm, delete_base, status, uploads, target, start, job,
+        job_files, timer,
+    )  # fmt: skip
 
 
 def _sidebar() -> Sidebar:
@@ -559,6 +584,24 @@ class KbAdapters:
     def delete_base(self, base: str | None, confirmed: bool, chat_kb: str | None) -> tuple[Any, ...]:
         return self.outputs(ui_kb.delete_base(self.kbs, base, bool(confirmed)), chat_kb)
 
+    def job_outputs(self, view: ui_kb.JobView) -> tuple[Any, ...]:
+        """(the job's summary, its files, the timer that polls it while it runs)"""
+        self.on.toast(view.warning)
+        return view.summary, view.rows, self.on.gr.Timer(active=view.active)
+
+    def start(self, files: Any, target: str | None, base: str | None, owner: str) -> tuple[Any, ...]:
+        view = ui_kb.start_job(self.on.app.jobs, owner, files, target, base)
+        return (*self.job_outputs(view), None if view.warning is None else self.on.gr.skip())
+
+    def latest(self, owner: str) -> tuple[Any, ...]:
+        return self.job_outputs(ui_kb.latest_job(self.on.app.jobs, owner))
+
+    def poll(self, base: str | None, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
+        """The job's progress; once it has ended, the bases and files too (the chat's picker included)."""
+        view = ui_kb.latest_job(self.on.app.jobs, owner)
+        refreshed = self.show(base, chat_kb) if not view.active else (self.on.gr.skip(),) * 7
+        return (*self.job_outputs(view), *refreshed)
+
 
 def owner_of(request: Any) -> str:
     """The logged-in user's name ("" without login): whose conversations and presets a request reaches."""
@@ -672,6 +715,17 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     kb_outputs = [page.bases, page.base, page.files, page.file, page.status, page.confirm, c.kb]
     page.tab.select(kb_on.show, inputs=[page.base, c.kb], outputs=kb_outputs, **private)
     page.base.input(kb_on.show, inputs=[page.base, c.kb], outputs=kb_outputs, **private)
+    job_outputs = [page.job, page.job_files, page.timer]
+    page.start.click(
+        with_owner(gr, kb_on.start),
+        inputs=[page.uploads, page.target, page.base],
+        outputs=[*job_outputs, page.uploads],
+        **private,
+    )
+    polled = [*job_outputs, *kb_outputs]
+    # the page (after a reload too) shows the user's latest job, and follows it while it runs
+    page.tab.select(with_owner(gr, kb_on.latest), outputs=job_outputs, **private)
+    page.timer.tick(with_owner(gr, kb_on.poll), inputs=[page.base, c.kb], outputs=polled, **private)
     page.remove_file.click(
         kb_on.remove_file, inputs=[page.base, page.file, c.kb], outputs=kb_outputs, concurrency_id="ingest", **private
     )

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.jobs import IngestJobs, Job
 from app.services import KnowledgeBaseService
-from app.ui_handlers import readable
+from app.ui_handlers import md_cell, readable
 from common.errors import ZhikuError
 
 
@@ -71,3 +72,53 @@ def delete_base(kbs: KnowledgeBaseService, base: str | None, confirmed: bool) ->
     except (ZhikuError, OSError) as err:
         return view(kbs, base, warning=readable(err))
     return view(kbs, None, status=f"已删除知识库 deleted knowledge base {base}")
+
+
+# ----- background ingest ---------------------------------------------------------------------------------
+STATES = {
+    "queued": "排队中 queued",
+    "running": "导入中 running",
+    "done": "完成 done",
+    "failed": "失败 failed",
+    "interrupted": "已中断 interrupted (the server stopped; upload the files again to finish)",
+}
+
+
+@dataclass(frozen=True)
+class JobView:
+    summary: str  # Markdown
+    rows: list[list[Any]]  # file, status, chunks, reason
+    active: bool  # still running: keep polling
+    warning: str | None = None
+
+
+def job_view(job: Job | None, warning: str | None = None) -> JobView:
+    if job is None:
+        return JobView("", [], False, warning)
+    done = sum(1 for f in job.files if f["status"] not in ("waiting", "refused"))
+    total = sum(1 for f in job.files if f["status"] != "refused")
+    summary = f"**{md_cell(job.kb)}**：{done}/{total} 个文件 files · {STATES.get(job.state, job.state)}"
+    if job.error:
+        summary += f" — {md_cell(job.error)}"
+    rows = [[f["file"], f["status"], f["chunks"], f["reason"]] for f in job.files]
+    return JobView(summary, rows, job.active, warning)
+
+
+def start_job(jobs: IngestJobs, owner: str, files: Any, target: str | None, selected: str | None) -> JobView:
+    """Ingest the chosen files in the background into ``target`` (a new name creates a base) or the selected
+    base; the page polls :func:`latest_job` while it runs."""
+    paths = [f if isinstance(f, str) else getattr(f, "name", "") for f in (files or [])]
+    kb = (target or "").strip() or (selected or "")
+    if not kb:
+        return job_view(jobs.latest(owner), "name a knowledge base to ingest into (a new name creates it)")
+    try:
+        return job_view(jobs.start(owner, kb, [p for p in paths if p]))
+    except (ZhikuError, OSError) as err:
+        return job_view(jobs.latest(owner), readable(err))
+
+
+def latest_job(jobs: IngestJobs, owner: str) -> JobView:
+    try:
+        return job_view(jobs.latest(owner))
+    except (ZhikuError, OSError) as err:
+        return job_view(None, readable(err))

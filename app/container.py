@@ -29,6 +29,7 @@ from llms.base import ChatBackend, LLMCatalog, LLMFactory, LLMSpec, NoOptions
 from plugins.registry import Registry, build_plugin_manager
 
 if TYPE_CHECKING:
+    from app.access import KbAccess
     from app.jobs import IngestJobs
     from app.services import ChatService, IngestService, KnowledgeBaseService
 
@@ -204,6 +205,13 @@ class Zhiku:
         from app.services import IngestService
 
         return IngestService(self.settings, self.open_kb, self.ingestor, self.library, self.loaders.extensions)
+
+    @cached_property
+    def access(self) -> KbAccess:
+        """Who may see and change which knowledge base when login is on."""
+        from app.access import KbAccess
+
+        return KbAccess(self.settings.data_dir)
 
     @cached_property
     def jobs(self) -> IngestJobs:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -134,6 +134,7 @@ class KbPage:
     confirm: gr.Checkbox
     delete_base: gr.Button
     status: gr.Markdown
+    private: gr.Checkbox
     uploads: gr.File  # files to ingest in the background
     target: gr.Textbox
     start: gr.Button
@@ -146,7 +147,14 @@ def _kb_page(tab: gr.Tab) -> KbPage:
     import gradio as gr
 
     bases = gr.Dataframe(
-        headers=["知识库 base", "文件 files", "段落 chunks", "嵌入模型 embedding model", "更新 updated"],
+        headers=[
+            "知识库 base",
+            "文件 files",
+            "段落 chunks",
+            "嵌入模型 embedding model",
+            "更新 updated",
+            "所有者 owner",
+        ],
         interactive=False,
         elem_id="kb-bases",
     )
@@ -157,6 +165,9 @@ def _kb_page(tab: gr.Tab) -> KbPage:
     with gr.Row():
         file = gr.Dropdown(choices=[], value=None, label="文件 File", elem_id="kb-file", scale=4)
         remove_file = gr.Button("从知识库删除 Remove file", variant="stop", elem_id="kb-remove-file", scale=1)
+    private = gr.Checkbox(
+        label="私有：只有我能看到 Private: only I see it (bases you created, with login)", elem_id="kb-private"
+    )
     with gr.Row():
         confirm = gr.Checkbox(label="确认删除整个知识库 I mean to delete the whole base", elem_id="kb-confirm")
         delete_base = gr.Button("删除知识库 Delete base", variant="stop", elem_id="kb-delete")
@@ -178,7 +189,7 @@ def _kb_page(tab: gr.Tab) -> KbPage:
     )
     timer = gr.Timer(1.0, active=False)
     return KbPage(
-        tab, bases, base, files, file, remove_file, confirm, delete_base, status, uploads, target, start, job,
+        tab, bases, base, files, file, remove_file, confirm, delete_base, status, private, uploads, target, start, job,
         job_files, timer,
     )  # fmt: skip
 
@@ -210,7 +221,8 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
     import gradio as gr
 
     settings = app.settings
-    initial_kbs = h.kb_choices(app.kbs)
+    # with login, whose bases are visible is known only once the page loads (refresh)
+    initial_kbs = [NO_KB] if accounts else h.kb_choices(app.kbs)
     with gr.Row(equal_height=True):
         gr.Markdown(f"# {TITLE}\n与你的文档对话 · Chat with your documents", elem_id="title")
         with gr.Column(scale=0, min_width=160):
@@ -393,6 +405,10 @@ class Adapters:
         self._user_presets: dict[str, PresetStore] = {}  # one store (and its lock) per user
         self._user_presets_lock = threading.Lock()
 
+    def kb_choices(self, owner: str) -> list[str]:
+        """The knowledge-base picker's choices: none, and the bases ``owner`` may see."""
+        return [NO_KB, *self.app.access.visible(owner, self.app.kbs.names())]
+
     def presets_for(self, owner: str) -> PresetStore:
         if not owner:
             return self.presets
@@ -420,9 +436,23 @@ class Adapters:
         choices = [ref.label for ref in update.pages]
         return (*shown, update.pages, self.gr.Dropdown(choices=choices, value=None), None)
 
+    def refused(self, controls: Sequence[Any], owner: str) -> ChatUpdate | None:
+        """A warning when the chosen knowledge base is one ``owner`` may not read (another user's private
+        one, whose name the page was not given: a hand-made request)."""
+        kb = h.kb_name(ChatControls(*controls).kb)
+        try:
+            if kb:
+                self.app.access.check_read(owner, kb)
+        except ZhikuError as err:
+            return ChatUpdate(None, warning=h.readable(err))
+        return None
+
     def respond(
-        self, question: str | None, chat: Any, stopper: h.Stopper | None, *controls: Any
+        self, question: str | None, chat: Any, stopper: h.Stopper | None, *controls: Any, owner: str = ""
     ) -> Iterator[tuple[Any, ...]]:
+        if (refusal := self.refused(controls, owner)) is not None:
+            yield (self.gr.skip(), *self.chat_outputs(refusal))
+            return
         updates = h.ask(self.app.chat, question, chat, ChatControls(*controls))
         taken = False  # the box is emptied once, when the question is taken: a draft typed later stays
         for update in h.until_stopped(updates, stopper):
@@ -430,7 +460,12 @@ class Adapters:
             taken = taken or update.chat is not None
             yield (box, *self.chat_outputs(update))
 
-    def regenerate(self, chat: Any, stopper: h.Stopper | None, *controls: Any) -> Iterator[tuple[Any, ...]]:
+    def regenerate(
+        self, chat: Any, stopper: h.Stopper | None, *controls: Any, owner: str = ""
+    ) -> Iterator[tuple[Any, ...]]:
+        if (refusal := self.refused(controls, owner)) is not None:
+            yield self.chat_outputs(refusal)
+            return
         for update in h.until_stopped(h.regenerate(self.app.chat, chat, ChatControls(*controls)), stopper):
             yield self.chat_outputs(update)
 
@@ -448,8 +483,9 @@ class Adapters:
         """(the knowledge bases, the user's presets, the user's name) when the page loads."""
         fresh = h.refresh(self.app.kbs, self.presets_for(owner), kb_value, preset_value)
         self.toast(fresh.warning)
+        kbs = self.kb_choices(owner)
         return (
-            self.gr.Dropdown(choices=fresh.kbs, value=fresh.kb),
+            self.gr.Dropdown(choices=kbs, value=fresh.kb if fresh.kb in kbs else NO_KB),
             self.gr.Dropdown(choices=fresh.presets, value=fresh.preset),
             f"👤 {h.md_cell(owner)}" if owner else "",
         )
@@ -472,15 +508,28 @@ class Adapters:
     def delete_preset(self, name: str | None, selected: str | None, owner: str) -> tuple[Any, Any]:
         return self.preset_outputs(h.delete_preset(self.presets_for(owner), name, selected))
 
-    def upload(self, files: Any, target: str | None, selected: str | None, progress: Any) -> tuple[Any, Any, Any]:
+    def upload(
+        self, files: Any, target: str | None, selected: str | None, progress: Any, owner: str
+    ) -> tuple[Any, Any, Any]:
         def report(done: int, total: int, desc: str) -> None:
             progress((done, total), desc=desc)
 
+        kb_name = (target or "").strip() or h.kb_name(selected)
+        exists = kb_name in self.app.kbs.names() if kb_name else False
+        try:
+            if kb_name:
+                self.app.access.check_write(owner, kb_name, exists)
+        except ZhikuError as err:
+            self.toast(h.readable(err))
+            return self.gr.skip(), self.gr.skip(), self.gr.skip()
         update = h.upload(self.app.ingest, self.app.kbs, files, target, selected, report)
         self.toast(update.warning)
+        if kb_name and not exists and update.kb:
+            self.app.access.claim(owner, update.kb)
         kb = self.gr.skip()
         if update.kbs is not None:
-            kb = self.gr.Dropdown(choices=update.kbs, **({"value": update.kb} if update.kb else {}))
+            choices = self.kb_choices(owner)
+            kb = self.gr.Dropdown(choices=choices, **({"value": update.kb} if update.kb in choices else {}))
         return self.keep(update.summary), kb, None if update.clear_files else self.gr.skip()
 
     # ---- saved conversations (the sidebar) ----
@@ -496,13 +545,13 @@ class Adapters:
         self.toast(saved.warning)
         return saved.conversation_id, self.listing(saved.choices, saved.conversation_id)
 
-    def control_values(self, controls: ChatControls) -> list[Any]:
+    def control_values(self, controls: ChatControls, owner: str) -> list[Any]:
         """The values of :attr:`Components.controls` for ``controls`` (the config's default where None)."""
         gen = self.app.settings.chat.generation
         seed = "" if gen.seed is None else str(gen.seed)
         defaults = [gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, seed, self.app.settings.chat.top_k]
         given = [getattr(controls, name) for name in uc.GENERATION]
-        kb = controls.kb if controls.kb in h.kb_choices(self.app.kbs) else NO_KB
+        kb = controls.kb if controls.kb in self.kb_choices(owner) else NO_KB
         return [
             kb,
             controls.system_prompt or "",
@@ -518,7 +567,7 @@ class Adapters:
         if opened.conversation_id:
             title = self.conversations.get(owner, opened.conversation_id).title
         choices = uc.choices(self.conversations, owner)
-        controls = self.control_values(opened.controls) if opened.conversation_id else [self.gr.skip()] * 8
+        controls = self.control_values(opened.controls, owner) if opened.conversation_id else [self.gr.skip()] * 8
         return (
             opened.conversation_id,
             self.gr.Radio(choices=choices, value=opened.conversation_id or None),
@@ -560,11 +609,13 @@ class KbAdapters:
         self.on = on
         self.kbs = on.app.kbs
 
-    def outputs(self, view: ui_kb.KbView, chat_kb: str | None = None) -> tuple[Any, ...]:
-        """(bases, base picker, files, file picker, status, confirm box, the chat's knowledge-base picker)"""
+    def outputs(self, view: ui_kb.KbView, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
+        """(bases, base picker, files, file picker, status, confirm box, the chat's knowledge-base picker,
+        the private box)"""
         gr = self.on.gr
         self.on.toast(view.warning)
-        kb_choices = h.kb_choices(self.kbs)
+        kb_choices = self.on.kb_choices(owner)
+        entry = self.on.app.access.entry(view.base) if view.base else None
         return (
             view.bases,
             gr.Dropdown(choices=view.names, value=view.base),
@@ -573,16 +624,22 @@ class KbAdapters:
             view.status,
             False,
             gr.Dropdown(choices=kb_choices, value=chat_kb if chat_kb in kb_choices else NO_KB),
+            gr.Checkbox(value=bool(entry and entry[1]), interactive=bool(entry and entry[0] == owner)),
         )
 
-    def show(self, base: str | None, chat_kb: str | None) -> tuple[Any, ...]:
-        return self.outputs(ui_kb.view(self.kbs, base), chat_kb)
+    def show(self, base: str | None, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
+        return self.outputs(ui_kb.view(self.kbs, self.on.app.access, owner, base), chat_kb, owner)
 
-    def remove_file(self, base: str | None, path: str | None, chat_kb: str | None) -> tuple[Any, ...]:
-        return self.outputs(ui_kb.remove_file(self.kbs, base, path), chat_kb)
+    def remove_file(self, base: str | None, path: str | None, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
+        return self.outputs(ui_kb.remove_file(self.kbs, self.on.app.access, owner, base, path), chat_kb, owner)
 
-    def delete_base(self, base: str | None, confirmed: bool, chat_kb: str | None) -> tuple[Any, ...]:
-        return self.outputs(ui_kb.delete_base(self.kbs, base, bool(confirmed)), chat_kb)
+    def delete_base(self, base: str | None, confirmed: bool, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
+        view = ui_kb.delete_base(self.kbs, self.on.app.access, owner, base, bool(confirmed))
+        return self.outputs(view, chat_kb, owner)
+
+    def set_private(self, base: str | None, private: bool, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
+        view = ui_kb.set_private(self.kbs, self.on.app.access, owner, base, bool(private))
+        return self.outputs(view, chat_kb, owner)
 
     def job_outputs(self, view: ui_kb.JobView) -> tuple[Any, ...]:
         """(the job's summary, its files, the timer that polls it while it runs)"""
@@ -590,7 +647,8 @@ class KbAdapters:
         return view.summary, view.rows, self.on.gr.Timer(active=view.active)
 
     def start(self, files: Any, target: str | None, base: str | None, owner: str) -> tuple[Any, ...]:
-        view = ui_kb.start_job(self.on.app.jobs, owner, files, target, base)
+        app = self.on.app
+        view = ui_kb.start_job(app.jobs, app.kbs, app.access, owner, files, target, base)
         return (*self.job_outputs(view), None if view.warning is None else self.on.gr.skip())
 
     def latest(self, owner: str) -> tuple[Any, ...]:
@@ -599,7 +657,7 @@ class KbAdapters:
     def poll(self, base: str | None, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
         """The job's progress; once it has ended, the bases and files too (the chat's picker included)."""
         view = ui_kb.latest_job(self.on.app.jobs, owner)
-        refreshed = self.show(base, chat_kb) if not view.active else (self.on.gr.skip(),) * 7
+        refreshed = self.show(base, chat_kb, owner) if not view.active else (self.on.gr.skip(),) * 8
         return (*self.job_outputs(view), *refreshed)
 
 
@@ -630,19 +688,29 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     chat_limit = app.settings.llm.max_concurrent
 
     def upload(
+        request: Any,
         files: Any,
         target: str | None,
         selected: str | None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way of asking for a progress bar
     ) -> tuple[Any, Any, Any]:
-        return on.upload(files, target, selected, progress)
+        return on.upload(files, target, selected, progress, owner_of(request))
+
+    upload.__annotations__ = {"request": gr.Request}  # see with_owner; the progress bar is found by its default
 
     stopper = gr.State(h.Stopper())  # per browser session
     pages = gr.State([])  # the current answer's PDF pages (h.PageRef), per session: what the page view may show
     answer_outputs = [c.chatbot, c.sources, c.effective, pages, c.page_choice, c.page_view]
+    def respond(request: Any, *inputs: Any) -> Iterator[tuple[Any, ...]]:
+        yield from on.respond(*inputs, owner=owner_of(request))
+
+    def regenerate(request: Any, *inputs: Any) -> Iterator[tuple[Any, ...]]:
+        yield from on.regenerate(*inputs, owner=owner_of(request))
+
+    respond.__annotations__ = regenerate.__annotations__ = {"request": gr.Request}  # see with_owner
     chat_event = gr.on(
         [c.send.click, c.question.submit],
-        on.respond,
+        respond,
         inputs=[c.question, c.chatbot, stopper, *c.controls],
         outputs=[c.question, *answer_outputs],
         concurrency_limit=chat_limit,
@@ -653,7 +721,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         **private,
     )
     regen_event = c.regenerate.click(
-        on.regenerate,
+        regenerate,
         inputs=[c.chatbot, stopper, *c.controls],
         outputs=answer_outputs,
         concurrency_limit=chat_limit,
@@ -712,9 +780,12 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     )
     _wire_conversations(gr, on, c, [chat_event, regen_event], loaded, answer_outputs, private)
     page, kb_on = c.kb_page, KbAdapters(on)
-    kb_outputs = [page.bases, page.base, page.files, page.file, page.status, page.confirm, c.kb]
-    page.tab.select(kb_on.show, inputs=[page.base, c.kb], outputs=kb_outputs, **private)
-    page.base.input(kb_on.show, inputs=[page.base, c.kb], outputs=kb_outputs, **private)
+    kb_outputs = [page.bases, page.base, page.files, page.file, page.status, page.confirm, c.kb, page.private]
+    page.tab.select(with_owner(gr, kb_on.show), inputs=[page.base, c.kb], outputs=kb_outputs, **private)
+    page.base.input(with_owner(gr, kb_on.show), inputs=[page.base, c.kb], outputs=kb_outputs, **private)
+    page.private.input(
+        with_owner(gr, kb_on.set_private), inputs=[page.base, page.private, c.kb], outputs=kb_outputs, **private
+    )
     job_outputs = [page.job, page.job_files, page.timer]
     page.start.click(
         with_owner(gr, kb_on.start),
@@ -727,10 +798,14 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     page.tab.select(with_owner(gr, kb_on.latest), outputs=job_outputs, **private)
     page.timer.tick(with_owner(gr, kb_on.poll), inputs=[page.base, c.kb], outputs=polled, **private)
     page.remove_file.click(
-        kb_on.remove_file, inputs=[page.base, page.file, c.kb], outputs=kb_outputs, concurrency_id="ingest", **private
+        with_owner(gr, kb_on.remove_file),
+        inputs=[page.base, page.file, c.kb],
+        outputs=kb_outputs,
+        concurrency_id="ingest",
+        **private,
     )
     page.delete_base.click(
-        kb_on.delete_base,
+        with_owner(gr, kb_on.delete_base),
         inputs=[page.base, page.confirm, c.kb],
         outputs=kb_outputs,
         concurrency_id="ingest",

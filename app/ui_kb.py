@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.access import KbAccess
 from app.jobs import IngestJobs, Job
 from app.services import KnowledgeBaseService
 from app.ui_handlers import md_cell, readable
@@ -29,14 +30,26 @@ def _when(ts: Any) -> str:
     return dt.datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M") if ts else ""
 
 
-def view(kbs: KnowledgeBaseService, base: str | None, status: str = "", warning: str | None = None) -> KbView:
-    """Every base, and ``base``'s files (the first base's when ``base`` is gone or not given)."""
+def view(
+    kbs: KnowledgeBaseService,
+    access: KbAccess,
+    owner: str,
+    base: str | None,
+    status: str = "",
+    warning: str | None = None,
+) -> KbView:
+    """Every base ``owner`` may see, and ``base``'s files (the first base's when ``base`` is gone or not
+    given); whose each base is."""
     try:
-        rows = kbs.overview()
+        visible = set(access.visible(owner, kbs.names()))
+        rows = [r for r in kbs.overview() if r["name"] in visible]
     except (ZhikuError, OSError) as err:
         return KbView([], [], None, warning=readable(err))
     names = [r["name"] for r in rows]
-    bases = [[r["name"], r["files"], r["chunks"], r["embedding_model"], _when(r["updated_at"])] for r in rows]
+    bases = [
+        [r["name"], r["files"], r["chunks"], r["embedding_model"], _when(r["updated_at"]), _whose(access, r["name"])]
+        for r in rows
+    ]
     base = base if base in names else (names[0] if names else None)
     files: list[list[Any]] = []
     paths: list[tuple[str, str]] = []
@@ -52,26 +65,48 @@ def view(kbs: KnowledgeBaseService, base: str | None, status: str = "", warning:
     return KbView(bases, names, base, files, paths, status, warning)
 
 
-def remove_file(kbs: KnowledgeBaseService, base: str | None, path: str | None) -> KbView:
+def _whose(access: KbAccess, kb: str) -> str:
+    found = access.entry(kb)
+    if found is None:
+        return "共享 shared (CLI)"
+    return f"{found[0]} · " + ("私有 private" if found[1] else "共享 shared")
+
+
+def remove_file(kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: str | None, path: str | None) -> KbView:
     if not base or not path:
-        return view(kbs, base, warning="pick a knowledge base and one of its files first")
+        return view(kbs, access, owner, base, warning="pick a knowledge base and one of its files first")
     try:
+        access.check_write(owner, base, exists=True)
         removed = kbs.remove_file(base, path)
     except (ZhikuError, OSError) as err:
-        return view(kbs, base, warning=readable(err))
-    return view(kbs, base, status=f"已删除 removed {Path(path).name} ({removed} chunks) from {base}")
+        return view(kbs, access, owner, base, warning=readable(err))
+    return view(kbs, access, owner, base, status=f"已删除 removed {Path(path).name} ({removed} chunks) from {base}")
 
 
-def delete_base(kbs: KnowledgeBaseService, base: str | None, confirmed: bool) -> KbView:
+def delete_base(kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: str | None, confirmed: bool) -> KbView:
     if not base:
-        return view(kbs, None, warning="pick a knowledge base first")
+        return view(kbs, access, owner, None, warning="pick a knowledge base first")
     if not confirmed:
-        return view(kbs, base, warning=f"tick the box to confirm deleting the whole knowledge base {base!r}")
+        warning = f"tick the box to confirm deleting the whole knowledge base {base!r}"
+        return view(kbs, access, owner, base, warning=warning)
     try:
+        access.check_write(owner, base, exists=True)
         kbs.delete(base)
+        access.forget(base)
     except (ZhikuError, OSError) as err:
-        return view(kbs, base, warning=readable(err))
-    return view(kbs, None, status=f"已删除知识库 deleted knowledge base {base}")
+        return view(kbs, access, owner, base, warning=readable(err))
+    return view(kbs, access, owner, None, status=f"已删除知识库 deleted knowledge base {base}")
+
+
+def set_private(kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: str | None, private: bool) -> KbView:
+    if not base:
+        return view(kbs, access, owner, None, warning="pick a knowledge base first")
+    try:
+        access.set_private(owner, base, private)
+    except (ZhikuError, OSError) as err:
+        return view(kbs, access, owner, base, warning=readable(err))
+    state = "私有 private" if private else "共享 shared"
+    return view(kbs, access, owner, base, status=f"{base}: {state}")
 
 
 # ----- background ingest ---------------------------------------------------------------------------------
@@ -104,15 +139,28 @@ def job_view(job: Job | None, warning: str | None = None) -> JobView:
     return JobView(summary, rows, job.active, warning)
 
 
-def start_job(jobs: IngestJobs, owner: str, files: Any, target: str | None, selected: str | None) -> JobView:
-    """Ingest the chosen files in the background into ``target`` (a new name creates a base) or the selected
-    base; the page polls :func:`latest_job` while it runs."""
+def start_job(
+    jobs: IngestJobs,
+    kbs: KnowledgeBaseService,
+    access: KbAccess,
+    owner: str,
+    files: Any,
+    target: str | None,
+    selected: str | None,
+) -> JobView:
+    """Ingest the chosen files in the background into ``target`` (a new name creates a base, the user's own
+    and private when login is on) or the selected base; the page polls :func:`latest_job` while it runs."""
     paths = [f if isinstance(f, str) else getattr(f, "name", "") for f in (files or [])]
     kb = (target or "").strip() or (selected or "")
     if not kb:
         return job_view(jobs.latest(owner), "name a knowledge base to ingest into (a new name creates it)")
     try:
-        return job_view(jobs.start(owner, kb, [p for p in paths if p]))
+        exists = kb in kbs.names()
+        access.check_write(owner, kb, exists)
+        job = jobs.start(owner, kb, [p for p in paths if p])
+        if not exists:
+            access.claim(owner, kb)
+        return job_view(job)
     except (ZhikuError, OSError) as err:
         return job_view(jobs.latest(owner), readable(err))
 

@@ -86,6 +86,9 @@ def accounts_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     zhiku = Zhiku(load_settings(_config(tmp_path)), entry_points=False)
     zhiku.plugins.register(HashingPlugin())
     zhiku.plugins.register(EchoPlugin())
+    shared = tmp_path / "shared.txt"
+    shared.write_text("共享笔记：每个人都能读到。", encoding="utf-8")
+    zhiku.ingest.ingest("shared-notes", [shared])  # made with the CLI's service: everyone reads it
     port = _free_port()
     launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, auth=users.logins())
     try:
@@ -124,7 +127,26 @@ def test_each_user_sees_only_their_own_conversations_and_presets(
     page.locator("#preset-save").click()
     page.wait_for_function("() => document.querySelector('#preset-list input')?.value === 'alice-preset'")
 
+    # alice makes a knowledge base of her own in the browser: private
+    doc = data_dir.parent / "alice-doc.txt"
+    doc.write_text("alice 的文档：只有她能看到。", encoding="utf-8")
+    page.get_by_role("tab", name="知识库 Knowledge bases").click()
+    page.locator("#kb-uploads input[type=file]").set_input_files(str(doc))
+    page.wait_for_function("() => document.querySelector('#kb-uploads').innerText.includes('alice-doc')")
+    page.locator("#kb-target").locator("input, textarea").first.fill("alice-docs")
+    page.locator("#kb-start").click()
+    page.wait_for_function("() => document.querySelector('#kb-job').innerText.includes('完成 done')")
+    page.wait_for_function("() => document.querySelector('#kb-bases').innerText.includes('alice · 私有 private')")
+
     bob, other = _login(browser, url, "bob")
+    other.locator("#kb input").click()
+    other.get_by_role("option", name="shared-notes").wait_for()
+    assert other.get_by_role("option", name="alice-docs").count() == 0
+    other.keyboard.press("Escape")
+    other.get_by_role("tab", name="知识库 Knowledge bases").click()
+    other.wait_for_function("() => document.querySelector('#kb-bases').innerText.includes('shared-notes')")
+    assert "alice-docs" not in other.locator("#kb-bases").inner_text()
+    other.get_by_role("tab", name="对话 Chat").click()
     other.locator("#preset-list input").click()
     assert other.get_by_role("option", name="alice-preset").count() == 0
     assert other.locator("#conv-list label").count() == 0

@@ -4,6 +4,7 @@ removed from a base that stops appearing in the chat's sources."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def zhiku(tmp_path: Path) -> Zhiku:
 
 
 def test_the_page_lists_bases_and_a_bases_files(zhiku: Zhiku) -> None:
-    view = ui_kb.view(zhiku.kbs, None)
+    view = ui_kb.view(zhiku.kbs, zhiku.access, "", None)
     assert view.names == ["notes"] and view.base == "notes"
     assert view.bases[0][:3] == ["notes", 2, 2]
     assert sorted(row[0] for row in view.files) == ["frogs.txt", "rivers.txt"]
@@ -53,22 +54,22 @@ def test_the_page_lists_bases_and_a_bases_files(zhiku: Zhiku) -> None:
 
 
 def test_removing_a_file_takes_its_chunks_out_of_retrieval(zhiku: Zhiku) -> None:
-    frogs = next(path for label, path in ui_kb.view(zhiku.kbs, "notes").paths if "frogs" in label)
+    frogs = next(path for label, path in ui_kb.view(zhiku.kbs, zhiku.access, "", "notes").paths if "frogs" in label)
     assert any("青蛙" in p.text for p in zhiku.chat.retrieve("notes", "青蛙有几只？", 3))
-    after = ui_kb.remove_file(zhiku.kbs, "notes", frogs)
+    after = ui_kb.remove_file(zhiku.kbs, zhiku.access, "", "notes", frogs)
     assert after.warning is None and "frogs.txt" in after.status
     assert [row[0] for row in after.files] == ["rivers.txt"]
     assert not any("青蛙" in p.text for p in zhiku.chat.retrieve("notes", "青蛙有几只？", 3))
     assert zhiku.kbs.check("notes") == []  # vectors and chunks still agree
-    again = ui_kb.remove_file(zhiku.kbs, "notes", frogs)
+    again = ui_kb.remove_file(zhiku.kbs, zhiku.access, "", "notes", frogs)
     assert again.warning is not None and "has no file" in again.warning
 
 
 def test_deleting_a_base_needs_the_confirmation(zhiku: Zhiku) -> None:
-    refused = ui_kb.delete_base(zhiku.kbs, "notes", confirmed=False)
+    refused = ui_kb.delete_base(zhiku.kbs, zhiku.access, "", "notes", confirmed=False)
     assert refused.warning is not None and "confirm" in refused.warning
     assert zhiku.kbs.names() == ["notes"]
-    deleted = ui_kb.delete_base(zhiku.kbs, "notes", confirmed=True)
+    deleted = ui_kb.delete_base(zhiku.kbs, zhiku.access, "", "notes", confirmed=True)
     assert deleted.warning is None and deleted.names == [] and deleted.base is None
     assert zhiku.kbs.names() == []
 
@@ -114,3 +115,41 @@ def test_a_file_removed_in_the_browser_stops_appearing_in_sources(browser: Any, 
     wait_answered(page, 2)
     assert "frogs.txt" not in page.locator("#sources").inner_text()
     context.close()
+
+
+def test_with_login_a_users_base_is_theirs_and_a_private_one_is_hidden(zhiku: Zhiku, tmp_path: Path) -> None:
+    access = zhiku.access
+    upload = tmp_path / "mine.txt"
+    upload.write_text("alice 的笔记：只有 alice 能看到。", encoding="utf-8")
+    # a base made with the CLI is shared read-only in the browser
+    assert ui_kb.view(zhiku.kbs, access, "bob", None).names == ["notes"]
+    refused = ui_kb.remove_file(
+        zhiku.kbs, access, "bob", "notes", ui_kb.view(zhiku.kbs, access, "", "notes").paths[0][1]
+    )
+    assert refused.warning is not None and "shared read-only" in refused.warning
+    # alice creates a base: hers and private
+    started = ui_kb.start_job(zhiku.jobs, zhiku.kbs, access, "alice", [str(upload)], "alice-notes", None)
+    assert started.warning is None
+    assert access.entry("alice-notes") == ("alice", True)
+    assert access.visible("bob", ["notes", "alice-notes"]) == ["notes"]
+    assert access.visible("alice", ["notes", "alice-notes"]) == ["notes", "alice-notes"]
+    with pytest.raises(PermissionError, match="no knowledge base 'alice-notes'"):  # as if it did not exist
+        access.check_read("bob", "alice-notes")
+    # bob cannot write into it, even by naming it
+    for _ in range(1200):  # a hang guard: wait for alice's job to create the base
+        if "alice-notes" in zhiku.kbs.names() and not zhiku.jobs.latest("alice").active:  # type: ignore[union-attr]
+            break
+        threading.Event().wait(0.05)
+    denied = ui_kb.start_job(zhiku.jobs, zhiku.kbs, access, "bob", [str(upload)], "alice-notes", None)
+    assert denied.warning is not None and "no knowledge base 'alice-notes'" in denied.warning
+    assert ui_kb.delete_base(zhiku.kbs, access, "bob", "alice-notes", True).warning is not None
+    assert "alice-notes" in zhiku.kbs.names()
+    # shared, bob reads it but still cannot change it
+    assert ui_kb.set_private(zhiku.kbs, access, "alice", "alice-notes", False).warning is None
+    assert "alice-notes" in ui_kb.view(zhiku.kbs, access, "bob", None).names
+    assert ui_kb.set_private(zhiku.kbs, access, "bob", "alice-notes", True).warning is not None
+    denied = ui_kb.delete_base(zhiku.kbs, access, "bob", "alice-notes", True)
+    assert denied.warning is not None and "belongs to another user" in denied.warning
+    # deleted by alice, the name is free again
+    assert ui_kb.delete_base(zhiku.kbs, access, "alice", "alice-notes", True).warning is None
+    assert access.entry("alice-notes") is None

@@ -100,19 +100,29 @@ class IngestJobs:
         if not files:
             raise JobError("no files to ingest", "choose one or more files first")
         copied, refused = self._ingest.stage(kb, files)
-        rows = [{"file": p.name, "status": "waiting", "chunks": 0, "reason": ""} for p in copied]
+        return self._launch(owner, kb, copied, refused)
+
+    def start_reingest(self, owner: str, kb: str, paths: Sequence[str | Path]) -> Job:
+        """Ingest a base's own files again, where they are: changed ones are updated, unchanged ones kept,
+        and a file that is gone is reported as failed (its chunks stay until it is removed)."""
+        if not paths:
+            raise JobError(f"knowledge base {kb!r} has no files to ingest again")
+        return self._launch(owner, kb, [Path(p) for p in paths], [])
+
+    def _launch(self, owner: str, kb: str, paths: list[Path], refused: list[tuple[str, str]]) -> Job:
+        rows = [{"file": p.name, "status": "waiting", "chunks": 0, "reason": ""} for p in paths]
         rows += [{"file": name, "status": "refused", "chunks": 0, "reason": why} for name, why in refused]
         job_id = secrets.token_hex(8)
-        state: State = "queued" if copied else "done"
+        state: State = "queued" if paths else "done"
         now = time.time()
         with self._db() as db:
             db.execute(
                 "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, '', ?, ?)",
-                (job_id, owner, kb, state, json.dumps(rows, ensure_ascii=False), now, None if copied else now),
+                (job_id, owner, kb, state, json.dumps(rows, ensure_ascii=False), now, None if paths else now),
             )
-        if copied:
+        if paths:
             worker = threading.Thread(
-                target=self._run, args=(job_id, kb, copied), name=f"zhiku-ingest-{job_id}", daemon=True
+                target=self._run, args=(job_id, kb, paths), name=f"zhiku-ingest-{job_id}", daemon=True
             )
             worker.start()
         return self.get(owner, job_id)

@@ -131,6 +131,7 @@ class KbPage:
     files: gr.Dataframe
     file: gr.Dropdown
     remove_file: gr.Button
+    reingest: gr.Button
     confirm: gr.Checkbox
     delete_base: gr.Button
     status: gr.Markdown
@@ -165,6 +166,7 @@ def _kb_page(tab: gr.Tab) -> KbPage:
     with gr.Row():
         file = gr.Dropdown(choices=[], value=None, label="文件 File", elem_id="kb-file", scale=4)
         remove_file = gr.Button("从知识库删除 Remove file", variant="stop", elem_id="kb-remove-file", scale=1)
+    reingest = gr.Button("重新导入全部文件 Ingest its files again", elem_id="kb-reingest")
     private = gr.Checkbox(
         label="私有：只有我能看到 Private: only I see it (bases you created, with login)", elem_id="kb-private"
     )
@@ -189,8 +191,8 @@ def _kb_page(tab: gr.Tab) -> KbPage:
     )
     timer = gr.Timer(1.0, active=False)
     return KbPage(
-        tab, bases, base, files, file, remove_file, confirm, delete_base, status, private, uploads, target, start, job,
-        job_files, timer,
+        tab, bases, base, files, file, remove_file, reingest, confirm, delete_base, status, private, uploads,
+        target, start, job, job_files, timer,
     )  # fmt: skip
 
 
@@ -651,6 +653,10 @@ class KbAdapters:
         view = ui_kb.start_job(app.jobs, app.kbs, app.access, owner, files, target, base)
         return (*self.job_outputs(view), None if view.warning is None else self.on.gr.skip())
 
+    def reingest(self, base: str | None, owner: str) -> tuple[Any, ...]:
+        app = self.on.app
+        return self.job_outputs(ui_kb.reingest(app.jobs, app.kbs, app.access, owner, base))
+
     def latest(self, owner: str) -> tuple[Any, ...]:
         return self.job_outputs(ui_kb.latest_job(self.on.app.jobs, owner))
 
@@ -701,6 +707,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     stopper = gr.State(h.Stopper())  # per browser session
     pages = gr.State([])  # the current answer's PDF pages (h.PageRef), per session: what the page view may show
     answer_outputs = [c.chatbot, c.sources, c.effective, pages, c.page_choice, c.page_view]
+
     def respond(request: Any, *inputs: Any) -> Iterator[tuple[Any, ...]]:
         yield from on.respond(*inputs, owner=owner_of(request))
 
@@ -793,6 +800,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         outputs=[*job_outputs, page.uploads],
         **private,
     )
+    page.reingest.click(with_owner(gr, kb_on.reingest), inputs=[page.base], outputs=job_outputs, **private)
     polled = [*job_outputs, *kb_outputs]
     # the page (after a reload too) shows the user's latest job, and follows it while it runs
     page.tab.select(with_owner(gr, kb_on.latest), outputs=job_outputs, **private)

@@ -165,6 +165,18 @@ def start_job(
         return job_view(jobs.latest(owner), readable(err))
 
 
+def reingest(jobs: IngestJobs, kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: str | None) -> JobView:
+    """Ingest the base's files again where they are (in the background, as an upload)."""
+    if not base:
+        return job_view(jobs.latest(owner), "pick a knowledge base first")
+    try:
+        access.check_write(owner, base, exists=True)
+        paths = [src["path"] for src in kbs.info(base)["sources"]]
+        return job_view(jobs.start_reingest(owner, base, paths))
+    except (ZhikuError, OSError) as err:
+        return job_view(jobs.latest(owner), readable(err))
+
+
 def latest_job(jobs: IngestJobs, owner: str) -> JobView:
     try:
         return job_view(jobs.latest(owner))

@@ -172,3 +172,30 @@ def test_a_reload_during_a_background_ingest_shows_its_progress(
     assert "3/3" in page.locator("#kb-job").inner_text()
     page.wait_for_function("() => document.querySelector('#kb-bases').innerText.includes('notes')")
     context.close()
+
+
+def test_ingesting_a_bases_files_again_updates_the_changed_and_reports_the_gone(
+    gated: tuple[Zhiku, GatedEmbedder, Path], tmp_path: Path
+) -> None:
+    from app import ui_kb
+
+    app, embedder, _ = gated
+    embedder.gate.set()
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for name, text in TEXTS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    app.ingest.ingest("notes", [folder])
+    (folder / "frogs.txt").write_text("青蛙笔记：池塘里的青蛙现在有九只。", encoding="utf-8")
+    (folder / "birds.txt").unlink()
+
+    started = ui_kb.reingest(app.jobs, app.kbs, app.access, "", "notes")
+    assert started.warning is None
+    job = app.jobs.latest("")
+    assert job is not None
+    done = _finished(app.jobs, "", job.id)
+    statuses = {f["file"]: f["status"] for f in done.files}
+    assert statuses == {"frogs.txt": "updated", "rivers.txt": "unchanged", "birds.txt": "failed"}
+    assert next(f for f in done.files if f["file"] == "birds.txt")["reason"]
+    assert any("九只" in p.text for p in app.chat.retrieve("notes", "青蛙有几只？", 3))
+    assert ui_kb.reingest(app.jobs, app.kbs, app.access, "", None).warning == "pick a knowledge base first"

@@ -73,12 +73,16 @@ class KbAccess:
             raise AccessError(f"no knowledge base {kb!r}", "pick one from the list")  # as if it did not exist
 
     def check_write(self, owner: str, kb: str, exists: bool) -> None:
-        """May ``owner`` upload into, remove files from or delete ``kb``? A base that does not exist yet may be
-        created by anyone (it becomes theirs: :meth:`claim`)."""
-        if not owner or not exists:
+        """May ``owner`` upload into, remove files from or delete ``kb``? A name no base and no user holds
+        may be taken by anyone (it becomes theirs: :meth:`claim`, before the first file goes in)."""
+        if not owner:
+            return
+        found = self.entry(kb)
+        if not exists:
+            if found is not None and found[0] != owner:  # reserved by someone whose base is on its way
+                raise AccessError(f"the name {kb!r} is taken", "choose another name for your knowledge base")
             return
         self.check_read(owner, kb)
-        found = self.entry(kb)
         if found is None:
             raise AccessError(
                 f"knowledge base {kb!r} is shared read-only (it was made with the command line)",
@@ -88,7 +92,8 @@ class KbAccess:
             raise AccessError(f"knowledge base {kb!r} belongs to another user", "upload into a base of your own")
 
     def claim(self, owner: str, kb: str, private: bool = True) -> None:
-        """Record that ``owner`` created ``kb`` (no-op without login, or when it already has an owner)."""
+        """Record that ``owner`` creates ``kb``: called before its first file is ingested, so that the base is
+        never visible to others on its way (no-op without login, or when the name already has an owner)."""
         if not owner:
             return
         with self._lock:

@@ -338,6 +338,7 @@ def kb_delete(
         if not yes and not typer.confirm(f"delete knowledge base {name!r}?"):
             raise typer.Exit(1)
         app.kbs.delete(name)
+        app.access.forget(name)  # a new base of that name starts without an owner
     typer.echo(f"deleted {name}")
 
 

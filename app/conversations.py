@@ -105,7 +105,9 @@ class ConversationStore:
     def _db(self) -> Iterator[sqlite3.Connection]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30)
+            # autocommit mode, transactions begun by hand: the legacy mode would begin one only at the first
+            # write, so a read-then-write (save_messages, update) could interleave with another writer
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         except (OSError, sqlite3.Error) as err:
             raise ConversationError(
                 f"cannot open {self.path} ({err})",
@@ -115,8 +117,13 @@ class ConversationStore:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(_SCHEMA)
-            with conn:  # one transaction: committed on success, rolled back on an error
+            conn.execute("BEGIN IMMEDIATE")  # one writer at a time, from the first read of the call
+            try:
                 yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         except sqlite3.DatabaseError as err:
             raise ConversationError(
                 f"{self.path.name}: {err}", f"move {self.path} aside to start a fresh conversation history"

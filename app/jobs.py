@@ -83,13 +83,23 @@ class IngestJobs:
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except (OSError, sqlite3.Error) as err:
+            raise JobError(
+                f"cannot open {self.path} ({err})", f"give Zhiku write access to {self.path.parent}"
+            ) from err
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(_SCHEMA)
-            with conn:
+            conn.execute("BEGIN IMMEDIATE")  # _record reads then writes a job's files: one writer at a time
+            try:
                 yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         except sqlite3.DatabaseError as err:
             raise JobError(f"{self.path.name}: {err}", f"move {self.path} aside") from err
         finally:
@@ -129,14 +139,26 @@ class IngestJobs:
 
     def _run(self, job_id: str, kb: str, copied: list[Path]) -> None:
         with self._turn:
-            self._set(job_id, state="running")
             try:
+                self._set(job_id, state="running")
                 self._ingest.ingest(kb, copied, on_outcome=lambda outcome: self._record(job_id, outcome))
             except Exception as err:  # the job says what went wrong; the server goes on
                 log.exception("background ingest %s into %s failed", job_id, kb)
-                self._set(job_id, state="failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
+                self._end(job_id, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
                 return
-            self._set(job_id, state="done")
+            self._end(job_id, "done", "")
+
+    def _end(self, job_id: str, state: State, error: str) -> None:
+        try:
+            self._set(job_id, state=state, error=error)
+        except JobError:  # the jobs file itself failed: logged; the page shows the job as it last was
+            log.exception("cannot record the end of ingest job %s", job_id)
+
+    def active_for(self, kb: str) -> bool:
+        """Whether a job is queued or running for ``kb`` (whoever started it)."""
+        with self._db() as db:
+            row = db.execute("SELECT 1 FROM jobs WHERE kb = ? AND state IN ('queued', 'running')", (kb,)).fetchone()
+        return row is not None
 
     def _record(self, job_id: str, outcome: FileOutcome) -> None:
         name = Path(outcome.path).name

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import html
 import os
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -406,6 +408,7 @@ class Adapters:
         self.conversations = conversations
         self._user_presets: dict[str, PresetStore] = {}  # one store (and its lock) per user
         self._user_presets_lock = threading.Lock()
+        self._exports: Path | None = None
 
     def kb_choices(self, owner: str) -> list[str]:
         """The knowledge-base picker's choices: none, and the bases ``owner`` may see."""
@@ -517,17 +520,17 @@ class Adapters:
             progress((done, total), desc=desc)
 
         kb_name = (target or "").strip() or h.kb_name(selected)
-        exists = kb_name in self.app.kbs.names() if kb_name else False
         try:
             if kb_name:
+                exists = kb_name in self.app.kbs.names()
                 self.app.access.check_write(owner, kb_name, exists)
-        except ZhikuError as err:
+                if not exists:
+                    self.app.access.claim(owner, kb_name)  # before any file goes in (see KbAccess.claim)
+        except (ZhikuError, OSError) as err:
             self.toast(h.readable(err))
             return self.gr.skip(), self.gr.skip(), self.gr.skip()
         update = h.upload(self.app.ingest, self.app.kbs, files, target, selected, report)
         self.toast(update.warning)
-        if kb_name and not exists and update.kb:
-            self.app.access.claim(owner, update.kb)
         kb = self.gr.skip()
         if update.kbs is not None:
             choices = self.kb_choices(owner)
@@ -563,12 +566,10 @@ class Adapters:
     def open(self, conversation_id: str | None, owner: str, *, quiet: bool = False) -> tuple[Any, ...]:
         """Outputs of :func:`wire`'s ``opened``: the id, the chat and its panels, the controls, the name."""
         opened = uc.open_conversation(self.conversations, owner, conversation_id)
-        if not quiet:
-            self.toast(opened.warning)
-        title = ""
-        if opened.conversation_id:
-            title = self.conversations.get(owner, opened.conversation_id).title
-        choices = uc.choices(self.conversations, owner)
+        choices, problem = uc.safe_choices(self.conversations, owner)
+        if not quiet or problem:
+            self.toast(opened.warning or problem)
+        title = opened.title
         controls = self.control_values(opened.controls, owner) if opened.conversation_id else [self.gr.skip()] * 8
         return (
             opened.conversation_id,
@@ -584,7 +585,9 @@ class Adapters:
         )
 
     def search(self, query: str | None, conversation_id: str | None, owner: str) -> Any:
-        return self.gr.Radio(choices=uc.choices(self.conversations, owner, query or ""), value=conversation_id or None)
+        choices, problem = uc.safe_choices(self.conversations, owner, query or "")
+        self.toast(problem)
+        return self.gr.Radio(choices=choices, value=conversation_id or None)
 
     def rename(self, conversation_id: str | None, title: str | None, owner: str) -> Any:
         saved = uc.rename(self.conversations, owner, conversation_id, title)
@@ -599,7 +602,12 @@ class Adapters:
         return "", self.listing(saved.choices, None), []
 
     def export(self, conversation_id: str | None, kind: str, owner: str) -> Any:
-        path, warning = uc.export(self.conversations, owner, conversation_id, "json" if kind == "json" else "md")
+        with self._user_presets_lock:  # one folder for this process's exports, not one per click
+            if self._exports is None:
+                self._exports = Path(tempfile.mkdtemp(prefix="zhiku-export-"))
+        path, warning = uc.export(
+            self.conversations, owner, conversation_id, "json" if kind == "json" else "md", self._exports
+        )
         self.toast(warning)
         return None if path is None else str(path)
 
@@ -636,7 +644,8 @@ class KbAdapters:
         return self.outputs(ui_kb.remove_file(self.kbs, self.on.app.access, owner, base, path), chat_kb, owner)
 
     def delete_base(self, base: str | None, confirmed: bool, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
-        view = ui_kb.delete_base(self.kbs, self.on.app.access, owner, base, bool(confirmed))
+        app = self.on.app
+        view = ui_kb.delete_base(self.kbs, app.access, owner, base, bool(confirmed), app.jobs)
         return self.outputs(view, chat_kb, owner)
 
     def set_private(self, base: str | None, private: bool, chat_kb: str | None, owner: str) -> tuple[Any, ...]:
@@ -785,7 +794,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     loaded = demo.load(
         with_owner(gr, on.refresh), inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list, c.user], **private
     )
-    _wire_conversations(gr, on, c, [chat_event, regen_event], loaded, answer_outputs, private)
+    _wire_conversations(gr, on, c, [chat_event, regen_event], loaded, answer_outputs, stopper, private)
     page, kb_on = c.kb_page, KbAdapters(on)
     kb_outputs = [page.bases, page.base, page.files, page.file, page.status, page.confirm, c.kb, page.private]
     page.tab.select(with_owner(gr, kb_on.show), inputs=[page.base, c.kb], outputs=kb_outputs, **private)
@@ -828,6 +837,7 @@ def _wire_conversations(
     answers: list[Any],
     loaded: Any,
     answer_outputs: list[Any],
+    stopper: Any,
     private: Any,
 ) -> None:
     """The sidebar: each finished answer saves the chat; a reload reopens the session's conversation."""
@@ -849,8 +859,12 @@ def _wire_conversations(
     c.chatbot.like(rate, inputs=[conversation], **private)
 
     opened = [conversation, side.listing, *answer_outputs, *c.controls, side.title]
-    side.listing.input(with_owner(gr, on.open), inputs=[side.listing], outputs=opened, **private)
-    side.new.click(with_owner(gr, lambda owner: on.open(None, owner)), outputs=opened, **private)
+    # opening another conversation (or a new one) ends the answer in progress first, as Clear does: its
+    # late updates would otherwise land in, and be saved as, the conversation just opened
+    for switch in (side.listing.input, side.new.click):
+        switch(on.stop, inputs=[stopper], queue=False, **private)
+    side.listing.input(with_owner(gr, on.open), inputs=[side.listing], outputs=opened, cancels=answers, **private)
+    side.new.click(with_owner(gr, lambda owner: on.open(None, owner)), outputs=opened, cancels=answers, **private)
     c.clear.click(lambda: ("", gr.Radio(value=None), ""), outputs=[conversation, side.listing, side.title], **private)
     on_load = with_owner(gr, lambda cid, owner: on.open(cid, owner, quiet=True))
     loaded.then(on_load, inputs=[conversation], outputs=opened, **private)

@@ -84,6 +84,7 @@ class Opened:
     chat: list[dict[str, str]]
     controls: ChatControls  # what the conversation was answered with; None fields: the config's default
     warning: str | None = None
+    title: str = ""
 
 
 def open_conversation(store: ConversationStore, owner: str, conversation_id: str | None) -> Opened:
@@ -100,7 +101,15 @@ def open_conversation(store: ConversationStore, owner: str, conversation_id: str
     generation = {k: v for k, v in conv.settings.items() if k in GENERATION and k in known}
     controls = ChatControls(kb=conv.kb or NO_KB, system_prompt=conv.system_prompt, **generation)
     chat = [{"role": m.role, "content": safe_markdown(m.content)} for m in messages]
-    return Opened(conv.id, chat, controls)
+    return Opened(conv.id, chat, controls, title=conv.title)
+
+
+def safe_choices(store: ConversationStore, owner: str, query: str = "") -> tuple[Choices, str | None]:
+    """:func:`choices`, or none and the reason when the store cannot be read."""
+    try:
+        return choices(store, owner, query), None
+    except ConversationError as err:
+        return [], readable(err)
 
 
 def rename(store: ConversationStore, owner: str, conversation_id: str | None, title: str | None) -> Saved:
@@ -108,9 +117,9 @@ def rename(store: ConversationStore, owner: str, conversation_id: str | None, ti
         return Saved("", None, "no conversation is open: ask something first, or pick one from the list")
     try:
         store.update(owner, conversation_id, title=title or "")
+        return Saved(conversation_id, choices(store, owner))
     except ConversationError as err:
         return Saved(conversation_id, None, readable(err))
-    return Saved(conversation_id, choices(store, owner))
 
 
 def delete(store: ConversationStore, owner: str, conversation_id: str | None) -> Saved:
@@ -119,13 +128,17 @@ def delete(store: ConversationStore, owner: str, conversation_id: str | None) ->
         return Saved("", None, "no conversation is open")
     try:
         store.delete(owner, conversation_id)
+        return Saved("", choices(store, owner))
     except ConversationError as err:
         return Saved(conversation_id, None, readable(err))
-    return Saved("", choices(store, owner))
 
 
 def export(
-    store: ConversationStore, owner: str, conversation_id: str | None, kind: Literal["md", "json"]
+    store: ConversationStore,
+    owner: str,
+    conversation_id: str | None,
+    kind: Literal["md", "json"],
+    folder: Path | None = None,
 ) -> tuple[Path | None, str | None]:
     """(a file holding the conversation as Markdown or JSON, None) or (None, why not)."""
     if not conversation_id:
@@ -138,8 +151,8 @@ def export(
     except ConversationError as err:
         return None, readable(err)
     # the id is checked by the store (16 hex digits): safe in a file name
-    folder = Path(tempfile.mkdtemp(prefix="zhiku-export-"))
-    path = folder / f"conversation-{conversation_id}.{kind}"
+    folder = folder or Path(tempfile.mkdtemp(prefix="zhiku-export-"))
+    path = folder / f"conversation-{conversation_id}.{kind}"  # rewritten by the next export of it
     path.write_text(text, encoding="utf-8")
     return path, None
 

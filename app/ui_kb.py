@@ -83,7 +83,14 @@ def remove_file(kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: s
     return view(kbs, access, owner, base, status=f"已删除 removed {Path(path).name} ({removed} chunks) from {base}")
 
 
-def delete_base(kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: str | None, confirmed: bool) -> KbView:
+def delete_base(
+    kbs: KnowledgeBaseService,
+    access: KbAccess,
+    owner: str,
+    base: str | None,
+    confirmed: bool,
+    jobs: IngestJobs | None = None,
+) -> KbView:
     if not base:
         return view(kbs, access, owner, None, warning="pick a knowledge base first")
     if not confirmed:
@@ -91,6 +98,9 @@ def delete_base(kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: s
         return view(kbs, access, owner, base, warning=warning)
     try:
         access.check_write(owner, base, exists=True)
+        if jobs is not None and jobs.active_for(base):  # the job would bring the base back, ownerless
+            warning = f"an ingest into {base!r} is running: delete the base when it has finished"
+            return view(kbs, access, owner, base, warning=warning)
         kbs.delete(base)
         access.forget(base)
     except (ZhikuError, OSError) as err:
@@ -153,28 +163,27 @@ def start_job(
     paths = [f if isinstance(f, str) else getattr(f, "name", "") for f in (files or [])]
     kb = (target or "").strip() or (selected or "")
     if not kb:
-        return job_view(jobs.latest(owner), "name a knowledge base to ingest into (a new name creates it)")
+        return job_view(_latest_or_none(jobs, owner), "name a knowledge base to ingest into (a new name creates it)")
     try:
         exists = kb in kbs.names()
         access.check_write(owner, kb, exists)
-        job = jobs.start(owner, kb, [p for p in paths if p])
         if not exists:
-            access.claim(owner, kb)
-        return job_view(job)
+            access.claim(owner, kb)  # before any file goes in: the new base is never anyone else's to see
+        return job_view(jobs.start(owner, kb, [p for p in paths if p]))
     except (ZhikuError, OSError) as err:
-        return job_view(jobs.latest(owner), readable(err))
+        return job_view(_latest_or_none(jobs, owner), readable(err))
 
 
 def reingest(jobs: IngestJobs, kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: str | None) -> JobView:
     """Ingest the base's files again where they are (in the background, as an upload)."""
     if not base:
-        return job_view(jobs.latest(owner), "pick a knowledge base first")
+        return job_view(_latest_or_none(jobs, owner), "pick a knowledge base first")
     try:
         access.check_write(owner, base, exists=True)
         paths = [src["path"] for src in kbs.info(base)["sources"]]
         return job_view(jobs.start_reingest(owner, base, paths))
     except (ZhikuError, OSError) as err:
-        return job_view(jobs.latest(owner), readable(err))
+        return job_view(_latest_or_none(jobs, owner), readable(err))
 
 
 def latest_job(jobs: IngestJobs, owner: str) -> JobView:
@@ -182,3 +191,10 @@ def latest_job(jobs: IngestJobs, owner: str) -> JobView:
         return job_view(jobs.latest(owner))
     except (ZhikuError, OSError) as err:
         return job_view(None, readable(err))
+
+
+def _latest_or_none(jobs: IngestJobs, owner: str) -> Job | None:
+    try:
+        return jobs.latest(owner)
+    except (ZhikuError, OSError):
+        return None

@@ -199,3 +199,22 @@ def test_ingesting_a_bases_files_again_updates_the_changed_and_reports_the_gone(
     assert next(f for f in done.files if f["file"] == "birds.txt")["reason"]
     assert any("九只" in p.text for p in app.chat.retrieve("notes", "青蛙有几只？", 3))
     assert ui_kb.reingest(app.jobs, app.kbs, app.access, "", None).warning == "pick a knowledge base first"
+
+
+def test_a_base_is_not_deleted_while_an_ingest_into_it_runs(gated: tuple[Zhiku, GatedEmbedder, Path]) -> None:
+    from app import ui_kb
+
+    app, embedder, uploads = gated
+    embedder.gate.set()
+    app.ingest.ingest("notes", [uploads / "rivers.txt"])
+    embedder.gate.clear()
+    embedder.waiting.clear()
+    job = app.jobs.start("", "notes", [uploads / "frogs.txt"])
+    assert embedder.waiting.wait(60)
+    refused = ui_kb.delete_base(app.kbs, app.access, "", "notes", True, app.jobs)
+    assert refused.warning is not None and "is running" in refused.warning
+    assert "notes" in app.kbs.names()
+    embedder.gate.set()
+    _finished(app.jobs, "", job.id)
+    assert ui_kb.delete_base(app.kbs, app.access, "", "notes", True, app.jobs).warning is None
+    assert "notes" not in app.kbs.names()

@@ -305,3 +305,23 @@ def test_the_phone_viewport_has_no_horizontal_overflow(browser: Any, config: tup
     page.locator("#theme-toggle").click()
     page.wait_for_function("() => document.body.classList.contains('dark')")
     context.close()
+
+
+@pytest.mark.slow
+def test_opening_a_new_chat_during_an_answer_ends_it_and_keeps_both_apart(
+    browser: Any, config: tuple[Path, Path]
+) -> None:
+    data_dir, path = config
+    path.write_text(path.read_text(encoding="utf-8").replace("backend: echo", "backend: slow"), encoding="utf-8")
+    context, page = _page(browser, _start(data_dir, path))
+    streaming = "() => /\\d+ \\d+/.test(document.querySelector('#chatbot [data-testid=\"bot\"]')?.innerText ?? '')"
+    ask(page, "第一个对话的问题")
+    page.wait_for_function(streaming)
+    page.locator("#conv-new").click()  # while the answer streams
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"user\"]')")
+    page.wait_for_timeout(3500)  # longer than the rest of the slow answer: a late update would show by now
+    assert messages(page) == []  # nothing of the first answer landed in the new chat
+    store = ConversationStore(data_dir)
+    for conv in store.conversations(""):  # whatever was saved of the first chat is its own
+        assert store.messages("", conv.id)[0].content == "第一个对话的问题"
+    context.close()

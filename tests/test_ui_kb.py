@@ -153,3 +153,13 @@ def test_with_login_a_users_base_is_theirs_and_a_private_one_is_hidden(zhiku: Zh
     # deleted by alice, the name is free again
     assert ui_kb.delete_base(zhiku.kbs, access, "alice", "alice-notes", True).warning is None
     assert access.entry("alice-notes") is None
+
+
+def test_a_name_someone_is_creating_is_not_anyone_elses(zhiku: Zhiku) -> None:
+    access = zhiku.access
+    access.claim("alice", "finance")  # alice's first upload is on its way: no base yet
+    with pytest.raises(PermissionError, match="is taken"):
+        access.check_write("bob", "finance", exists=False)
+    access.check_write("alice", "finance", exists=False)  # hers to fill
+    access.forget("finance")
+    access.check_write("bob", "finance", exists=False)  # free again

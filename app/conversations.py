@@ -17,12 +17,13 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from app.sqlite_rows import transaction
 from common.errors import ZhikuError
 
 FILE_NAME = "conversations.sqlite3"
@@ -101,35 +102,10 @@ class ConversationStore:
     def __init__(self, data_dir: Path | str) -> None:
         self.path = Path(data_dir) / FILE_NAME
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # autocommit mode, transactions begun by hand: the legacy mode would begin one only at the first
-            # write, so a read-then-write (save_messages, update) could interleave with another writer
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        except (OSError, sqlite3.Error) as err:
-            raise ConversationError(
-                f"cannot open {self.path} ({err})",
-                f"give the user running Zhiku write access to {self.path.parent}",
-            ) from err
-        try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SCHEMA)
-            conn.execute("BEGIN IMMEDIATE")  # one writer at a time, from the first read of the call
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.DatabaseError as err:
-            raise ConversationError(
-                f"{self.path.name}: {err}", f"move {self.path} aside to start a fresh conversation history"
-            ) from err
-        finally:
-            conn.close()
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(
+            self.path, _SCHEMA, ConversationError, f"move {self.path} aside to start a fresh conversation history"
+        )
 
     # ---- conversations ----
 

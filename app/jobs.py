@@ -16,13 +16,14 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from app.services import IngestService
+from app.sqlite_rows import transaction
 from common.errors import ZhikuError
 from knowledge.ingest import FileOutcome
 
@@ -81,29 +82,9 @@ class IngestJobs:
                 (time.time(),),
             )
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        except (OSError, sqlite3.Error) as err:
-            raise JobError(
-                f"cannot open {self.path} ({err})", f"give Zhiku write access to {self.path.parent}"
-            ) from err
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SCHEMA)
-            conn.execute("BEGIN IMMEDIATE")  # _record reads then writes a job's files: one writer at a time
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.DatabaseError as err:
-            raise JobError(f"{self.path.name}: {err}", f"move {self.path} aside") from err
-        finally:
-            conn.close()
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        # one writer at a time: _record reads then writes a job's files
+        return transaction(self.path, _SCHEMA, JobError, f"move {self.path} aside")
 
     def start(self, owner: str, kb: str, files: Sequence[str | Path]) -> Job:
         """Copy the uploads and ingest them in the background; the job as it starts."""

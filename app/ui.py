@@ -100,6 +100,7 @@ class Components:
     page_view: gr.Image  # the chosen one's page, its passage marked
     sidebar: Sidebar
     user: gr.Markdown  # the logged-in user's name (empty without login)
+    theme: gr.Button  # light/dark
     kb_page: KbPage
 
     @property
@@ -233,9 +234,7 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
             user = gr.Markdown("", elem_id="user", visible=accounts)
             with gr.Row():
                 # light/dark in the browser only: Gradio's themes follow the "dark" class on <body>
-                gr.Button("🌓 明/暗", size="sm", elem_id="theme-toggle").click(
-                    None, js="() => { document.body.classList.toggle('dark'); }", api_visibility="private"
-                )
+                theme = gr.Button("🌓 明/暗", size="sm", elem_id="theme-toggle")
                 gr.Button("退出登录 Log out", link="/logout", size="sm", elem_id="logout", visible=accounts)
     sidebar = _sidebar()
     with gr.Tabs(elem_id="tabs"):
@@ -344,7 +343,7 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
     return Components(
         chatbot, question, send, stop, regenerate, clear, sources, effective, kb, system_prompt, preset_list,
         preset_name, preset_save, preset_delete, generation, files, upload_kb, upload_button, upload_result,
-        page_choice, page_view, sidebar, user, kb_page,
+        page_choice, page_view, sidebar, user, theme, kb_page,
     )  # fmt: skip
 
 
@@ -789,6 +788,9 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         concurrency_id="ingest",
         **private,
     )
+    # registered after the chat's events: clients of the queue API (tests/test_reliability_load.py) find
+    # the chat as the first event
+    c.theme.click(None, js="() => { document.body.classList.toggle('dark'); }", **private)
     # on a phone the open sidebar would cover the chat: it starts closed there (its toggle opens it)
     demo.load(None, js=CLOSE_SIDEBAR_ON_PHONES, api_visibility="private")
     loaded = demo.load(

@@ -91,6 +91,12 @@ class KbAccess:
         if found[0] != owner:
             raise AccessError(f"knowledge base {kb!r} belongs to another user", "upload into a base of your own")
 
+    def reserve(self, owner: str, kb: str, exists: bool) -> None:
+        """Before files go into ``kb``: :meth:`check_write`, and a new base becomes ``owner``'s (:meth:`claim`)."""
+        self.check_write(owner, kb, exists)
+        if not exists:
+            self.claim(owner, kb)
+
     def claim(self, owner: str, kb: str, private: bool = True) -> None:
         """Record that ``owner`` creates ``kb``: called before its first file is ingested, so that the base is
         never visible to others on its way (no-op without login, or when the name already has an owner)."""

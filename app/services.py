@@ -136,14 +136,6 @@ class KnowledgeBaseService:
         with self._open_kb(name) as store:
             return store.check()
 
-    def overview(self) -> list[dict[str, Any]]:
-        """Per knowledge base: name, files, chunks, embedding model, last change (for the UI's list)."""
-        rows = []
-        for name in self.names():
-            info = self.info(name)
-            rows.append({k: info.get(k) for k in ("name", "files", "chunks", "embedding_model", "updated_at")})
-        return rows
-
     def remove_file(self, name: str, path: str) -> int:
         """Remove one file (as ``info()["sources"]`` names it) from a knowledge base, in one transaction: its
         chunks, and the vectors no other chunk uses. An uploaded copy of it goes too. Returns the chunks

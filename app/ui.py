@@ -405,9 +405,9 @@ class Adapters:
         self.app = app
         self.presets = presets  # without login; with it, each user's own: presets_for()
         self.conversations = conversations
-        self._user_presets: dict[str, PresetStore] = {}  # one store (and its lock) per user
-        self._user_presets_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two lazily made things below
         self._exports: Path | None = None
+        self._user_presets: dict[str, PresetStore] = {}  # one store (and its lock) per user
 
     def kb_choices(self, owner: str) -> list[str]:
         """The knowledge-base picker's choices: none, and the bases ``owner`` may see."""
@@ -416,7 +416,7 @@ class Adapters:
     def presets_for(self, owner: str) -> PresetStore:
         if not owner:
             return self.presets
-        with self._user_presets_lock:
+        with self._lock:
             if owner not in self._user_presets:
                 self._user_presets[owner] = PresetStore(self.app.settings.data_dir, owner)
             return self._user_presets[owner]
@@ -521,10 +521,7 @@ class Adapters:
         kb_name = (target or "").strip() or h.kb_name(selected)
         try:
             if kb_name:
-                exists = kb_name in self.app.kbs.names()
-                self.app.access.check_write(owner, kb_name, exists)
-                if not exists:
-                    self.app.access.claim(owner, kb_name)  # before any file goes in (see KbAccess.claim)
+                self.app.access.reserve(owner, kb_name, exists=kb_name in self.app.kbs.names())
         except (ZhikuError, OSError) as err:
             self.toast(h.readable(err))
             return self.gr.skip(), self.gr.skip(), self.gr.skip()
@@ -601,7 +598,7 @@ class Adapters:
         return "", self.listing(saved.choices, None), []
 
     def export(self, conversation_id: str | None, kind: str, owner: str) -> Any:
-        with self._user_presets_lock:  # one folder for this process's exports, not one per click
+        with self._lock:  # one folder for this process's exports, not one per click
             if self._exports is None:
                 self._exports = Path(tempfile.mkdtemp(prefix="zhiku-export-"))
         path, warning = uc.export(

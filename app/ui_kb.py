@@ -41,27 +41,21 @@ def view(
     """Every base ``owner`` may see, and ``base``'s files (the first base's when ``base`` is gone or not
     given); whose each base is."""
     try:
-        visible = set(access.visible(owner, kbs.names()))
-        rows = [r for r in kbs.overview() if r["name"] in visible]
+        infos = {name: kbs.info(name) for name in access.visible(owner, kbs.names())}
     except (ZhikuError, OSError) as err:
         return KbView([], [], None, warning=readable(err))
-    names = [r["name"] for r in rows]
+    names = list(infos)
     bases = [
-        [r["name"], r["files"], r["chunks"], r["embedding_model"], _when(r["updated_at"]), _whose(access, r["name"])]
-        for r in rows
+        [name, i["files"], i["chunks"], i["embedding_model"], _when(i["updated_at"]), _whose(access, name)]
+        for name, i in infos.items()
     ]
-    base = base if base in names else (names[0] if names else None)
+    base = base if base in infos else (names[0] if names else None)
     files: list[list[Any]] = []
     paths: list[tuple[str, str]] = []
-    if base is not None:
-        try:
-            sources = kbs.info(base)["sources"]
-        except (ZhikuError, OSError) as err:
-            return KbView(bases, names, base, warning=readable(err))
-        for src in sources:
-            name = Path(src["path"]).name
-            files.append([name, src["pages"], src["chunks"], src.get("encoding") or ""])
-            paths.append((f"{name}  ({src['path']})", src["path"]))
+    for src in infos[base]["sources"] if base is not None else []:
+        name = Path(src["path"]).name
+        files.append([name, src["pages"], src["chunks"], src.get("encoding") or ""])
+        paths.append((f"{name}  ({src['path']})", src["path"]))
     return KbView(bases, names, base, files, paths, status, warning)
 
 
@@ -165,10 +159,7 @@ def start_job(
     if not kb:
         return job_view(_latest_or_none(jobs, owner), "name a knowledge base to ingest into (a new name creates it)")
     try:
-        exists = kb in kbs.names()
-        access.check_write(owner, kb, exists)
-        if not exists:
-            access.claim(owner, kb)  # before any file goes in: the new base is never anyone else's to see
+        access.reserve(owner, kb, exists=kb in kbs.names())
         return job_view(jobs.start(owner, kb, [p for p in paths if p]))
     except (ZhikuError, OSError) as err:
         return job_view(_latest_or_none(jobs, owner), readable(err))

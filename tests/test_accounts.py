@@ -14,32 +14,19 @@ from typer.testing import CliRunner
 
 from app.auth import make_auth
 from app.cli import cli
-from app.container import Zhiku
 from app.conversations import ConversationStore
 from app.presets import PresetStore
-from app.settings import load_settings
 from app.ui import launch
 from app.users import FILE_NAME, UserStore
-from tests.conftest import HashingPlugin
-from tests.test_ui import EchoPlugin, _free_port, ask, browser, messages, wait_answered
+from tests.test_ui import _free_port, ask, browser, echo_app, echo_config, messages, wait_answered
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
 PASSWORDS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
 
 
-def _config(tmp_path: Path, extra: str = "") -> Path:
-    path = tmp_path / "config.yml"
-    path.write_text(
-        f"data_dir: {json.dumps(str(tmp_path / 'data'))}\nembedding:\n  backend: hashing\nllm:\n  backend: echo\n"
-        + extra,
-        encoding="utf-8",
-    )
-    return path
-
-
 def test_users_are_added_listed_and_removed_with_hashes_only(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = echo_config(tmp_path)
     run = CliRunner().invoke
     added = run(cli, ["users", "add", "alice", "--password-stdin", "--config", str(config)], input="s3cret-pw\n")
     assert added.exit_code == 0, added.output
@@ -67,12 +54,13 @@ def test_serve_logs_in_the_users_of_both_places_and_refuses_a_name_in_both(
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: calls.append(kwargs))
     UserStore(tmp_path / "data").add("bob", PASSWORDS["bob"])
-    result = CliRunner().invoke(cli, ["serve", "--config", str(_config(tmp_path))])
+    result = CliRunner().invoke(cli, ["serve", "--config", str(echo_config(tmp_path))])
     assert result.exit_code == 0, result.output
     assert asyncio.run(calls[-1]["auth"]("bob", PASSWORDS["bob"]))
 
     UserStore(tmp_path / "data").add("carol", "pw")
-    twice = _config(tmp_path, "server:\n  users:\n    - {name: carol, password_hash: 'scrypt$16384$8$1$AAAA$AAAA'}\n")
+    carol = "server:\n  users:\n    - {name: carol, password_hash: 'scrypt$16384$8$1$AAAA$AAAA'}\n"
+    twice = echo_config(tmp_path, carol)
     result = CliRunner().invoke(cli, ["serve", "--config", str(twice)])
     assert result.exit_code == 2 and "'carol' is both in server.users" in result.output
 
@@ -83,9 +71,7 @@ def accounts_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     users = UserStore(data_dir)
     for name, password in PASSWORDS.items():
         users.add(name, password)
-    zhiku = Zhiku(load_settings(_config(tmp_path)), entry_points=False)
-    zhiku.plugins.register(HashingPlugin())
-    zhiku.plugins.register(EchoPlugin())
+    zhiku = echo_app(echo_config(tmp_path))
     shared = tmp_path / "shared.txt"
     shared.write_text("共享笔记：每个人都能读到。", encoding="utf-8")
     zhiku.ingest.ingest("shared-notes", [shared])  # made with the CLI's service: everyone reads it

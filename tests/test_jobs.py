@@ -4,7 +4,6 @@ background ingest shows its progress, and the base when it is done."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,10 +14,9 @@ import pytest
 
 from app.container import Zhiku
 from app.jobs import IngestJobs, Job, JobError
-from app.settings import load_settings
 from app.ui import launch
 from tests.conftest import HashingEmbedder, HashingPlugin
-from tests.test_ui import EchoPlugin, _free_port, browser
+from tests.test_ui import _free_port, browser, echo_app, echo_config
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
@@ -45,16 +43,9 @@ class GatedEmbedder(HashingEmbedder):
 
 @pytest.fixture
 def gated(tmp_path: Path) -> tuple[Zhiku, GatedEmbedder, Path]:
-    config = tmp_path / "config.yml"
-    config.write_text(
-        f"data_dir: {json.dumps(str(tmp_path / 'data'))}\nembedding:\n  backend: hashing\nllm:\n  backend: echo\n",
-        encoding="utf-8",
-    )
-    app = Zhiku(load_settings(config), entry_points=False)
     plugin = HashingPlugin()
     plugin.embedder = embedder = GatedEmbedder()
-    app.plugins.register(plugin)
-    app.plugins.register(EchoPlugin())
+    app = echo_app(echo_config(tmp_path), plugin)
     uploads = tmp_path / "picked"  # what Gradio hands over: temp copies of the chosen files
     uploads.mkdir()
     for name, text in TEXTS.items():

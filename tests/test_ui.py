@@ -506,6 +506,27 @@ class EchoPlugin:
         register("echo", lambda options: Echo())
 
 
+def echo_config(root: Path, extra: str = "") -> Path:
+    """``root/config.yml``: data under ``root/data``, the hashing embedder, the echo LLM, then ``extra`` YAML."""
+    config = root / "config.yml"
+    config.write_text(
+        f"data_dir: {json.dumps(str(root / 'data'))}\nembedding:\n  backend: hashing\nllm:\n  backend: echo\n{extra}",
+        encoding="utf-8",
+    )
+    return config
+
+
+def echo_app(config: Path, *plugins: Any) -> Zhiku:
+    """A Zhiku over ``config`` (see :func:`echo_config`) with the echo backend and the hashing embedder (a
+    HashingPlugin among ``plugins`` replaces the default one), and ``plugins`` registered."""
+    app = Zhiku(load_settings(config), entry_points=False)
+    if not any(isinstance(p, HashingPlugin) for p in plugins):
+        app.plugins.register(HashingPlugin())
+    for plugin in (EchoPlugin(), *plugins):
+        app.plugins.register(plugin)
+    return app
+
+
 def planted(url: str) -> str:
     """Remote fetches a document (or an answer quoting it) could plant, each with its own path."""
     return (
@@ -521,15 +542,7 @@ def echo_server(tmp_path_factory: pytest.TempPathFactory, recorder: Recorder) ->
     """A second UI, answering with the echo backend, over a knowledge base holding a planted document."""
     root = tmp_path_factory.mktemp("ui-echo")
     data_dir = root / "data"
-    config = root / "config.yml"
-    config.write_text(
-        f"data_dir: {json.dumps(str(data_dir))}\n"
-        "ingest:\n  workers: 1\nembedding:\n  backend: hashing\nllm:\n  backend: echo\nchat:\n  top_k: 3\n",
-        encoding="utf-8",
-    )
-    zhiku = Zhiku(load_settings(config), entry_points=False)
-    zhiku.plugins.register(HashingPlugin())
-    zhiku.plugins.register(EchoPlugin())
+    zhiku = echo_app(echo_config(root, "ingest:\n  workers: 1\nchat:\n  top_k: 3\n"))
     doc = root / "planted.md"
     doc.write_text(planted(recorder.url), encoding="utf-8")
     zhiku.ingest.ingest("planted", [doc])

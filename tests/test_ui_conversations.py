@@ -14,15 +14,12 @@ from typing import Any
 import pytest
 
 from app import ui_conversations as uc
-from app.container import Zhiku
 from app.conversations import ConversationStore
-from app.settings import load_settings
 from app.ui import launch
 from app.ui_handlers import NO_KB, ChatControls
 from llms.base import GenerationOptions, Message
 from plugins.hookspecs import hookimpl
-from tests.conftest import HashingPlugin
-from tests.test_ui import EchoPlugin, _free_port, ask, browser, messages, wait_answered
+from tests.test_ui import _free_port, ask, browser, echo_app, echo_config, messages, wait_answered
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
@@ -141,10 +138,7 @@ class SlowPlugin:
 
 
 def _start(data_dir: Path, config: Path) -> str:
-    zhiku = Zhiku(load_settings(config), entry_points=False)
-    zhiku.plugins.register(HashingPlugin())
-    zhiku.plugins.register(EchoPlugin())
-    zhiku.plugins.register(SlowPlugin())
+    zhiku = echo_app(config, SlowPlugin())
     port = _free_port()
     launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     return f"http://127.0.0.1:{port}/"
@@ -152,13 +146,8 @@ def _start(data_dir: Path, config: Path) -> str:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    data_dir = tmp_path / "data"
-    path = tmp_path / "config.yml"
-    path.write_text(
-        f"data_dir: {json.dumps(str(data_dir))}\nembedding:\n  backend: hashing\nllm:\n  backend: echo\n",
-        encoding="utf-8",
-    )
-    yield data_dir, path
+    path = echo_config(tmp_path)
+    yield tmp_path / "data", path
     import gradio
 
     gradio.close_all(verbose=False)

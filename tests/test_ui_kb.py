@@ -3,7 +3,6 @@ removed from a base that stops appearing in the chat's sources."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +12,9 @@ import pytest
 
 from app import ui_kb
 from app.container import Zhiku
-from app.settings import load_settings
 from app.ui import launch
 from app.ui_handlers import NO_KB
-from tests.conftest import HashingPlugin
-from tests.test_ui import EchoPlugin, _free_port, ask, browser, choose, wait_answered
+from tests.test_ui import _free_port, ask, browser, choose, echo_app, echo_config, wait_answered
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
@@ -27,15 +24,7 @@ RIVERS = "河流笔记：长江是中国最长的河流，全长约6300公里，
 
 @pytest.fixture
 def zhiku(tmp_path: Path) -> Zhiku:
-    config = tmp_path / "config.yml"
-    config.write_text(
-        f"data_dir: {json.dumps(str(tmp_path / 'data'))}\nembedding:\n  backend: hashing\nllm:\n  backend: echo\n"
-        "chat:\n  top_k: 3\n  min_coverage: 0\n",
-        encoding="utf-8",
-    )
-    app = Zhiku(load_settings(config), entry_points=False)
-    app.plugins.register(HashingPlugin())
-    app.plugins.register(EchoPlugin())
+    app = echo_app(echo_config(tmp_path, "chat:\n  top_k: 3\n  min_coverage: 0\n"))
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "frogs.txt").write_text(FROGS, encoding="utf-8")

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     import gradio as gr
 
 TITLE = "知库 Zhiku"
+# how long opening another chat waits for the answer in progress to end (it ends at its next piece of text;
+# a model still reading a long prompt has none yet: the chat opens anyway, the answer shows nothing more)
+SWITCH_WAIT_S = 5.0
 
 CSS = """
 #sources { font-size: 0.85em; }
@@ -452,26 +455,73 @@ class Adapters:
         return None
 
     def respond(
-        self, question: str | None, chat: Any, stopper: h.Stopper | None, *controls: Any, owner: str = ""
+        self,
+        question: str | None,
+        chat: Any,
+        stopper: h.Stopper | None,
+        conversation_id: str | None,
+        view: str | None,
+        *controls: Any,
+        owner: str = "",
     ) -> Iterator[tuple[Any, ...]]:
-        if (refusal := self.refused(controls, owner)) is not None:
-            yield (self.gr.skip(), *self.chat_outputs(refusal))
-            return
+        """Send: (the question box, the answer's outputs, the conversation id, the sidebar list) per update."""
         updates = h.ask(self.app.chat, question, chat, ChatControls(*controls))
         taken = False  # the box is emptied once, when the question is taken: a draft typed later stays
-        for update in h.until_stopped(updates, stopper):
+        for update, shown in self._answer(updates, stopper, conversation_id, view, controls, owner):
             box = self.gr.skip() if taken or update.chat is None else ""
             taken = taken or update.chat is not None
-            yield (box, *self.chat_outputs(update))
+            yield (box, *shown)
 
     def regenerate(
-        self, chat: Any, stopper: h.Stopper | None, *controls: Any, owner: str = ""
+        self,
+        chat: Any,
+        stopper: h.Stopper | None,
+        conversation_id: str | None,
+        view: str | None,
+        *controls: Any,
+        owner: str = "",
     ) -> Iterator[tuple[Any, ...]]:
+        """Regenerate: (the answer's outputs, the conversation id, the sidebar list) per update."""
+        updates = h.regenerate(self.app.chat, chat, ChatControls(*controls))
+        for _, shown in self._answer(updates, stopper, conversation_id, view, controls, owner):
+            yield shown
+
+    def _answer(
+        self,
+        updates: Iterator[ChatUpdate],
+        stopper: h.Stopper | None,
+        conversation_id: str | None,
+        view: str | None,
+        controls: Sequence[Any],
+        owner: str,
+    ) -> Iterator[tuple[ChatUpdate, tuple[Any, ...]]]:
+        """Each update of an answer with :meth:`chat_outputs` plus (the conversation id, the sidebar), unchanged
+        until the end, when the chat is saved to the conversation it was asked in. The saving is part of the
+        answer (not a later event): whatever conversation is opened next, it is shown after the answer's
+        last update, and the id it sets is not overwritten by this one (see h.Stopper)."""
         if (refusal := self.refused(controls, owner)) is not None:
-            yield self.chat_outputs(refusal)
-            return
-        for update in h.until_stopped(h.regenerate(self.app.chat, chat, ChatControls(*controls)), stopper):
-            yield self.chat_outputs(update)
+            updates = iter([refusal])
+        ticket = stopper.begin(view) if stopper is not None else 0
+        unchanged = (self.gr.skip(), self.gr.skip())
+        try:
+            last = ChatUpdate(None)  # what the answer shows at its end
+            for update in h.until_stopped(updates, stopper, ticket):
+                last = ChatUpdate(
+                    last.chat if update.chat is None else update.chat,
+                    last.sources if update.sources is None else update.sources,
+                    last.effective if update.effective is None else update.effective,
+                )
+                if stopper is None or stopper.state(ticket) != h.ABANDONED:
+                    yield update, (*self.chat_outputs(update), *unchanged)
+            if last.chat is None:
+                return
+            saved = self.save(conversation_id, last.chat, owner, *controls)
+            if stopper is None or stopper.state(ticket) != h.ABANDONED:
+                # the end shown again, with the saved id: an API client reads the event's last update only
+                yield last, (*self.chat_outputs(last), *saved)
+        finally:
+            if stopper is not None:
+                stopper.end(ticket)
 
     def show_page(self, refs: list[h.PageRef] | None, choice: str | None) -> Any:
         view = h.show_page(refs, choice)
@@ -711,7 +761,12 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
 
     stopper = gr.State(h.Stopper())  # per browser session
     pages = gr.State([])  # the current answer's PDF pages (h.PageRef), per session: what the page view may show
+    # the open conversation's id, kept in the browser's storage: a reload or a new tab reopens it
+    conversation = gr.BrowserState("", storage_key="zhiku-conversation")
+    # which opening of a chat a question was asked in (h.Stopper.switch): sent with each question
+    view = gr.Textbox("", visible=False)
     answer_outputs = [c.chatbot, c.sources, c.effective, pages, c.page_choice, c.page_view]
+    saved_outputs = [conversation, c.sidebar.listing]
 
     def respond(request: Any, *inputs: Any) -> Iterator[tuple[Any, ...]]:
         yield from on.respond(*inputs, owner=owner_of(request))
@@ -723,8 +778,8 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     chat_event = gr.on(
         [c.send.click, c.question.submit],
         respond,
-        inputs=[c.question, c.chatbot, stopper, *c.controls],
-        outputs=[c.question, *answer_outputs],
+        inputs=[c.question, c.chatbot, stopper, conversation, view, *c.controls],
+        outputs=[c.question, *answer_outputs, *saved_outputs],
         concurrency_limit=chat_limit,
         concurrency_id="chat",
         # a question sent while an answer streams waits for it, then is answered (the box keeps it meanwhile)
@@ -734,8 +789,8 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     )
     regen_event = c.regenerate.click(
         regenerate,
-        inputs=[c.chatbot, stopper, *c.controls],
-        outputs=answer_outputs,
+        inputs=[c.chatbot, stopper, conversation, view, *c.controls],
+        outputs=[*answer_outputs, *saved_outputs],
         concurrency_limit=chat_limit,
         concurrency_id="chat",
         trigger_mode="once",
@@ -747,20 +802,6 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     # Stop ends the answer in progress from the inside (not with cancels=: see Stopper), and at once:
     # unqueued, it does not wait behind the chats it stops
     c.stop.click(on.stop, inputs=[stopper], queue=False, **private)
-    c.clear.click(on.stop, inputs=[stopper], queue=False, **private)
-    c.clear.click(
-        lambda: ([], NONE_YET, "", [], gr.Dropdown(choices=[], value=None), None),
-        outputs=answer_outputs,
-        cancels=[chat_event, regen_event],
-        queue=False,
-        **private,
-    )
-    c.chatbot.clear(
-        lambda: (NONE_YET, "", [], gr.Dropdown(choices=[], value=None), None),
-        outputs=answer_outputs[1:],
-        cancels=[chat_event, regen_event],
-        **private,
-    )
     c.page_choice.input(on.show_page, inputs=[pages, c.page_choice], outputs=[c.page_view], **private)
     c.preset_list.input(
         with_owner(gr, on.pick_preset), inputs=[c.preset_list], outputs=[c.system_prompt, c.preset_name], **private
@@ -793,7 +834,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     loaded = demo.load(
         with_owner(gr, on.refresh), inputs=[c.kb, c.preset_list], outputs=[c.kb, c.preset_list, c.user], **private
     )
-    _wire_conversations(gr, on, c, [chat_event, regen_event], loaded, answer_outputs, stopper, private)
+    _wire_conversations(gr, on, c, conversation, view, loaded, answer_outputs, stopper, private)
     page, kb_on = c.kb_page, KbAdapters(on)
     kb_outputs = [page.bases, page.base, page.files, page.file, page.status, page.confirm, c.kb, page.private]
     page.tab.select(with_owner(gr, kb_on.show), inputs=[page.base, c.kb], outputs=kb_outputs, **private)
@@ -833,23 +874,16 @@ def _wire_conversations(
     gr: ModuleType,
     on: Adapters,
     c: Components,
-    answers: list[Any],
+    conversation: Any,
+    view: Any,
     loaded: Any,
     answer_outputs: list[Any],
     stopper: Any,
     private: Any,
 ) -> None:
-    """The sidebar: each finished answer saves the chat; a reload reopens the session's conversation."""
+    """The sidebar: opening a conversation, a new chat, Clear, and what the sidebar does with the open one.
+    (Each answer saves the chat itself: :meth:`Adapters.respond`.)"""
     side = c.sidebar
-    # the open conversation's id, kept in the browser's storage: a reload or a new tab reopens it
-    conversation = gr.BrowserState("", storage_key="zhiku-conversation")
-
-    def save(request: Any, conversation_id: str | None, chat: Any, *controls: Any) -> tuple[Any, Any]:
-        return on.save(conversation_id, chat, owner_of(request), *controls)
-
-    save.__annotations__ = {"request": gr.Request}  # see with_owner
-    for event in answers:
-        event.then(save, inputs=[conversation, c.chatbot, *c.controls], outputs=[conversation, side.listing], **private)
 
     def rate(conversation_id: str | None, request: Any = None, data: Any = None) -> None:
         on.toast(uc.feedback(on.conversations, owner_of(request), conversation_id, data.index, data.liked))
@@ -858,13 +892,20 @@ def _wire_conversations(
     c.chatbot.like(rate, inputs=[conversation], **private)
 
     opened = [conversation, side.listing, *answer_outputs, *c.controls, side.title]
-    # opening another conversation (or a new one) ends the answer in progress first, as Clear does: its
-    # late updates would otherwise land in, and be saved as, the conversation just opened
-    for switch in (side.listing.input, side.new.click):
-        switch(on.stop, inputs=[stopper], queue=False, **private)
-    side.listing.input(with_owner(gr, on.open), inputs=[side.listing], outputs=opened, cancels=answers, **private)
-    side.new.click(with_owner(gr, lambda owner: on.open(None, owner)), outputs=opened, cancels=answers, **private)
-    c.clear.click(lambda: ("", gr.Radio(value=None), ""), outputs=[conversation, side.listing, side.title], **private)
+
+    def switch(request: Any, stopper: h.Stopper | None, conversation_id: str | None = None) -> tuple[Any, ...]:
+        # the answer in progress ends first, and all it sent reaches the browser before the opened chat:
+        # its late updates would otherwise land in, and be saved as, the conversation just opened
+        new_view = stopper.switch(SWITCH_WAIT_S) if stopper is not None else gr.skip()
+        return (*on.open(conversation_id, owner_of(request)), new_view)
+
+    switch.__annotations__ = {"request": gr.Request}  # see with_owner
+    # cheap, and waiting only for the session's own answer: no shared limit, so one session's switch never
+    # waits behind another's
+    switching: Any = {"outputs": [*opened, view], "concurrency_limit": None, **private}
+    side.listing.input(switch, inputs=[stopper, side.listing], **switching)
+    for start_afresh in (side.new.click, c.clear.click, c.chatbot.clear):  # Clear is a new chat
+        start_afresh(switch, inputs=[stopper], **switching)
     on_load = with_owner(gr, lambda cid, owner: on.open(cid, owner, quiet=True))
     loaded.then(on_load, inputs=[conversation], outputs=opened, **private)
     side.search.change(with_owner(gr, on.search), inputs=[side.search, conversation], outputs=[side.listing], **private)

@@ -20,6 +20,7 @@ import html
 import logging
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ SEARCHING = '<p class="sources-note"><em>检索中… / searching…</em></p>'
 NOT_SEARCHED = '<p class="sources-note"><em>—</em></p>'  # an answer that failed before its sources came
 EMPTY_ANSWER = "（模型没有给出回答 / empty answer）"
 STOPPED_MARK = "（已停止 / stopped）"  # ends an answer cut short by Stop
+STOPPED, ABANDONED = "stopped", "abandoned"  # what ended an answer (Stopper.state)
 INTERNAL_ERROR = "内部错误 / internal error"
 NO_QUESTION = "请输入问题 / Please type a question"
 NOTHING_TO_REGENERATE = "还没有可以重新生成的问题 / Nothing to regenerate yet"
@@ -495,51 +497,85 @@ def answer(
 
 
 class Stopper:
-    """One browser session's Stop button. Stop ends the session's answer in progress at the next piece
-    of text, the way the answer ends by itself: the model's generation is closed and the event completes
-    normally. (Gradio's ``cancels=`` on a streaming event can leave the browser waiting forever for the
-    cancelled event, gradio-app/gradio#11586; our browser test met it on a busy machine.)
+    """One browser session's answers in progress, and what ends them. Stop ends the session's answer at its
+    next piece of text, the way an answer ends by itself: the model's generation is closed and the event
+    completes normally. (Gradio's ``cancels=`` on a streaming event can leave the browser waiting forever for
+    the cancelled event, gradio-app/gradio#11586; our browser test met it on a busy machine.)
+
+    Opening another conversation (or a new chat, or clearing it) *abandons* the answers in progress: they
+    show nothing more, save what they had to their own conversation, and :meth:`switch` returns only once
+    they have ended. Every update an answer sent is then already on its way to the browser, ahead of the
+    opened conversation, so none of it can land in the chat just opened. Each switch also gives the chat a
+    new *view*: an answer asked from the view before (one still waiting for a model slot, or sent while
+    the previous one streamed) is abandoned when it begins.
 
     Each session gets its own (``gr.State`` deep-copies its initial value per session)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._started = 0
-        self._stopped = 0
+        self._changed = threading.Condition()
+        self._count = 0
+        self._running: dict[int, str] = {}  # ticket -> "" (answering), STOPPED or ABANDONED
+        self._view = ""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Stopper:
         return Stopper()
 
-    def begin(self) -> int:
-        """A new answer starts: its ticket for :meth:`stopped`."""
-        with self._lock:
-            self._started += 1
-            return self._started
+    def begin(self, view: str | None = None) -> int:
+        """A new answer starts, asked from ``view`` (None: the current one): its ticket for :meth:`state`;
+        :meth:`end` it when it ends."""
+        with self._changed:
+            self._count += 1
+            self._running[self._count] = "" if view is None or view == self._view else ABANDONED
+            return self._count
+
+    def end(self, ticket: int) -> None:
+        with self._changed:
+            self._running.pop(ticket, None)
+            self._changed.notify_all()
+
+    def state(self, ticket: int) -> str:
+        """Empty while the answer goes on, else :data:`STOPPED` or :data:`ABANDONED`."""
+        with self._changed:
+            return self._running.get(ticket, "")
 
     def stop(self) -> None:
-        """Stop every answer begun so far (none that begins later)."""
-        with self._lock:
-            self._stopped = self._started
+        """Stop the answers in progress (none that begins later)."""
+        with self._changed:
+            for ticket, state in self._running.items():
+                self._running[ticket] = state or STOPPED
 
-    def stopped(self, ticket: int) -> bool:
-        with self._lock:
-            return ticket <= self._stopped
+    def switch(self, timeout: float) -> str:
+        """Abandon the answers in progress and wait up to ``timeout`` seconds for them to end; returns the
+        new view. (Past the timeout, e.g. a model still reading a long prompt, an abandoned answer shows
+        nothing more anyway: it checks before each update.)"""
+        with self._changed:
+            for ticket in self._running:
+                self._running[ticket] = ABANDONED
+            self._view = uuid.uuid4().hex
+            if not self._changed.wait_for(lambda: not self._running, timeout):
+                log.warning("an abandoned answer had not ended after %.0f s; the chat is switched anyway", timeout)
+            return self._view
 
 
-def until_stopped(updates: Iterator[ChatUpdate], stopper: Stopper | None) -> Iterator[ChatUpdate]:
-    """``updates`` until Stop is pressed; then ``updates`` is closed, which ends the model's generation, and
-    the answer shown so far is marked as stopped."""
-    ticket = stopper.begin() if stopper is not None else 0
+def until_stopped(updates: Iterator[ChatUpdate], stopper: Stopper | None, ticket: int) -> Iterator[ChatUpdate]:
+    """``updates`` until the answer ``ticket`` is stopped or abandoned; then ``updates`` is closed, which ends
+    the model's generation, and the answer shown so far is marked as stopped. The caller shows nothing of an
+    abandoned answer, but saves it, mark included."""
+    last: ChatUpdate | None = None
     try:
         for update in updates:
+            if stopper is not None and stopper.state(ticket):
+                break  # this piece came after the Stop: it is not shown
             yield update
-            if stopper is not None and stopper.stopped(ticket):
-                if update.chat and update.chat[-1]["role"] == "assistant":
-                    last = update.chat[-1]["content"]
-                    if not last.startswith(ERROR_MARK) and not last.endswith(STOPPED_MARK):
-                        marked = {"role": "assistant", "content": f"{last}\n\n{STOPPED_MARK}"}
-                        yield ChatUpdate([*update.chat[:-1], marked])
-                return
+            last = update if update.chat is not None else last
+            if stopper is not None and stopper.state(ticket):
+                break
+        else:
+            return
+        if last is not None and last.chat and last.chat[-1]["role"] == "assistant":
+            text = last.chat[-1]["content"]
+            if not text.startswith(ERROR_MARK) and not text.endswith(STOPPED_MARK):
+                yield ChatUpdate([*last.chat[:-1], {"role": "assistant", "content": f"{text}\n\n{STOPPED_MARK}"}])
     finally:
         close = getattr(updates, "close", None)
         if close is not None:

@@ -314,18 +314,20 @@ def run_session(url: str, number: int, start: threading.Barrier, result: Session
     prompt = f"You are assistant number {number}; session {number} only."
     questions = ["长江有多长？", "黄河被称为什么？", "Where was tea first grown?", "泰山在哪里？"]
     chat: list[Any] = []
+    conversation = ""  # the id the first answer's save gives the session's conversation
     with httpx.Client(base_url=url, timeout=120) as client:
         start.wait()
         for turn in range(TURNS):
             question = f"S{number}T{turn} {questions[(number + turn) % len(questions)]}"
-            data = [question, chat, None, KB, prompt, 0.3, 0.9, 40, 64, None, 3]  # None: the session's Stopper
+            # None: the session's Stopper; "": the chat's view (the page sends "" until a chat is switched)
+            data = [question, chat, None, conversation, "", KB, prompt, 0.3, 0.9, 40, 64, None, 3]
             began = time.perf_counter()
             result.requests += 1
             try:
                 outputs, updates = chat_turn(client, session_hash, data)
                 result.latencies.append(time.perf_counter() - began)
                 result.streamed_updates += updates
-                chat = outputs[1]
+                chat, conversation = outputs[1], outputs[7] or conversation
                 check_answer(number, turn, prompt, question, chat, outputs[3])
             except Exception as err:  # noqa: BLE001 - every failure is collected and fails the test
                 result.failures.append(f"session {number} turn {turn}: {type(err).__name__}: {err}")

@@ -16,7 +16,7 @@ import pytest
 from app import ui_conversations as uc
 from app.conversations import ConversationStore
 from app.ui import launch
-from app.ui_handlers import NO_KB, ChatControls
+from app.ui_handlers import NO_KB, STOPPED_MARK, ChatControls
 from llms.base import GenerationOptions, Message
 from plugins.hookspecs import hookimpl
 from tests.test_ui import _free_port, ask, browser, echo_app, echo_config, messages, wait_answered
@@ -311,6 +311,12 @@ def test_opening_a_new_chat_during_an_answer_ends_it_and_keeps_both_apart(
     page.wait_for_timeout(3500)  # longer than the rest of the slow answer: a late update would show by now
     assert messages(page) == []  # nothing of the first answer landed in the new chat
     store = ConversationStore(data_dir)
-    for conv in store.conversations(""):  # whatever was saved of the first chat is its own
-        assert store.messages("", conv.id)[0].content == "第一个对话的问题"
+    [first] = store.conversations("")  # the first chat was saved as far as it went, as its own conversation
+    assert store.messages("", first.id)[0].content == "第一个对话的问题"
+    assert store.messages("", first.id)[-1].content.endswith(STOPPED_MARK)
+    ask(page, "第二个对话的问题")  # the new chat is a conversation of its own, not the first one continued
+    wait_answered(page, 1)
+    firsts = sorted(store.messages("", conv.id)[0].content for conv in store.conversations(""))
+    assert firsts == ["第一个对话的问题", "第二个对话的问题"]
+    assert store.messages("", first.id)[0].content == "第一个对话的问题"
     context.close()

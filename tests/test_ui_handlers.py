@@ -8,6 +8,7 @@ import errno
 import html
 import logging
 import re
+import threading
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from app.chat import ChatService, Source, StatusEvent
 from app.container import Zhiku
 from app.presets import PresetStore
 from app.ui_handlers import (
+    ABANDONED,
     EMPTY_ANSWER,
     ERROR_MARK,
     INTERNAL_ERROR,
@@ -199,25 +201,80 @@ def test_closing_the_stream_ends_the_generation(service: ChatService, backend: S
     assert backend.closed == 1
 
 
+def run(stopper: Stopper, updates: Any, view: str | None = None) -> list[str]:
+    """An answer as the UI runs it: begun, shown unless abandoned, ended."""
+    ticket = stopper.begin(view)
+    try:
+        return [texts(u)[-1][1] for u in until_stopped(updates, stopper, ticket) if stopper.state(ticket) != ABANDONED]
+    finally:
+        stopper.end(ticket)
+
+
 def test_stop_ends_the_sessions_answer_in_progress_and_not_the_next_one(
     service: ChatService, backend: Scripted
 ) -> None:
     stopper = copy.deepcopy(Stopper())  # what gr.State gives each session
     other = copy.deepcopy(stopper)
     assert other is not stopper
-    shown = []
-    for update in until_stopped(ask(service, "hi", [], ChatControls()), stopper):
-        shown.append(texts(update)[-1][1])
-        if shown[-1] == "Hello":
-            other.stop()  # another session's Stop changes nothing here
-            stopper.stop()
+
+    def stopped_at_hello() -> Generator[ChatUpdate, None, None]:
+        for update in ask(service, "hi", [], ChatControls()):
+            yield update
+            if texts(update)[-1][1] == "Hello":
+                other.stop()  # another session's Stop changes nothing here
+                stopper.stop()
+
+    shown = run(stopper, stopped_at_hello())
     # the generation ended at once, and the answer shown so far says it was stopped
     assert shown[-2:] == ["Hello", f"Hello\n\n{STOPPED_MARK}"] and backend.closed == 1
-    *_, last = until_stopped(ask(service, "hi", [], ChatControls()), stopper)
-    assert texts(last)[-1] == ("assistant", "Hello, world")  # a Stop before an answer does not end it
+    stopper.stop()  # with no answer in progress
+    assert run(stopper, ask(service, "hi", [], ChatControls()))[-1] == "Hello, world"  # it does not end the next
     # the mark is the UI's: a follow-up gives the model the answer without it
     stopped = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"Hello\n\n{STOPPED_MARK}"}]
     assert [m.content for m in history_of(stopped)] == ["hi", "Hello"]
+
+
+def test_switching_chats_abandons_the_answer_and_returns_once_it_has_ended(
+    service: ChatService, backend: Scripted
+) -> None:
+    stopper = copy.deepcopy(Stopper())
+    ticket = stopper.begin("")
+    first_piece, go_on, ended = threading.Event(), threading.Event(), threading.Event()
+    shown: list[str] = []
+    produced: list[str] = []
+
+    def answer() -> None:
+        try:
+            for update in until_stopped(ask(service, "hi", [], ChatControls()), stopper, ticket):
+                produced.append(texts(update)[-1][1])
+                if stopper.state(ticket) != ABANDONED:
+                    shown.append(produced[-1])
+                if produced[-1] == "Hello":
+                    first_piece.set()
+                    go_on.wait()
+        finally:
+            ended.set()
+            stopper.end(ticket)
+
+    worker = threading.Thread(target=answer)
+    worker.start()
+    first_piece.wait()
+    views: list[str] = []
+    switching = threading.Thread(target=lambda: views.append(stopper.switch(timeout=120)))
+    switching.start()
+    while stopper.state(ticket) != ABANDONED:  # the switch has marked the answer; it now waits for its end
+        switching.join(0.01)
+    assert not views  # still waiting: the answer has not ended
+    go_on.set()
+    switching.join()
+    assert ended.is_set() and views and views[0]  # it returned once the answer had ended, with a new view
+    worker.join()
+    # nothing after the switch was shown; the answer (for its own conversation) says where it was cut short
+    assert shown[-1] == "Hello" and not [t for t in shown if "world" in t or STOPPED_MARK in t]
+    assert produced[-1] == f"Hello\n\n{STOPPED_MARK}" and backend.closed == 1
+    # a question asked from the chat before the switch (it waited for a model slot) shows nothing
+    assert run(stopper, ask(service, "hi", [], ChatControls()), view="") == []
+    assert run(stopper, ask(service, "hi", [], ChatControls()), view=views[0])[-1] == "Hello, world"
 
 
 @pytest.mark.parametrize(("box", "seed"), [("", None), ("  ", None), (" 42 ", 42), ("-3", -3), (None, None), (7.0, 7)])

@@ -19,9 +19,16 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import logging
 import os
+import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from common.errors import ZhikuError
 
@@ -150,6 +157,85 @@ def make_auth(
         return ok
 
     return auth
+
+
+# Gradio keys a browser session's queue, streamed messages and gr.State values by a session hash the
+# browser makes up, and checks the login but not whose session a hash is: anyone logged in who learns
+# another's hash (a log line, a shared screen) could read that session's streamed answers or act in it.
+_SESSION_ROUTES = re.compile(r"/(queue/join|queue/data|run/predict|cancel|heartbeat/[^/]+)/?$")
+MAX_SESSION_BODY = 64 * 2**20  # a request naming a session (the chat so far, settings): far below this
+
+
+class SessionOwners:
+    """ASGI middleware for a UI with login: a session hash belongs to the user who used it first, and
+    another user's request naming it is refused (403). Remembers the latest ``limit`` sessions."""
+
+    def __init__(self, app: Any, limit: int = 100_000) -> None:
+        self.app = app
+        self.limit = limit
+        self._owners: OrderedDict[str, str] = OrderedDict()  # session hash -> user, oldest first
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gradio_app = scope.get("app")
+        tokens = getattr(gradio_app, "tokens", None)
+        if scope["type"] != "http" or not tokens or not _SESSION_ROUTES.search(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        cookie_id = getattr(gradio_app, "cookie_id", "")
+        user = tokens.get(
+            request.cookies.get(f"access-token-{cookie_id}")
+            or request.cookies.get(f"access-token-unsecure-{cookie_id}")
+        )
+        session, body = request.query_params.get("session_hash"), b""
+        if match := re.search(r"/heartbeat/([^/]+)/?$", scope["path"]):
+            session = match.group(1)
+        elif scope["method"] == "POST":
+            body = await self._body(receive)
+            try:
+                named = json.loads(body or b"{}")
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                named = None  # Gradio answers a malformed body itself
+            session = named.get("session_hash") if isinstance(named, dict) else None
+        if user is not None and isinstance(session, str) and not self._claim(session, user):
+            log.warning("refused %s: session of another user (requested by %r)", scope["path"], user)
+            response = JSONResponse({"detail": "this session belongs to another user; reload the page"}, 403)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, self._replay(body, receive) if scope["method"] == "POST" else receive, send)
+
+    def _claim(self, session: str, user: str) -> bool:
+        # single-threaded: the event loop runs every call of this, so no lock is needed
+        owner = self._owners.setdefault(session, user)
+        self._owners.move_to_end(session)
+        while len(self._owners) > self.limit:
+            self._owners.popitem(last=False)
+        return owner == user
+
+    @staticmethod
+    async def _body(receive: Any) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= MAX_SESSION_BODY:
+                chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks) if size <= MAX_SESSION_BODY else b""
+
+    @staticmethod
+    def _replay(body: bytes, receive: Any) -> Any:
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: the disconnect
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay
 
 
 def main(argv: list[str] | None = None) -> None:

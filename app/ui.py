@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from app import ui_conversations as uc
 from app import ui_handlers as h
 from app import ui_kb
-from app.auth import Users, make_auth
+from app.auth import SessionOwners, Users, make_auth
 from app.container import Zhiku
 from app.conversations import ConversationStore
 from app.presets import PresetStore
@@ -764,7 +764,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     # the open conversation's id, kept in the browser's storage: a reload or a new tab reopens it
     conversation = gr.BrowserState("", storage_key="zhiku-conversation")
     # which opening of a chat a question was asked in (h.Stopper.switch): sent with each question
-    view = gr.Textbox("", visible=False)
+    view = gr.Textbox("", visible=False, elem_id="chat-view")
     answer_outputs = [c.chatbot, c.sources, c.effective, pages, c.page_choice, c.page_view]
     saved_outputs = [conversation, c.sidebar.listing]
 
@@ -967,6 +967,9 @@ def launch(
     if checker is not None:
         options["auth"] = checker
         options["auth_message"] = "知库 Zhiku：请登录 / please log in"
+        from starlette.middleware import Middleware
+
+        options["app_kwargs"] = {"middleware": [Middleware(SessionOwners)]}  # a session is its user's only
     options.update(kwargs)
     try:
         demo.launch(share=False, **options)

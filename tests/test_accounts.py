@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
+from app.access import KbAccess
 from app.auth import make_auth
 from app.cli import cli
+from app.container import Zhiku
 from app.conversations import ConversationStore
 from app.presets import PresetStore
 from app.ui import launch
@@ -66,7 +71,7 @@ def test_serve_logs_in_the_users_of_both_places_and_refuses_a_name_in_both(
 
 
 @pytest.fixture
-def accounts_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def accounts_server(tmp_path: Path) -> Iterator[tuple[str, Path, Zhiku]]:
     data_dir = tmp_path / "data"
     users = UserStore(data_dir)
     for name, password in PASSWORDS.items():
@@ -75,10 +80,14 @@ def accounts_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     shared = tmp_path / "shared.txt"
     shared.write_text("共享笔记：每个人都能读到。", encoding="utf-8")
     zhiku.ingest.ingest("shared-notes", [shared])  # made with the CLI's service: everyone reads it
+    secret = tmp_path / "alice-secret.txt"
+    secret.write_text("alice 的机密文档：口令是蓝鲸。", encoding="utf-8")
+    zhiku.access.claim("alice", "alice-private")  # as her upload in the browser does, before the first file
+    zhiku.ingest.ingest("alice-private", [secret])
     port = _free_port()
     launch(zhiku, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, auth=users.logins())
     try:
-        yield f"http://127.0.0.1:{port}/", data_dir
+        yield f"http://127.0.0.1:{port}/", data_dir, zhiku
     finally:
         import gradio
 
@@ -100,9 +109,9 @@ def _login(browser: Any, url: str, name: str) -> tuple[Any, Any]:
 
 @pytest.mark.slow
 def test_each_user_sees_only_their_own_conversations_and_presets(
-    browser: Any, accounts_server: tuple[str, Path]
+    browser: Any, accounts_server: tuple[str, Path, Zhiku]
 ) -> None:
-    url, data_dir = accounts_server
+    url, data_dir, _ = accounts_server
     alice, page = _login(browser, url, "alice")
     assert page.locator("#logout").is_visible()
     ask(page, "alice 的私密问题")
@@ -151,3 +160,179 @@ def test_each_user_sees_only_their_own_conversations_and_presets(
     assert PresetStore(data_dir).list() == {}  # nothing leaked into the shared (no-login) presets
     alice.close()
     bob.close()
+
+
+class PageRequests:
+    """A logged-in user's page without a browser: the HTTP requests its events make, made by hand, with
+    any values (what a user who reads the page's source can send). Events are found by the ``elem_id`` of
+    the component that triggers them, their inputs by ``elem_id`` or, for the unnamed ones, by type."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=120)
+        assert self.http.post("/login", data={"username": name, "password": PASSWORDS[name]}).status_code == 200
+        self.config = self.http.get("/config").json()
+        self.components = {c["id"]: c for c in self.config["components"]}
+        self.session = uuid.uuid4().hex[:11]
+        self.shown: dict[str, Any] = {}  # the values the page's components hold now, as a browser keeps them
+
+    def key(self, component_id: int) -> str:
+        component = self.components[component_id]
+        return str(component.get("props", {}).get("elem_id") or component["type"])
+
+    def dependencies(self, elem_id: str | None, trigger: str) -> list[dict[str, Any]]:
+        found = [
+            d
+            for d in self.config["dependencies"]
+            if d["backend_fn"]
+            and any(t[1] == trigger and (elem_id is None or self.key(t[0]) == elem_id) for t in d["targets"])
+        ]
+        assert found, f"no event {elem_id} {trigger}"
+        return found
+
+    def call(
+        self, elem_id: str | None, trigger: str, event_data: Any = None, session: str | None = None, **values: Any
+    ) -> tuple[dict[str, Any], str]:
+        """Trigger the event (each of its handlers, in order): (the outputs by key, everything the session
+        was sent, as one text)."""
+        outputs: dict[str, Any] = {}
+        sent: list[str] = []
+        for dep in self.dependencies(elem_id, trigger):
+            data = [
+                values.get(k.replace("-", "_"), self.shown.get(k, self.components[i]["props"].get("value")))
+                for k, i in zip(map(self.key, dep["inputs"]), dep["inputs"], strict=True)
+            ]
+            body = {"data": data, "fn_index": dep["id"], "session_hash": session or self.session}
+            joined = self.http.post("/gradio_api/queue/join", json={**body, "event_data": event_data})
+            joined.raise_for_status()
+            outputs.update(zip(map(self.key, dep["outputs"]), self._result(body["session_hash"], sent), strict=False))
+        for key in ("browserstate", "chat-view"):  # what the page's next request sends
+            if isinstance(outputs.get(key), str):
+                self.shown[key] = outputs[key]
+        return outputs, "\n".join(sent)
+
+    def _result(self, session: str, sent: list[str]) -> list[Any]:
+        """The event's outputs (none when Gradio refused its inputs); what the session was sent goes to ``sent``,
+        with the content of the files it was given."""
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as stream:
+            stream.raise_for_status()
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    sent.append(line[5:])
+                    message = json.loads(line[5:])
+                    if message.get("msg") == "process_completed":
+                        outputs = message["output"].get("data", []) if message.get("success") else []
+                        for file in [o for o in outputs if isinstance(o, dict) and o.get("url")]:  # an export
+                            sent.append(self.http.get(file["url"]).text)
+                        return list(outputs)
+        raise AssertionError("the event stream ended without a result")
+
+
+# in alice's conversation, preset and private base, its file's name, and her preset and base as list choices
+SECRETS = ("蓝鲸", "alice-secret", '["alice-preset"', '["alice-private"')
+
+
+def reads(alice_id: str, kb_file: str) -> list[tuple[str | None, str, dict[str, Any]]]:
+    """Events that show a conversation, a preset or a base: alice's own, when she sends them."""
+    return [
+        ("conv-list", "input", {"conv_list": alice_id}),  # open the conversation
+        (None, "then", {"browserstate": alice_id}),  # a reload with the conversation's id in the browser
+        ("conv-search", "change", {"conv_search": "蓝鲸"}),
+        ("conv-export-md", "click", {"browserstate": alice_id}),
+        ("conv-export-json", "click", {"browserstate": alice_id}),
+        (None, "load", {}),  # the presets and bases the page lists
+        ("preset-list", "input", {"preset_list": "alice-preset"}),
+        ("send", "click", {"question": "口令是什么？", "kb": "alice-private", "browserstate": ""}),  # a new chat
+        ("kb-tab", "select", {}),  # the knowledge-base page lists the bases
+        ("kb-pick", "input", {"kb_pick": "alice-private"}),
+    ]
+
+
+def writes(alice_id: str, kb_file: str) -> list[tuple[str | None, str, dict[str, Any]]]:
+    """Events that change them (alice's are sent last: they show the requests are the page's own)."""
+    return [
+        ("conv-rename", "click", {"browserstate": alice_id, "conv_title": "改过的名字"}),
+        ("send", "click", {"question": "接着问", "browserstate": alice_id}),  # continue the conversation
+        ("chatbot", "like", {"browserstate": alice_id, "event_data": {"index": 1, "value": "x", "liked": False}}),
+        ("preset-save", "click", {"preset_name": "alice-preset", "system_prompt": "改过的提示"}),
+        ("kb-private", "input", {"kb_pick": "alice-private", "kb_private": False}),
+        ("kb-reingest", "click", {"kb_pick": "alice-private"}),
+        ("kb-remove-file", "click", {"kb_pick": "alice-private", "kb_file": kb_file}),
+        ("conv-delete", "click", {"browserstate": alice_id}),
+        ("preset-delete", "click", {"preset_name": "alice-preset", "preset_list": "alice-preset"}),
+    ]
+
+
+@pytest.mark.slow
+def test_one_user_cannot_reach_anothers_things_through_the_uis_http_routes(
+    accounts_server: tuple[str, Path, Zhiku],
+) -> None:
+    url, data_dir, zhiku = accounts_server
+    conversations, presets, access = ConversationStore(data_dir), PresetStore(data_dir, "alice"), KbAccess(data_dir)
+
+    def files() -> list[str]:
+        return [f["path"] for f in zhiku.kbs.info("alice-private")["sources"]]
+
+    alice = PageRequests(url, "alice")
+    alice.call(None, "load")  # what her page does first
+    out, _ = alice.call("send", "click", question="alice 的秘密问题：蓝鲸")
+    alice_id = out["browserstate"]  # the answer saved her conversation
+    alice.call("preset-save", "click", preset_name="alice-preset", system_prompt="alice 的提示：蓝鲸")
+    assert conversations.messages("alice", alice_id)[0].content == "alice 的秘密问题：蓝鲸"
+    assert presets.list() == {"alice-preset": "alice 的提示：蓝鲸"}
+    [kb_file] = files()
+    for elem_id, trigger, values in reads(alice_id, kb_file):  # she sees her things through each of these
+        _, sent = alice.call(elem_id, trigger, **values)
+        assert any(secret in sent for secret in SECRETS), (elem_id, trigger, sent[-300:])
+    kept = [(m.role, m.content, m.rating) for m in conversations.messages("alice", alice_id)]
+    titles = [c.title for c in conversations.conversations("alice")]
+
+    bob = PageRequests(url, "bob")
+    bob.call(None, "load")
+    uploads = []
+    for button, box, target in [
+        ("upload-button", "upload_files", "upload_kb"),
+        ("kb-start", "kb_uploads", "kb_target"),
+    ]:
+        path = bob.http.post("/gradio_api/upload", files={"files": ("bob.txt", "bob 的文件".encode())}).json()[0]
+        files_value = [{"path": path, "orig_name": "bob.txt", "meta": {"_type": "gradio.FileData"}}]
+        uploads.append((button, "click", {box: files_value, target: "alice-private"}))
+    for elem_id, trigger, values in reads(alice_id, kb_file):
+        _, sent = bob.call(elem_id, trigger, **values)  # refused by Gradio (not a choice of his) or by Zhiku
+        assert not any(secret in sent for secret in SECRETS), (elem_id, trigger, sent[-300:])
+    for elem_id, trigger, values in [*writes(alice_id, kb_file), *uploads]:
+        _, sent = bob.call(elem_id, trigger, **values)  # his preset may be called "alice-preset" too: his own
+        assert not any(secret in sent for secret in SECRETS[:2]), (elem_id, trigger, sent[-300:])
+    # nothing of hers changed
+    assert [(m.role, m.content, m.rating) for m in conversations.messages("alice", alice_id)] == kept
+    assert [c.title for c in conversations.conversations("alice")] == titles
+    assert presets.list() == {"alice-preset": "alice 的提示：蓝鲸"}
+    assert files() == [kb_file] and access.entry("alice-private") == ("alice", True)
+    assert zhiku.jobs.latest("bob") is None  # no ingest of his ran
+
+    # a session is its user's: bob can neither read alice's session's stream nor run an event in it
+    with bob.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": alice.session}) as stream:
+        assert stream.status_code == 403
+    with pytest.raises(httpx.HTTPStatusError, match="403"):
+        bob.call("send", "click", session=alice.session, question="在 alice 的会话里")
+
+    def reingested() -> bool:
+        job = zhiku.jobs.latest("alice")
+        while job is not None and job.active:  # it runs in the background; removing a file waits for it
+            time.sleep(0.1)
+            job = zhiku.jobs.latest("alice")
+        return job is not None and job.state == "done"
+
+    changed = {  # the same requests from alice change her things: they are the page's own
+        "conv-rename": lambda: "改过的名字" in [c.title for c in conversations.conversations("alice")],
+        "send": lambda: conversations.messages("alice", alice_id)[-2].content == "接着问",
+        "chatbot": lambda: conversations.messages("alice", alice_id)[1].rating == -1,
+        "preset-save": lambda: presets.list() == {"alice-preset": "改过的提示"},
+        "kb-private": lambda: access.entry("alice-private") == ("alice", False),
+        "kb-reingest": reingested,
+        "kb-remove-file": lambda: files() == [],
+        "conv-delete": lambda: alice_id not in [c.id for c in conversations.conversations("alice")],
+        "preset-delete": lambda: presets.list() == {},
+    }
+    for elem_id, trigger, values in writes(alice_id, kb_file):
+        alice.call(elem_id, trigger, **values)
+        assert changed[str(elem_id)](), (elem_id, trigger)

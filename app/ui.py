@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     import gradio as gr
 
 TITLE = "知库 Zhiku"
+# Gradio translates its page's strings by the browser's language (login, file drop), but writes a toast's
+# header as its type in English: the CSS below shows these instead
+TOAST_TITLES = {"warning": "注意 / Warning", "info": "提示 / Info", "error": "错误 / Error"}
 # how long opening another chat waits for the answer in progress to end (it ends at its next piece of text;
 # a model still reading a long prompt has none yet: the chat opens anyway, the answer shows nothing more)
 SWITCH_WAIT_S = 5.0
@@ -51,7 +54,11 @@ CSS = """
 #sources .sources-note { color: var(--body-text-color-subdued); }
 #effective-system-prompt textarea { font-size: 0.85em; }
 footer { display: none !important; }
-"""
+""" + "".join(
+    f".toast-title.{kind} {{ font-size: 0 !important; }}"
+    f' .toast-title.{kind}::before {{ content: "{title}"; font-size: var(--text-md); }}\n'
+    for kind, title in TOAST_TITLES.items()
+)
 CLOSE_SIDEBAR_ON_PHONES = """() => {
   const side = document.querySelector('#conversations');
   if (window.innerWidth < 768 && side && side.classList.contains('open')) {
@@ -427,9 +434,9 @@ class Adapters:
     def toast(self, warning: str | None, info: str | None = None) -> None:
         # a toast renders its text as HTML: escaped, a message quoting a name or a document adds no <img>
         if warning:
-            self.gr.Warning(html.escape(warning))
+            self.gr.Warning(html.escape(warning), title=TOAST_TITLES["warning"])
         if info:
-            self.gr.Info(html.escape(info))
+            self.gr.Info(html.escape(info), title=TOAST_TITLES["info"])
 
     def keep(self, value: Any) -> Any:
         return self.gr.skip() if value is None else value

@@ -21,7 +21,8 @@ from app.cli import cli
 from app.container import Zhiku
 from app.conversations import ConversationStore
 from app.presets import PresetStore
-from app.ui import launch
+from app.ui import TOAST_TITLES, launch
+from app.ui_handlers import NO_QUESTION
 from app.users import FILE_NAME, UserStore
 from tests.test_ui import _free_port, ask, browser, echo_app, echo_config, messages, wait_answered
 
@@ -94,11 +95,13 @@ def accounts_server(tmp_path: Path) -> Iterator[tuple[str, Path, Zhiku]]:
         gradio.close_all(verbose=False)
 
 
-def _login(browser: Any, url: str, name: str) -> tuple[Any, Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+def _login(browser: Any, url: str, name: str, locale: str = "zh-CN") -> tuple[Any, Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale=locale)
     page = context.new_page()
     page.set_default_timeout(60_000)
     page.goto(url)
+    page.wait_for_selector("input[type=password]")
+    assert ("用户名" if locale == "zh-CN" else "username") in page.inner_text("body")  # Gradio's login, translated
     page.locator("input[type=text]").first.fill(name)
     page.locator("input[type=password]").fill(PASSWORDS[name])
     page.locator("input[type=password]").press("Enter")
@@ -160,6 +163,24 @@ def test_each_user_sees_only_their_own_conversations_and_presets(
     assert PresetStore(data_dir).list() == {}  # nothing leaked into the shared (no-login) presets
     alice.close()
     bob.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("locale", "drop_files"), [("zh-CN", "将文件拖放到此处"), ("en-US", "Drop File Here")])
+def test_gradios_own_strings_follow_the_browsers_language(
+    browser: Any, accounts_server: tuple[str, Path, Zhiku], locale: str, drop_files: str
+) -> None:
+    context, page = _login(browser, accounts_server[0], "alice", locale)  # checks the login page's language
+    page.get_by_role("tab", name="知识库 Knowledge bases").click()
+    page.wait_for_function("(t) => document.querySelector('#kb-uploads').innerText.includes(t)", arg=drop_files)
+    page.get_by_role("tab", name="对话 Chat").click()
+    page.locator("#send").click()  # no question: a warning toast, its title in both languages as ours are
+    toast = page.locator('[data-testid="toast-body"]').first
+    toast.wait_for()
+    assert NO_QUESTION in toast.inner_text()
+    shown = toast.locator(".toast-title").evaluate("e => getComputedStyle(e, '::before').content")
+    assert shown == f'"{TOAST_TITLES["warning"]}"'  # its header: Gradio's "Warning" relabelled
+    context.close()
 
 
 class PageRequests:

@@ -62,6 +62,10 @@ class ConversationError(ZhikuError, ValueError):
     """A conversation or message that cannot be found, read or changed; the message says why."""
 
 
+class ConversationChanged(ConversationError):
+    """The conversation's messages are not those a save was based on: it changed meanwhile (another tab)."""
+
+
 @dataclass(frozen=True)
 class Conversation:
     id: str
@@ -215,10 +219,12 @@ class ConversationStore:
         conversation_id: str,
         messages: Sequence[tuple[str, str]],
         settings: dict[str, Any] | None = None,
+        based_on: Sequence[tuple[str, str]] | None = None,
     ) -> None:
         """Make the stored messages ``messages`` ((role, text) pairs, as the chat shows them): those already
         stored in the same order stay (with their ids and feedback); the rest are replaced. A regenerated
-        answer replaces only the last one; a chat the user cleared ends the conversation's messages."""
+        answer replaces only the last one. With ``based_on`` (the messages the new ones were made from),
+        raises :class:`ConversationChanged`, changing nothing, when the stored ones are others."""
         rows = [(role, text) for role, text in messages if role in ("user", "assistant")]
         now = time.time()
         with self._db() as db:
@@ -226,6 +232,8 @@ class ConversationStore:
             stored = db.execute(
                 "SELECT id, role, content FROM messages WHERE conversation = ? ORDER BY id", (conv.id,)
             ).fetchall()
+            if based_on is not None and [tuple(r[1:]) for r in stored] != [tuple(m) for m in based_on]:
+                raise ConversationChanged(f"conversation {conversation_id} changed meanwhile")
             keep = 0
             while keep < min(len(stored), len(rows)) and tuple(stored[keep][1:]) == rows[keep]:
                 keep += 1

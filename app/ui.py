@@ -474,7 +474,7 @@ class Adapters:
         """Send: (the question box, the answer's outputs, the conversation id, the sidebar list) per update."""
         updates = h.ask(self.app.chat, question, chat, ChatControls(*controls))
         taken = False  # the box is emptied once, when the question is taken: a draft typed later stays
-        for update, shown in self._answer(updates, stopper, conversation_id, view, controls, owner):
+        for update, shown in self._answer(updates, chat, stopper, conversation_id, view, controls, owner):
             box = self.gr.skip() if taken or update.chat is None else ""
             taken = taken or update.chat is not None
             yield (box, *shown)
@@ -490,12 +490,13 @@ class Adapters:
     ) -> Iterator[tuple[Any, ...]]:
         """Regenerate: (the answer's outputs, the conversation id, the sidebar list) per update."""
         updates = h.regenerate(self.app.chat, chat, ChatControls(*controls))
-        for _, shown in self._answer(updates, stopper, conversation_id, view, controls, owner):
+        for _, shown in self._answer(updates, chat, stopper, conversation_id, view, controls, owner):
             yield shown
 
     def _answer(
         self,
         updates: Iterator[ChatUpdate],
+        asked_in: Any,
         stopper: h.Stopper | None,
         conversation_id: str | None,
         view: str | None,
@@ -503,7 +504,8 @@ class Adapters:
         owner: str,
     ) -> Iterator[tuple[ChatUpdate, tuple[Any, ...]]]:
         """Each update of an answer with :meth:`chat_outputs` plus (the conversation id, the sidebar), unchanged
-        until the end, when the chat is saved to the conversation it was asked in. The saving is part of the
+        until the end, when the chat is saved to the conversation it was asked in (``asked_in``: the chat
+        the answer started from; see uc.save). The saving is part of the
         answer (not a later event): whatever conversation is opened next, it is shown after the answer's
         last update, and the id it sets is not overwritten by this one (see h.Stopper)."""
         if (refusal := self.refused(controls, owner)) is not None:
@@ -522,7 +524,7 @@ class Adapters:
                     yield update, (*self.chat_outputs(update), *unchanged)
             if last.chat is None:
                 return
-            saved = self.save(conversation_id, last.chat, owner, *controls)
+            saved = self.save(conversation_id, last.chat, asked_in, owner, *controls)
             if stopper is None or stopper.state(ticket) != h.ABANDONED:
                 # the end shown again, with the saved id: an API client reads the event's last update only
                 yield last, (*self.chat_outputs(last), *saved)
@@ -597,9 +599,11 @@ class Adapters:
             return self.gr.skip()
         return self.gr.Radio(choices=choices, value=selected or None)
 
-    def save(self, conversation_id: str | None, chat: Any, owner: str, *controls: Any) -> tuple[Any, Any]:
-        """(the session's conversation id, the sidebar list) after an answer."""
-        saved = uc.save(self.conversations, owner, conversation_id, chat, ChatControls(*controls))
+    def save(
+        self, conversation_id: str | None, chat: Any, based_on: Any, owner: str, *controls: Any
+    ) -> tuple[Any, Any]:
+        """(the session's conversation id, the sidebar list) after an answer made from the chat ``based_on``."""
+        saved = uc.save(self.conversations, owner, conversation_id, chat, ChatControls(*controls), based_on)
         self.toast(saved.warning)
         return saved.conversation_id, self.listing(saved.choices, saved.conversation_id)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from app.conversations import ConversationError, ConversationStore
+from app.conversations import ConversationChanged, ConversationError, ConversationStore
 from app.ui_handlers import NO_KB, ChatControls, kb_name, model_text, plain_chat, readable, safe_markdown
 
 GENERATION = ("temperature", "top_p", "top_k", "max_new_tokens", "seed", "retrieval_k")
@@ -49,31 +49,51 @@ class Saved:
     warning: str | None = None
 
 
+CHANGED_ELSEWHERE = (
+    "这个对话在别处（另一个标签页）改过了，本次对话另存为新对话 / "
+    "the conversation changed elsewhere (another tab): this chat was saved as a new conversation"
+)
+
+
+def _rows(chat: Sequence[Any] | None) -> list[tuple[str, str]]:
+    return [(m["role"], model_text(m["content"])) for m in plain_chat(chat)]
+
+
 def save(
     store: ConversationStore,
     owner: str,
     conversation_id: str | None,
     chat: Sequence[Any] | None,
     controls: ChatControls,
+    based_on: Sequence[Any] | None = None,
 ) -> Saved:
     """Store the chat as shown, with the settings it was answered with, in the session's conversation (a
-    new one when it has none yet, or when its conversation was deleted meanwhile)."""
-    messages = [(m["role"], model_text(m["content"])) for m in plain_chat(chat)]
+    new one when it has none yet, or when its conversation was deleted meanwhile). ``based_on``: the chat
+    the answer started from; when the conversation no longer holds it (another tab went on with it), the
+    chat is saved as a new conversation rather than over the other tab's messages."""
+    messages = _rows(chat)
     cid = conversation_id or ""
     if not messages and not cid:
         return Saved("", None)
     kb = kb_name(controls.kb)
     system_prompt = (controls.system_prompt or "").strip()
     settings = {name: getattr(controls, name) for name in GENERATION if getattr(controls, name) is not None}
+    warning = None
     try:
-        try:
-            store.update(owner, cid, kb=kb, clear_kb=kb is None, system_prompt=system_prompt)
-        except ConversationError:
-            if not messages:
-                return Saved("", choices(store, owner))
-            cid = store.create(owner, kb=kb, system_prompt=system_prompt, settings=settings).id
+        if cid:
+            try:
+                store.save_messages(owner, cid, messages, settings, None if based_on is None else _rows(based_on))
+                store.update(owner, cid, kb=kb, clear_kb=kb is None, system_prompt=system_prompt)
+                return Saved(cid, choices(store, owner))
+            except ConversationChanged:
+                warning = CHANGED_ELSEWHERE
+            except ConversationError:
+                pass  # deleted meanwhile: saved as a new one
+        if not messages:
+            return Saved("", choices(store, owner))
+        cid = store.create(owner, kb=kb, system_prompt=system_prompt, settings=settings).id
         store.save_messages(owner, cid, messages, settings)
-        return Saved(cid, choices(store, owner))
+        return Saved(cid, choices(store, owner), warning)
     except ConversationError as err:
         return Saved(cid, None, f"the conversation was not saved: {readable(err)}")
 

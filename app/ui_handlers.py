@@ -95,7 +95,8 @@ def safe_markdown(text: str) -> str:
             if close and close[2].startswith(run) and not close[3].strip() and len(close[1]) <= indent + 3:
                 break
             body.append(line[min(indent, len(line) - len(line.lstrip(" \t"))) :])
-        out.append(_code_block(run[0], info, body, blank_before=bool(out)))
+        # a blank line before it, unless the text has one (again and again through a save and a reopen)
+        out.append(_code_block(run[0], info, body, blank_before=bool(out) and not out[-1].endswith("\n")))
     if prose:
         out.append(_safe_prose("\n".join(prose)))
     return "\n".join(out)

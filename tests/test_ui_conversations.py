@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from app import ui_conversations as uc
+from app import ui_handlers as h
 from app.conversations import ConversationStore
 from app.ui import launch
 from app.ui_handlers import NO_KB, STOPPED_MARK, ChatControls
@@ -63,6 +64,37 @@ def test_a_conversation_deleted_elsewhere_is_saved_as_a_new_one(tmp_path: Path) 
     assert again.conversation_id not in ("", first)
     gone = uc.open_conversation(store, "", first)
     assert gone.chat == [] and gone.warning and "no conversation" in gone.warning
+
+
+def test_two_tabs_going_on_with_one_conversation_never_overwrite_each_other(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    cid = uc.save(store, "", "", CHAT, ChatControls()).conversation_id
+    shown = uc.open_conversation(store, "", cid).chat  # both tabs show it
+    first = [*shown, {"role": "user", "content": "A 问"}, {"role": "assistant", "content": "A 答"}]
+    assert uc.save(store, "", cid, first, ChatControls(), based_on=shown) == uc.Saved(cid, uc.choices(store, ""))
+    second = [*shown, {"role": "user", "content": "B 问"}, {"role": "assistant", "content": "B 答"}]
+    forked = uc.save(store, "", cid, second, ChatControls(), based_on=shown)  # the other tab had not seen A's
+    assert forked.warning == uc.CHANGED_ELSEWHERE and forked.conversation_id not in ("", cid)
+    assert [m.content for m in store.messages("", cid)][-2:] == ["A 问", "A 答"]
+    assert [m.content for m in store.messages("", forked.conversation_id)][-2:] == ["B 问", "B 答"]
+    # a regenerated answer is made from the chat that holds the answer it replaces: no conflict
+    regenerated = [*first[:-1], {"role": "assistant", "content": "A 的新答"}]
+    assert uc.save(store, "", cid, regenerated, ChatControls(), based_on=first).warning is None
+    assert store.messages("", cid)[-1].content == "A 的新答"
+
+
+def test_a_reopened_conversation_goes_on_in_place_whatever_its_text_holds(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    tricky = "<b>粗</b> ![x](http://e/x.png) `a<b` *斜* \\ [1]\n```html\n<i>代码</i>\n```\n（已停止 / stopped）"
+    chat = [{"role": "user", "content": "问 <script>"}, {"role": "assistant", "content": h.safe_markdown(tricky)}]
+    cid = uc.save(store, "", "", chat, ChatControls()).conversation_id
+    stored = [m.content for m in store.messages("", cid)]
+    shown = uc.open_conversation(store, "", cid).chat  # as the reopened chat shows it, and sends it back
+    more = [*shown, {"role": "user", "content": "再问"}, {"role": "assistant", "content": "再答"}]
+    saved = uc.save(store, "", cid, more, ChatControls(), based_on=shown)
+    assert saved.warning is None and saved.conversation_id == cid
+    assert [m.content for m in store.messages("", cid)] == [*stored, "再问", "再答"]
+    assert stored[1].replace("\n\n```", "\n```") == tricky  # stored as the model wrote it (a blank line added)
 
 
 def test_users_reach_only_their_own_conversations(tmp_path: Path) -> None:
@@ -205,6 +237,9 @@ def test_a_conversation_survives_reload_and_restart(browser: Any, config: tuple[
             break
         page.wait_for_timeout(100)
     assert store.messages("", conv.id)[1].rating == 1
+    ask(page, "第二个问题：黄河呢？")  # going on with the reopened conversation adds to it (not to a copy)
+    wait_answered(page, 2)
+    assert [c.id for c in store.conversations("")] == [conv.id] and len(store.messages("", conv.id)) == 4
 
     page.get_by_text("当前对话 This conversation").click()
     title = page.locator("#conv-title").locator("input, textarea").first
@@ -220,7 +255,7 @@ def test_a_conversation_survives_reload_and_restart(browser: Any, config: tuple[
         link.click()
     exported = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
     assert exported["title"] == "长江"
-    assert [m["role"] for m in exported["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant"] * 2
 
     page.locator("#conv-delete").click()
     page.wait_for_function("() => document.querySelectorAll('#conv-list label').length === 0")

@@ -32,7 +32,7 @@ from knowledge.evidence import (
 )
 from knowledge.library import KnowledgeLibrary
 from knowledge.retrieval import Passage
-from llms.base import ChatBackend, GenerationOptions, Message, fit_messages
+from llms.base import ChatBackend, CutShort, GenerationOptions, Message, fit_messages
 
 
 def is_chinese(text: str) -> bool:
@@ -116,6 +116,7 @@ class AnswerEvent:
     not_found: bool = False
     cited: tuple[int, ...] = ()
     evidence: tuple[str, ...] = ()
+    cut_short: bool = False  # the model stopped at max_new_tokens: the answer may be unfinished
 
 
 ChatEvent = StatusEvent | SourcesEvent | TextEvent | AnswerEvent
@@ -291,11 +292,19 @@ class ChatService:
         messages = fit_messages(backend, self.build_messages(request, passages, evidence), options.max_new_tokens)
         if passages:
             yield StatusEvent("reading", len(passages))
-        answer = ""
+        answer, cut_short = "", []
+
+        def text(pieces: Iterable[str]) -> Iterator[str]:
+            for piece in pieces:
+                if isinstance(piece, CutShort):
+                    cut_short.append(True)
+                else:
+                    yield piece
+
         # bounded concurrency: extra requests wait here; closing() ends the generation as soon as the
         # consumer stops (UI stop button, client gone) instead of whenever the generator is collected
         with slot, contextlib.closing(backend.stream(messages, options)) as pieces:
-            for piece in without_leading_citations(pieces) if passages else pieces:
+            for piece in without_leading_citations(text(pieces)) if passages else text(pieces):
                 answer += piece
                 yield TextEvent(piece)
-        yield self.finish(query, answer, passages, evidence or ())
+        yield replace(self.finish(query, answer, passages, evidence or ()), cut_short=bool(cut_short))

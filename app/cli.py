@@ -168,10 +168,15 @@ def chat(
             elif isinstance(event, TextEvent):
                 streamed += event.text
                 typer.echo(event.text, nl=False)
-            elif isinstance(event, AnswerEvent) and event.text != streamed:
-                # what the service added after the model: [n] markers and the supporting sentence
-                tail = event.text.removeprefix(streamed)
-                typer.echo(tail if tail != event.text else "\n\n" + event.text, nl=False)
+            elif isinstance(event, AnswerEvent):
+                if event.text != streamed:
+                    # what the service added after the model: [n] markers and the supporting sentence
+                    tail = event.text.removeprefix(streamed)
+                    typer.echo(tail if tail != event.text else "\n\n" + event.text, nl=False)
+                if event.cut_short:
+                    typer.echo(
+                        f"\n\n(cut at --max-new-tokens {options.max_new_tokens}: raise it for the rest)", nl=False
+                    )
         typer.echo()
         if kb:
             typer.echo("\nSources:")

@@ -44,6 +44,8 @@ SEARCHING = '<p class="sources-note"><em>检索中… / searching…</em></p>'
 NOT_SEARCHED = '<p class="sources-note"><em>—</em></p>'  # an answer that failed before its sources came
 EMPTY_ANSWER = "（模型没有给出回答 / empty answer）"
 STOPPED_MARK = "（已停止 / stopped）"  # ends an answer cut short by Stop
+# ends an answer the model stopped at max_new_tokens
+CUT_SHORT_MARK = "（已达到最大生成长度，回答可能不完整 / reached max new tokens: the answer may be unfinished）"
 STOPPED, ABANDONED = "stopped", "abandoned"  # what ended an answer (Stopper.state)
 INTERNAL_ERROR = "内部错误 / internal error"
 NO_QUESTION = "请输入问题 / Please type a question"
@@ -331,7 +333,9 @@ def history_of(chat: Sequence[dict[str, str]]) -> list[Message]:
     turns: list[Message] = []
     pending: str | None = None
     for m in chat:
-        text = model_text(m["content"]).strip().removesuffix(STOPPED_MARK).strip()
+        text = model_text(m["content"]).strip()
+        for mark in (STOPPED_MARK, CUT_SHORT_MARK):  # the UI's, not the model's
+            text = text.removesuffix(mark).strip()
         if m["role"] == "user":
             pending = text or None
         elif pending is not None and text and not text.startswith(ERROR_MARK):
@@ -483,6 +487,8 @@ def answer(
                         marks = highlights(found, text, event.cited)
                         sources, pages = sources_html(found, kb, marks), page_refs(found, marks)
                     shown = safe_markdown(text) if text else EMPTY_ANSWER
+                    if event.cut_short:
+                        shown = f"{shown}\n\n{CUT_SHORT_MARK}"
                     yield ChatUpdate([*chat, {"role": "assistant", "content": shown}], sources, effective, pages=pages)
         finally:  # Stop closes this generator: end the model's generation and free its slot now
             close = getattr(events, "close", None)

@@ -61,8 +61,16 @@ class ChatBackend(Protocol):
         ...
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Generator[str, None, None]:
-        """Yield the reply in pieces; stops at the model's end marker, a stop string or max_new_tokens."""
+        """Yield the reply in pieces; stops at the model's end marker, a stop string or max_new_tokens. A
+        reply that ended at max_new_tokens ends with :data:`CUT_SHORT` (where the backend can tell)."""
         ...
+
+
+class CutShort(str):
+    """The type of :data:`CUT_SHORT`: an empty last piece, so that a consumer that only joins text is unaffected."""
+
+
+CUT_SHORT = CutShort()  # the reply stopped at max_new_tokens: it may be unfinished
 
 
 LLMFactory = Callable[[Any], ChatBackend]  # factory(its settings model, validated) -> backend

@@ -116,6 +116,7 @@ class _Request:
         self.cancelled = False  # set by the consumer, read by the worker between steps
         self.released = threading.Event()  # the worker holds nothing of this request any more
         self.generated = 0
+        self.cut_short = False  # ended at max_new_tokens, not at a stop id
         self.slot = -1
         self.position = 0  # cache column the next input token is written to
         self.generator: Any = None  # torch.Generator for sampling
@@ -178,6 +179,11 @@ class TokenStream:
         if isinstance(item, BaseException):
             raise item
         raise StopIteration
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the request ended at ``max_new_tokens`` rather than at a stop id (known once it has ended)."""
+        return self._req.cut_short
 
     def close(self) -> None:
         self._done = True
@@ -334,6 +340,7 @@ class DecodeEngine:
         self.stats.tokens += 1
         req.out.put(token)
         if token in req.stop_ids or req.generated >= req.max_new_tokens:
+            req.cut_short = token not in req.stop_ids
             self._drop(runner, req)
 
     def _drop(self, runner: _Runner, req: _Request) -> None:

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import BackendUnavailableError
 from common.text import has_han
-from llms.base import ChatBackend, GenerationOptions, Message, chat_completion_request, stream_with_stops
+from llms.base import (
+    CUT_SHORT,
+    ChatBackend,
+    GenerationOptions,
+    Message,
+    chat_completion_request,
+    stream_with_stops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +209,17 @@ class LlamaCppBackend:
         with self._lock:
             llm = self._load()
             chunks = llm.create_chat_completion(**chat_completion_request(messages, options), top_k=options.top_k)
-            pieces = (c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            ended = []  # the finish reason of the last chunk
+
+            def pieces() -> Iterator[str]:
+                for chunk in chunks:
+                    ended.append(chunk["choices"][0].get("finish_reason"))
+                    yield chunk["choices"][0]["delta"].get("content") or ""
+
             try:
-                yield from stream_with_stops((p for p in pieces if p), options.stop)
+                yield from stream_with_stops((p for p in pieces() if p), options.stop)
+                if ended and ended[-1] == "length":
+                    yield CUT_SHORT
             finally:
                 chunks.close()  # the consumer stopped early: end the generation now
 

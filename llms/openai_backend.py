@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from common.errors import BackendUnavailableError
 from common.text import estimate_tokens
-from llms.base import GenerationOptions, Message, chat_completion_request, stream_with_stops
+from llms.base import CUT_SHORT, GenerationOptions, Message, chat_completion_request, stream_with_stops
 
 
 class OpenAISettings(BaseModel):
@@ -70,9 +70,18 @@ class OpenAIBackend:
                 f"the server at {self.settings.base_url} refused the request ({err})",
                 "check llm.openai.model (the name the server serves) and llm.openai.api_key",
             ) from err
+        ended = []  # the finish reason of the last chunk
+
+        def pieces() -> Iterator[str]:
+            for chunk in response:
+                if chunk.choices:
+                    ended.append(chunk.choices[0].finish_reason)
+                    yield chunk.choices[0].delta.content or ""
+
         try:
-            pieces = (c.choices[0].delta.content or "" for c in response if c.choices)
-            yield from stream_with_stops((p for p in pieces if p), options.stop)
+            yield from stream_with_stops((p for p in pieces() if p), options.stop)
+            if ended and ended[-1] == "length":
+                yield CUT_SHORT
         finally:
             response.close()
 

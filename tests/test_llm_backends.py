@@ -20,7 +20,15 @@ from typing import Any
 
 import pytest
 
-from llms.base import ChatBackend, ContextOverflowError, GenerationOptions, Message, fit_messages
+from llms.base import (
+    CUT_SHORT,
+    ChatBackend,
+    ContextOverflowError,
+    CutShort,
+    GenerationOptions,
+    Message,
+    fit_messages,
+)
 from llms.llamacpp import ExtractiveBackend, LlamaCppBackend, LlamaCppSettings, assemble_bundled_model
 from llms.openai_backend import OpenAIBackend, OpenAISettings
 from tests import tiny_models
@@ -134,12 +142,12 @@ def test_backend_contract(backend: ChatBackend) -> None:
 
     # a stop string cuts the answer where it first occurs, and is not emitted
     stop = text.strip()[len(text.strip()) // 2 :][:2]
-    cut = "".join(collect(backend, msgs, GREEDY.model_copy(update={"stop": [stop]})))
-    assert cut == text[: text.find(stop)]
+    stopped = collect(backend, msgs, GREEDY.model_copy(update={"stop": [stop]}))
+    assert "".join(stopped) == text[: text.find(stop)] and not isinstance(stopped[-1], CutShort)
 
-    # max_new_tokens bounds the answer
-    short = "".join(collect(backend, msgs, GREEDY.model_copy(update={"max_new_tokens": 2})))
-    assert 0 < len(short) < len(text)
+    # max_new_tokens bounds the answer, and the reply says it was cut short there
+    short = collect(backend, msgs, GREEDY.model_copy(update={"max_new_tokens": 2}))
+    assert 0 < len("".join(short)) < len(text) and short[-1] is CUT_SHORT
 
     # token counting in the backend's own format: more history, more tokens
     assert backend.count_tokens(msgs) > backend.count_tokens(msgs[-1:]) > 0

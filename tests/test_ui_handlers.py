@@ -23,6 +23,7 @@ from app.container import Zhiku
 from app.presets import PresetStore
 from app.ui_handlers import (
     ABANDONED,
+    CUT_SHORT_MARK,
     EMPTY_ANSWER,
     ERROR_MARK,
     INTERNAL_ERROR,
@@ -56,7 +57,7 @@ from app.ui_handlers import (
     upload,
 )
 from common.errors import BackendUnavailableError
-from llms.base import GenerationOptions, Message
+from llms.base import CUT_SHORT, GenerationOptions, Message
 from plugins.hookspecs import hookimpl
 from tests.helpers import make_pdf
 
@@ -199,6 +200,16 @@ def test_closing_the_stream_ends_the_generation(service: ChatService, backend: S
     assert backend.closed == 0
     updates.close()  # what Stop does
     assert backend.closed == 1
+
+
+def test_an_answer_the_model_cut_at_max_new_tokens_says_so(service: ChatService, backend: Scripted) -> None:
+    backend.pieces = ["Hello", ", wor", CUT_SHORT]
+    *_, last = ask(service, "hi", [], ChatControls())
+    assert texts(last)[-1] == ("assistant", f"Hello, wor\n\n{CUT_SHORT_MARK}")
+    assert [m.content for m in history_of(last.chat or [])] == ["hi", "Hello, wor"]  # the mark is the UI's
+    backend.pieces = ["Hello", ", world"]  # a reply that ended by itself has no mark
+    *_, last = ask(service, "hi", [], ChatControls())
+    assert texts(last)[-1] == ("assistant", "Hello, world")
 
 
 def run(stopper: Stopper, updates: Any, view: str | None = None) -> list[str]:

@@ -238,6 +238,7 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
     settings = app.settings
     # with login, whose bases are visible is known only once the page loads (refresh)
     initial_kbs = [NO_KB] if accounts else h.kb_choices(app.kbs)
+    kb_value = initial_kbs[1] if len(initial_kbs) > 1 else NO_KB
     with gr.Row(equal_height=True):
         gr.Markdown(f"# {TITLE}\n与你的文档对话 · Chat with your documents", elem_id="title")
         with gr.Column(scale=0, min_width=160):
@@ -258,7 +259,7 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
                     min_height=320,
                     buttons=["copy"],
                     feedback_options=("Like", "Dislike"),  # 👍/👎, stored with the conversation
-                    placeholder="选择知识库，然后提问 · Pick a knowledge base and ask a question",
+                    placeholder=h.chat_placeholder(kb_value),
                     # no LaTeX: Gradio cuts $$...$$ out of the Markdown before parsing it, which could unpair
                     # the code fences that safe_markdown() relies on
                     latex_delimiters=[],
@@ -305,7 +306,7 @@ def layout(app: Zhiku, presets: PresetStore | None, accounts: bool = False) -> C
             with gr.Column(scale=2):
                 kb = gr.Dropdown(
                     choices=initial_kbs,
-                    value=initial_kbs[1] if len(initial_kbs) > 1 else NO_KB,
+                    value=kb_value,
                     label="知识库 Knowledge base",
                     elem_id="kb",
                 )
@@ -840,6 +841,8 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     # registered after the chat's events: clients of the queue API (tests/test_reliability_load.py) find
     # the chat as the first event
     c.theme.click(None, js="() => { document.body.classList.toggle('dark'); }", **private)
+    # an empty chat says where answers come from (the base picked, or none)
+    c.kb.change(lambda kb: gr.update(placeholder=h.chat_placeholder(kb)), inputs=[c.kb], outputs=[c.chatbot], **private)
     # on a phone the open sidebar would cover the chat: it starts closed there (its toggle opens it)
     demo.load(None, js=CLOSE_SIDEBAR_ON_PHONES, api_visibility="private")
     loaded = demo.load(

@@ -187,6 +187,14 @@ def md_cell(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+!|~>$])", r"\\\1", text)
 
 
+def chat_placeholder(kb_choice: str | None) -> str:
+    """What an empty chat says: which knowledge base the answers will come from, if any."""
+    kb = kb_name(kb_choice)
+    if kb is None:
+        return "未选择知识库：直接和模型对话 · No knowledge base: the model answers on its own"
+    return f"向知识库 **{md_cell(kb)}** 提问 · Ask about the knowledge base **{md_cell(kb)}**"
+
+
 def status_text(event: StatusEvent) -> str:
     if event.stage == "searching":
         return "_正在检索知识库… / searching…_"

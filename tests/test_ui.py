@@ -206,7 +206,11 @@ def effective_prompt(page: Any) -> str:
 @pytest.mark.slow
 def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
     context, page = open_page(browser, server)
+    placeholder = "(t) => document.querySelector('#chatbot').innerText.includes(t)"
+    choose(page, "kb", NO_KB)
+    page.wait_for_function(placeholder, arg="No knowledge base")  # the empty chat says where answers come from
     choose(page, "kb", "samples")
+    page.wait_for_function(placeholder, arg="Ask about the knowledge base samples")
     page.evaluate(WATCH_ANSWER)
     ask(page, QUESTION)
     wait_answered(page, 1)
@@ -235,6 +239,10 @@ def test_streamed_answer_with_sources(server: Server, browser: Any) -> None:
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.wait_for_function("() => document.querySelectorAll('#conv-list label').length >= 1")  # saved
     page.screenshot(path=str(SCREENSHOT))
+    choose(page, "kb", NO_KB)
+    page.locator("#conv-new").click()  # a new chat keeps the base picked, and says so
+    page.wait_for_function(placeholder, arg="No knowledge base")
+    assert messages(page) == []
     context.close()
 
 

@@ -15,6 +15,7 @@ only, so importing this module is cheap.
 from __future__ import annotations
 
 import html
+import inspect
 import os
 import tempfile
 import threading
@@ -740,15 +741,20 @@ def owner_of(request: Any) -> str:
 
 
 def with_owner(gr: ModuleType, fn: Any) -> Any:
-    """``fn(*inputs, owner)`` as a Gradio handler. Gradio finds ``gr.Request`` by its type annotation, and
-    this module's annotations are strings: the wrapper is given the class itself."""
+    """``fn(*inputs, owner=...)`` as a Gradio handler (a generator stays one: Gradio streams what it yields).
+    Gradio finds ``gr.Request`` by its type annotation, and this module's annotations are strings: the
+    wrapper is given the class itself."""
 
     # positional first: Gradio injects the request only into a positional parameter (never after *args)
     def call(request: Any, *args: Any) -> Any:
-        return fn(*args, owner_of(request))
+        return fn(*args, owner=owner_of(request))
 
-    call.__annotations__ = {"request": gr.Request}
-    return call
+    def stream(request: Any, *args: Any) -> Iterator[Any]:
+        yield from fn(*args, owner=owner_of(request))
+
+    handler = stream if inspect.isgeneratorfunction(fn) else call
+    handler.__annotations__ = {"request": gr.Request}
+    return handler
 
 
 def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: ConversationStore, c: Components) -> None:
@@ -780,16 +786,9 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
     answer_outputs = [c.chatbot, c.sources, c.effective, pages, c.page_choice, c.page_view]
     saved_outputs = [conversation, c.sidebar.listing]
 
-    def respond(request: Any, *inputs: Any) -> Iterator[tuple[Any, ...]]:
-        yield from on.respond(*inputs, owner=owner_of(request))
-
-    def regenerate(request: Any, *inputs: Any) -> Iterator[tuple[Any, ...]]:
-        yield from on.regenerate(*inputs, owner=owner_of(request))
-
-    respond.__annotations__ = regenerate.__annotations__ = {"request": gr.Request}  # see with_owner
     chat_event = gr.on(
         [c.send.click, c.question.submit],
-        respond,
+        with_owner(gr, on.respond),
         inputs=[c.question, c.chatbot, stopper, conversation, view, *c.controls],
         outputs=[c.question, *answer_outputs, *saved_outputs],
         concurrency_limit=chat_limit,
@@ -800,7 +799,7 @@ def wire(demo: gr.Blocks, app: Zhiku, presets: PresetStore, conversations: Conve
         **private,
     )
     regen_event = c.regenerate.click(
-        regenerate,
+        with_owner(gr, on.regenerate),
         inputs=[c.chatbot, stopper, conversation, view, *c.controls],
         outputs=[*answer_outputs, *saved_outputs],
         concurrency_limit=chat_limit,

@@ -226,8 +226,8 @@ class PageRequests:
             joined = self.http.post("/gradio_api/queue/join", json={**body, "event_data": event_data})
             joined.raise_for_status()
             outputs.update(zip(map(self.key, dep["outputs"]), self._result(body["session_hash"], sent), strict=False))
-        for key in ("browserstate", "chat-view"):  # what the page's next request sends
-            if isinstance(outputs.get(key), str):
+        for key, kind in (("browserstate", str), ("chat-view", str), ("chatbot", list)):  # what the page sends next
+            if isinstance(outputs.get(key), kind):
                 self.shown[key] = outputs[key]
         return outputs, "\n".join(sent)
 
@@ -354,6 +354,7 @@ def test_one_user_cannot_reach_anothers_things_through_the_uis_http_routes(
         "conv-delete": lambda: alice_id not in [c.id for c in conversations.conversations("alice")],
         "preset-delete": lambda: presets.list() == {},
     }
+    alice.call("conv-list", "input", conv_list=alice_id)  # her page shows the conversation again
     for elem_id, trigger, values in writes(alice_id, kb_file):
         alice.call(elem_id, trigger, **values)
         assert changed[str(elem_id)](), (elem_id, trigger)

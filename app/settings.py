@@ -127,6 +127,7 @@ class ChatSettings(_Section):
     quote_min_chars: int = Field(
         40, ge=0, description="a quote shorter than this takes the sentences after it (a heading alone says little)"
     )
+    quotes: int = Field(2, ge=1, le=5, description="how many source sentences an answer ends with (quote_evidence)")
     generation: GenerationOptions = GenerationOptions(temperature=0.3)
     max_question_chars: int = Field(8000, ge=1, description="longer questions (and system prompts) are refused")
     max_history_messages: int = Field(64, ge=0, description="only the newest messages of a conversation are sent")

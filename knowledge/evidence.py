@@ -230,18 +230,32 @@ def best_quote(question: str, passages: Sequence[str], min_chars: int = 40) -> E
     little), on one line. None when no sentence shares anything with the question. Ranked on the question
     alone: ranked on the model's answer too, it followed a wrong answer to a wrong sentence (dev, 99
     questions: the answer with its quote held the gold answer 0.70 of the time; 0.77 ranked this way)."""
+    found = best_quotes(question, passages, min_chars, 1)
+    return found[0] if found else None
+
+
+def best_quotes(question: str, passages: Sequence[str], min_chars: int = 40, count: int = 2) -> list[Evidence]:
+    """Up to ``count`` quotes as :func:`best_quote` makes them, best first, none overlapping another. The
+    second best sentence often holds what the first only leads up to (dev, 491 questions: the best quote
+    holds the gold answer for 0.74 of them, the best two for 0.84)."""
     ranked = rank_sentences(question, passages, whole=True)
-    if not ranked or ranked[0].score <= 0:
-        return None
-    best = ranked[0]
-    text = passages[best.passage]
-    spans = sentence_spans(text, whole=True)
-    start, end = spans[best.index]
-    last = best.index
-    while end - start < min_chars and last + 1 < len(spans):
-        last += 1
-        end = spans[last][1]
-    return Evidence(best.passage, best.index, " ".join(text[start:end].split()), best.score)
+    taken: dict[int, set[int]] = {}  # passage -> its sentences already quoted
+    quotes: list[Evidence] = []
+    for best in ranked:
+        if len(quotes) >= count or best.score <= 0:
+            break
+        if best.index in taken.get(best.passage, set()):
+            continue
+        text = passages[best.passage]
+        spans = sentence_spans(text, whole=True)
+        start, end = spans[best.index]
+        last = best.index
+        while end - start < min_chars and last + 1 < len(spans) and last + 1 not in taken.get(best.passage, set()):
+            last += 1
+            end = spans[last][1]
+        taken.setdefault(best.passage, set()).update(range(best.index, last + 1))
+        quotes.append(Evidence(best.passage, best.index, " ".join(text[start:end].split()), best.score))
+    return quotes
 
 
 def normalize(text: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 from common.text import language_of
 from knowledge.evidence import (
     best_quote,
+    best_quotes,
     citations,
     cite,
     contains_normalized,
@@ -56,6 +57,18 @@ def test_the_quote_answers_the_question_and_a_short_one_takes_the_next_sentence(
     assert quote.text == "花期从10月起 至翌年5~6月结果。"
     assert best_quote("花期是什么时候？", [RIVER, plant], min_chars=0).text == "花期从10月起"
     assert best_quote("量子计算机", [RIVER]) is None
+
+
+def test_quotes_are_the_best_sentences_best_first_never_overlapping() -> None:
+    question = "长江全长多少公里，流经几个省份？"
+    first, second = best_quotes(question, [TOWN, RIVER], min_chars=0, count=2)
+    assert (first.passage, first.text) == (1, "它全长约6300公里，流经十一个省份。")  # holds both asked things
+    assert second.passage == 1 and second.text != first.text and first.score >= second.score
+    # a short quote takes the next sentence: that one is not quoted again
+    long_first, *rest = best_quotes(question, [RIVER], min_chars=30, count=3)
+    assert all(q.text not in long_first.text for q in rest)
+    assert best_quotes(question, [RIVER], count=1) == [best_quote(question, [RIVER])]
+    assert best_quotes("量子计算机", [RIVER]) == []
 
 
 def test_a_simplified_question_finds_its_answer_in_a_traditional_passage() -> None:

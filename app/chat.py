@@ -21,7 +21,7 @@ from knowledge.evidence import (
     LEADING_CITATIONS,
     NOT_FOUND_EN,
     NOT_FOUND_ZH,
-    best_quote,
+    best_quotes,
     citations,
     cite,
     coverage,
@@ -117,6 +117,11 @@ class AnswerEvent:
     cited: tuple[int, ...] = ()
     evidence: tuple[str, ...] = ()
     cut_short: bool = False  # the model stopped at max_new_tokens: the answer may be unfinished
+    # what follows the model's words in ``text`` (the quoted sources): a stream that cannot replace what it
+    # sent (the API's) ends with this instead
+    appended: str = ""
+    prompt_tokens: int = 0  # what the model read, in its own tokens (0: the model was not asked)
+    completion_tokens: int = 0  # what it wrote
 
 
 ChatEvent = StatusEvent | SourcesEvent | TextEvent | AnswerEvent
@@ -207,9 +212,7 @@ class ChatService:
             return False
         return coverage(query, [p.text for p in passages]) >= self.settings.chat.min_coverage
 
-    def finish(
-        self, query: str, answer: str, passages: Sequence[Passage], evidence: Sequence[str] = ()
-    ) -> AnswerEvent:
+    def finish(self, query: str, answer: str, passages: Sequence[Passage], evidence: Sequence[str] = ()) -> AnswerEvent:
         """The answer as shown: [n] markers where the model gave none, and the source text that answers
         ``query`` (what retrieval searched for: a follow-up with the question it follows), when
         ``chat.quote_evidence``. A reply with no words of its own (the small model sometimes echoes the
@@ -222,14 +225,17 @@ class ChatService:
         chat = self.settings.chat
         answer = LEADING_CITATIONS.sub("", answer)  # "[1] 2个社区" copies the passages' layout
         words = normalize(CITATION.sub("", answer))
-        quote = best_quote(query, texts, chat.quote_min_chars) if chat.quote_evidence or not words else None
-        if quote is not None and not words:
-            shown = f"{quote.text}[{quote.passage + 1}]"
+        quoting = chat.quote_evidence or not words
+        quotes = best_quotes(query, texts, chat.quote_min_chars, chat.quotes) if quoting else []
+        if quotes and not words:
+            shown = appended = "\n\n".join(f"{q.text}[{q.passage + 1}]" for q in quotes)
         else:
-            shown = cite(answer, texts)
-            if quote is not None and normalize(quote.text) not in words:
-                shown = f"{shown.rstrip()}\n\n> {quote.text} [{quote.passage + 1}]"
-        return AnswerEvent(shown, cited=tuple(citations(shown)), evidence=tuple(evidence))
+            shown, appended = cite(answer, texts), ""
+            quoted = [f"> {q.text} [{q.passage + 1}]" for q in quotes if normalize(q.text) not in words]
+            if quoted:
+                appended = "\n\n" + "\n>\n".join(quoted)
+                shown = shown.rstrip() + appended
+        return AnswerEvent(shown, cited=tuple(citations(shown)), evidence=tuple(evidence), appended=appended)
 
     def checked(self, request: ChatRequest) -> ChatRequest:
         """The request within the configured bounds, so one huge request cannot hold retrieval or a
@@ -307,4 +313,11 @@ class ChatService:
             for piece in without_leading_citations(text(pieces)) if passages else text(pieces):
                 answer += piece
                 yield TextEvent(piece)
-        yield replace(self.finish(query, answer, passages, evidence or ()), cut_short=bool(cut_short))
+        read = backend.count_tokens(messages)
+        written = backend.count_tokens([*messages, Message("assistant", answer)]) - read if answer else 0
+        yield replace(
+            self.finish(query, answer, passages, evidence or ()),
+            cut_short=bool(cut_short),
+            prompt_tokens=read,
+            completion_tokens=max(written, 1 if answer else 0),
+        )

@@ -36,6 +36,12 @@ users_cli = typer.Typer(
     no_args_is_help=True,
 )
 cli.add_typer(users_cli, name="users")
+keys_cli = typer.Typer(
+    help="API keys (`Authorization: Bearer zk-...` on the HTTP API when login is on): stored hashed in "
+    "<data_dir>/api_keys.json.",
+    no_args_is_help=True,
+)
+cli.add_typer(keys_cli, name="keys")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="config file (default: $ZHIKU_CONFIG or config.yml)")]
 DataDirOpt = Annotated[
@@ -413,3 +419,52 @@ def users_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: Dat
         _print_json(rows)
     else:
         typer.echo("\n".join(f"{r['name']}\t({r['source']})" for r in rows) if rows else "no users: login is off")
+
+
+def _key_store(config: Path | None, data_dir: Path | None) -> Any:
+    from app.keys import KeyStore
+
+    return KeyStore(load_settings(config, data_dir=data_dir).data_dir)
+
+
+@keys_cli.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option("--user", help="the user the key acts for")],
+    label: Annotated[str, typer.Option("--label", help="what the key is for (shown by `keys list`)")] = "",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Make an API key for USER and print it (only its hash is stored: copy it now)."""
+    with _errors():
+        key, token = _key_store(config, data_dir).create(user, label)
+    typer.echo(token)
+    typer.echo(f"key {key.id} for {key.user}: shown this once; revoke it with `keys revoke {key.id}`", err=True)
+
+
+@keys_cli.command("list")
+def keys_list(
+    user: Annotated[str | None, typer.Option("--user", help="only this user's keys")] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """The API keys (ids, users, labels; never the keys themselves)."""
+    with _errors():
+        keys = _key_store(config, data_dir).list(user)
+    rows = [{"id": k.id, "user": k.user, "label": k.label, "created": k.created} for k in keys]
+    if as_json:
+        _print_json(rows)
+    else:
+        typer.echo("\n".join(f"{r['id']}\t{r['user']}\t{r['label']}" for r in rows) if rows else "no API keys")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (from `keys list`)")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Revoke an API key: requests with it get 401 from then on."""
+    with _errors():
+        key = _key_store(config, data_dir).revoke(key_id)
+    typer.echo(f"key {key.id} of {key.user} revoked")

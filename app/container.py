@@ -30,6 +30,7 @@ from plugins.registry import Registry, build_plugin_manager
 
 if TYPE_CHECKING:
     from app.access import KbAccess
+    from app.conversations import ConversationStore
     from app.jobs import IngestJobs
     from app.services import ChatService, IngestService, KnowledgeBaseService
 
@@ -212,6 +213,13 @@ class Zhiku:
         from app.access import KbAccess
 
         return KbAccess(self.settings.data_dir)
+
+    @cached_property
+    def conversations(self) -> ConversationStore:
+        """The saved conversations (the UI's sidebar, the API's /v1/conversations)."""
+        from app.conversations import ConversationStore
+
+        return ConversationStore(self.settings.data_dir)
 
     @cached_property
     def jobs(self) -> IngestJobs:

@@ -50,6 +50,10 @@ class JobError(ZhikuError, ValueError):
     """A job that cannot be started or found."""
 
 
+class UnknownJob(JobError):
+    """No such job (or another user's)."""
+
+
 @dataclass(frozen=True)
 class Job:
     id: str
@@ -163,7 +167,7 @@ class IngestJobs:
         with self._db() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, owner)).fetchone()
         if row is None:
-            raise JobError(f"no ingest job {job_id}")
+            raise UnknownJob(f"no ingest job {job_id}", "GET the job id that starting the ingest returned")
         return _job(row)
 
     def latest(self, owner: str) -> Job | None:

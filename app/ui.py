@@ -76,7 +76,7 @@ def build_ui(app: Zhiku, accounts: bool = False) -> gr.Blocks:
     import gradio as gr
 
     presets = PresetStore(app.settings.data_dir)
-    conversations = ConversationStore(app.settings.data_dir)
+    conversations = app.conversations
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         wire(demo, app, presets, conversations, layout(app, None if accounts else presets, accounts))
     demo.queue(default_concurrency_limit=app.settings.llm.max_concurrent)
@@ -977,12 +977,19 @@ def launch(
         "theme": theme,
         "css": CSS,
     }
+    from starlette.middleware import Middleware
+    from starlette.routing import Mount
+
+    from app.api import create_api
+    from app.keys import KeyStore
+
+    # the HTTP API on the same port, before Gradio's routes; behind API keys when login is on
+    api = create_api(app, KeyStore(app.settings.data_dir) if checker is not None else None)
+    options["app_kwargs"] = {"routes": [Mount("/v1", app=api)]}
     if checker is not None:
         options["auth"] = checker
         options["auth_message"] = "知库 Zhiku：请登录 / please log in"
-        from starlette.middleware import Middleware
-
-        options["app_kwargs"] = {"middleware": [Middleware(SessionOwners)]}  # a session is its user's only
+        options["app_kwargs"]["middleware"] = [Middleware(SessionOwners)]  # a session is its user's only
     options.update(kwargs)
     try:
         demo.launch(share=False, **options)

@@ -11,6 +11,8 @@ from knowledge.store import DB_NAME, MANIFEST_NAME
 
 # Letters (any script, so Chinese names work), digits, '_', '-', '.'; no leading dot; at most 64.
 _NAME = re.compile(r"^[^\W_][\w.-]{0,63}$")
+# the same rules (with validate_name's) as one pattern, for schemas: no "..", no dot at the end
+NAME_PATTERN = r"^[^\W_][\w-]*(\.[\w-]+)*$"
 
 
 class InvalidNameError(ZhikuError, ValueError):
@@ -18,7 +20,7 @@ class InvalidNameError(ZhikuError, ValueError):
 
 
 def validate_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name or name.endswith("."):
+    if not _NAME.fullmatch(name) or ".." in name or name.endswith("."):
         raise InvalidNameError(
             f"invalid knowledge base name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit (no path separators)"

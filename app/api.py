@@ -133,12 +133,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _sources(sources: list[Source]) -> list[dict[str, Any]]:
-    return [
-        SourceOut(
-            index=n, file=s.file, path=s.path, page=s.page, score=round(s.score, 4), snippet=s.snippet
-        ).model_dump()
-        for n, s in enumerate(sources, 1)
-    ]
+    return [SourceOut.model_validate(s.to_json(n)).model_dump() for n, s in enumerate(sources, 1)]
 
 
 # ----- who is asking -------------------------------------------------------------------------------------------

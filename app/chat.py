@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from app.settings import Settings
 from common.errors import InvalidRequestError
@@ -73,6 +74,17 @@ class Source:
 
     def label(self) -> str:
         return f"{self.file}" + (f" p.{self.page}" if self.page is not None else "")
+
+    def to_json(self, index: int) -> dict[str, Any]:
+        """What ``chat --json`` and the API give for the source an answer cites as ``[index]``."""
+        return {
+            "index": index,
+            "file": self.file,
+            "path": self.path,
+            "page": self.page,
+            "score": round(self.score, 4),
+            "snippet": self.snippet,
+        }
 
 
 @dataclass

@@ -22,6 +22,7 @@ from app.settings import load_settings
 from common.errors import ZhikuError
 from knowledge.ingest import FileOutcome
 from knowledge.store import StoreError
+from llms.base import Message
 
 cli = typer.Typer(
     help="Zhiku (知库): chat with your documents. Ingest folders of PDF/TXT into knowledge bases and search them.",
@@ -157,39 +158,56 @@ def chat(
     k: Annotated[int | None, typer.Option("-k", "--top-k", help="passages to retrieve")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="answer length limit in tokens")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    conversation: Annotated[
+        str | None, typer.Option("--conversation", help="go on with this saved conversation (its id)")
+    ] = None,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Ask one question: the answer streams to the terminal, then its sources."""
+    """Ask one question: the answer streams to the terminal, then its sources. The exchange is saved as a
+    conversation (the UI lists it); --conversation ID goes on with one. --json prints
+    {"answer", "sources", "conversation_id"} at the end instead."""
     with _app(config, data_dir) as app:
-        service = app.chat
+        store = app.conversations
+        history = []
+        if conversation:
+            history = [Message(m.role, m.content) for m in store.messages("", conversation)]
         changes = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         options = app.settings.chat.generation.model_copy(update={k: v for k, v in changes.items() if v is not None})
-        sources = []
-        request = ChatRequest(question, kb=kb, system_prompt=system_prompt, options=options, top_k=k)
-        streamed = ""
-        for event in service.stream(request):
+        sources: list[Any] = []
+        request = ChatRequest(question, history, kb=kb, system_prompt=system_prompt, options=options, top_k=k)
+        streamed, answer = "", ""
+        show = (lambda text: None) if as_json else (lambda text: typer.echo(text, nl=False))
+        for event in app.chat.stream(request):
             if isinstance(event, SourcesEvent):
                 sources = event.sources
             elif isinstance(event, TextEvent):
                 streamed += event.text
-                typer.echo(event.text, nl=False)
+                show(event.text)
             elif isinstance(event, AnswerEvent):
+                answer = event.text
                 if event.text != streamed:
                     # what the service added after the model: [n] markers and the supporting sentence
                     tail = event.text.removeprefix(streamed)
-                    typer.echo(tail if tail != event.text else "\n\n" + event.text, nl=False)
+                    show(tail if tail != event.text else "\n\n" + event.text)
                 if event.cut_short:
-                    typer.echo(
-                        f"\n\n(cut at --max-new-tokens {options.max_new_tokens}: raise it for the rest)", nl=False
-                    )
-        typer.echo()
-        if kb:
-            typer.echo("\nSources:")
-            for n, source in enumerate(sources, 1):
-                typer.echo(f"[{n}] {source.label()}  ({source.score:.3f})")
-            if not sources:
-                typer.echo("(no passages found)")
+                    show(f"\n\n(cut at --max-new-tokens {options.max_new_tokens}: raise it for the rest)")
+        found = [s.to_json(n) for n, s in enumerate(sources, 1)]
+        if not conversation:
+            conversation = store.create("", kb=kb, system_prompt=system_prompt or "", settings={}).id
+        store.add_exchange("", conversation, question, answer, found)
+    if as_json:
+        _print_json({"answer": answer, "sources": found, "conversation_id": conversation})
+        return
+    typer.echo()
+    if kb:
+        typer.echo("\nSources:")
+        for n, source in enumerate(sources, 1):
+            typer.echo(f"[{n}] {source.label()}  ({source.score:.3f})")
+        if not sources:
+            typer.echo("(no passages found)")
+    typer.echo(f"\n(conversation {conversation}: --conversation {conversation} goes on with it)", err=True)
 
 
 @cli.command()

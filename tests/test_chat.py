@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from app.chat import (
     without_leading_citations,
 )
 from app.container import Zhiku
+from app.conversations import ConversationStore
 from app.settings import DEFAULT_SYSTEM_PROMPT_EN, DEFAULT_SYSTEM_PROMPT_ZH
 from knowledge.evidence import NOT_FOUND_EN, NOT_FOUND_ZH
 from llms.base import GenerationOptions, Message
@@ -199,6 +202,25 @@ def test_chat_command_streams_an_answer_then_its_sources(python: str, tmp_path: 
     answer, sources = chat.stdout.split("\nSources:\n")
     assert answer.strip()
     assert sources.splitlines()[0].startswith("[1] report.pdf p.2")
+
+    # --json, going on with the conversation the first question was saved as
+    cid = re.search(r"--conversation (\w+)", chat.stderr)
+    assert cid is not None, chat.stderr
+    follow = subprocess.run(
+        [python, "-m", "app", "chat", "它有多长？", "--kb", "k", "--conversation", cid[1], "--json", *common],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert follow.returncode == 0, follow.stderr
+    shown = json.loads(follow.stdout)
+    assert set(shown) == {"answer", "sources", "conversation_id"} and shown["conversation_id"] == cid[1]
+    assert all(set(s) == {"index", "file", "path", "page", "score", "snippet"} for s in shown["sources"])
+    saved = ConversationStore(tmp_path / "data").messages("", cid[1])
+    assert [m.content for m in saved][::2] == ["黄河被称为什么？", "它有多长？"] and saved[-1].content == shown[
+        "answer"
+    ]
 
 
 def test_no_passage_above_the_floor_is_not_found_even_with_the_word_check_off(

@@ -11,13 +11,12 @@ changes a base for a user.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from common.errors import ZhikuError
-from common.files import atomic_write_bytes
+from common.files import read_json_object, write_json_object
 
 FILE_NAME = "kb_access.json"
 
@@ -32,17 +31,10 @@ class KbAccess:
         self._lock = threading.Lock()
 
     def _read(self) -> dict[str, dict[str, object]]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except FileNotFoundError:
-            return {}
-        except (OSError, json.JSONDecodeError) as err:
-            raise AccessError(f"cannot read {self.path}: {err}", f"fix or move {self.path.name} aside") from err
-        return data if isinstance(data, dict) else {}
+        return read_json_object(self.path, AccessError)
 
     def _write(self, data: dict[str, dict[str, object]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8"))
+        write_json_object(self.path, dict(data), AccessError)
 
     def entry(self, kb: str) -> tuple[str, bool] | None:
         """(owner, private) of a base a user created in the browser; None for one made with the CLI."""

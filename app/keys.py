@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 
 from app.users import validate_user_name
 from common.errors import ZhikuError
-from common.files import atomic_write_bytes
+from common.files import read_json_object, write_json_object
 
 FILE_NAME = "api_keys.json"
 _KEY = re.compile(r"zk-([0-9a-f]{8})-([A-Za-z0-9_-]{20,100})")
@@ -49,24 +48,10 @@ class KeyStore:
         self._lock = threading.Lock()
 
     def _read(self) -> dict[str, dict[str, Any]]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except FileNotFoundError:
-            return {}
-        except (OSError, json.JSONDecodeError) as err:
-            raise ApiKeyError(f"cannot read {self.path}: {err}", f"fix or move {self.path.name} aside") from err
-        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        data = read_json_object(self.path, ApiKeyError)
+        if not all(isinstance(v, dict) for v in data.values()):
             raise ApiKeyError(f"{self.path} must hold a JSON object of key id: key", f"move {self.path.name} aside")
         return data
-
-    def _write(self, data: dict[str, dict[str, Any]]) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
-        except OSError as err:
-            raise ApiKeyError(
-                f"cannot write {self.path}: {err}", f"give this user write access to {self.path.parent}"
-            ) from err
 
     def create(self, user: str, label: str = "") -> tuple[ApiKey, str]:
         """A new key for ``user``: (its record, the key itself, which is shown this once and never stored)."""
@@ -79,7 +64,7 @@ class KeyStore:
             secret = secrets.token_urlsafe(32)
             key = ApiKey(key_id, user, " ".join(label.split())[:100], time.time())
             data[key_id] = {**asdict(key), "sha256": _digest(secret)}
-            self._write(data)
+            write_json_object(self.path, data, ApiKeyError)
         return key, f"zk-{key_id}-{secret}"
 
     def list(self, user: str | None = None) -> list[ApiKey]:
@@ -97,7 +82,7 @@ class KeyStore:
             found = data.pop(key_id.strip(), None)
             if found is None:
                 raise ApiKeyError(f"no API key {key_id!r}", "see `python -m app keys list` for the ids")
-            self._write(data)
+            write_json_object(self.path, data, ApiKeyError)
         return ApiKey(key_id.strip(), str(found.get("user", "")), str(found.get("label", "")), float(found["created"]))
 
     def user_of(self, token: str) -> str | None:

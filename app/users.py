@@ -7,7 +7,6 @@ never passwords), rewritten atomically. ``serve`` logs in the users of this file
 
 from __future__ import annotations
 
-import json
 import threading
 import unicodedata
 from collections.abc import Iterable
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from app.auth import AuthConfigError, hash_password
 from common.errors import ZhikuError
-from common.files import atomic_write_bytes
+from common.files import read_json_object, write_json_object
 
 FILE_NAME = "users.json"
 MAX_NAME = 64
@@ -42,25 +41,13 @@ class UserStore:
         self._lock = threading.Lock()
 
     def _read(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except FileNotFoundError:
-            return {}
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"cannot read {self.path}: {err}", f"fix or move {self.path.name} aside") from err
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        data = read_json_object(self.path, UserError)
+        if not all(isinstance(v, str) for v in data.values()):
             raise UserError(f"{self.path} must hold a JSON object of name: password hash")
         return {str(k): v for k, v in data.items()}
 
     def _write(self, data: dict[str, str]) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
-        except OSError as err:
-            raise UserError(
-                f"cannot save {self.path} ({err.strerror or err})",
-                f"give the user running Zhiku write access to {self.path.parent}",
-            ) from err
+        write_json_object(self.path, dict(data), UserError)
 
     def names(self) -> list[str]:
         with self._lock:

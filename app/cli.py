@@ -18,6 +18,7 @@ import typer
 
 from app.chat import AnswerEvent, ChatRequest, SourcesEvent, TextEvent
 from app.container import Zhiku
+from app.conversations import ConversationError
 from app.settings import load_settings
 from common.errors import ZhikuError
 from knowledge.ingest import FileOutcome
@@ -194,11 +195,16 @@ def chat(
                 if event.cut_short:
                     show(f"\n\n(cut at --max-new-tokens {options.max_new_tokens}: raise it for the rest)")
         found = [s.to_json(n) for n, s in enumerate(sources, 1)]
-        if not conversation:
-            conversation = store.create("", kb=kb, system_prompt=system_prompt or "", settings={}).id
-        store.add_exchange("", conversation, question, answer, found)
+        saved: str | None = None
+        try:
+            if not conversation:
+                conversation = store.create("", kb=kb, system_prompt=system_prompt or "", settings={}).id
+            store.add_exchange("", conversation, question, answer, found)
+            saved = conversation
+        except ConversationError as err:  # e.g. a read-only data dir: the answer stands, unsaved
+            typer.echo(f"\nwarning: the conversation was not saved: {err}", err=True)
     if as_json:
-        _print_json({"answer": answer, "sources": found, "conversation_id": conversation})
+        _print_json({"answer": answer, "sources": found, "conversation_id": saved})
         return
     typer.echo()
     if kb:
@@ -207,7 +213,8 @@ def chat(
             typer.echo(f"[{n}] {source.label()}  ({source.score:.3f})")
         if not sources:
             typer.echo("(no passages found)")
-    typer.echo(f"\n(conversation {conversation}: --conversation {conversation} goes on with it)", err=True)
+    if saved:
+        typer.echo(f"\n(conversation {saved}: --conversation {saved} goes on with it)", err=True)
 
 
 @cli.command()

@@ -36,7 +36,6 @@ from app.conversations import ConversationError
 from app.jobs import UnknownJob
 from app.uploads import safe_filename
 from common.errors import InvalidRequestError, ZhikuError
-from knowledge.catalog import NAME_PATTERN
 from llms.base import Message
 
 if TYPE_CHECKING:
@@ -128,7 +127,12 @@ class ErrorOut(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": what}
-    for status, what in [(400, "a request to change"), (401, "no or a wrong API key"), (404, "not found")]
+    for status, what in [
+        (400, "a request to change"),
+        (401, "no or a wrong API key"),
+        (404, "not found"),
+        (409, "in the way: an ingest running, a name taken"),
+    ]
 }
 
 
@@ -158,7 +162,15 @@ def _owner(request: Request, credentials: Annotated[HTTPAuthorizationCredentials
 
 
 Owner = Annotated[str, Depends(_owner)]
-KbName = Annotated[str, PathParam(pattern=NAME_PATTERN, max_length=64, description="a knowledge base's name")]
+# The names the API takes, spelt without \w (which JSON Schema reads as ASCII, Python as Unicode): ASCII letters and
+# digits, Latin letters with accents, CJK, kana and Hangul; then '_', '-', and '.' between parts. A subset of what
+# knowledge.catalog.validate_name accepts (a base of another script is reached with the CLI).
+_WORD = (
+    "0-9A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f"  # ASCII, Latin with accents
+    "\u3041-\u3096\u30a1-\u30fa\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3"  # kana, CJK, Hangul
+)
+KB_NAME = f"^[{_WORD}][{_WORD}_-]*(\\.[{_WORD}_-]+)*$"
+KbName = Annotated[str, PathParam(pattern=KB_NAME, max_length=64, description="a knowledge base's name")]
 
 
 # ----- the app ----------------------------------------------------------------------------------------------
@@ -269,6 +281,17 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
     @api.get("/kbs/{name}", summary="One knowledge base: its files, chunks, embedding model")
     def get_kb(name: KbName, user: Owner) -> dict[str, Any]:
         return _kb_info(zhiku, readable_kb(user, name))
+
+    @api.put("/kbs/{name}", status_code=201, summary="Create an empty knowledge base (the caller's own, private)")
+    def create_kb(name: KbName, user: Owner) -> dict[str, Any]:
+        if name in zhiku.kbs.names():
+            raise ApiError(409, f"knowledge base {name!r} exists; upload into it, or pick another name")
+        try:
+            zhiku.access.reserve(user, name, exists=False)
+            zhiku.open_kb(name, create=True).close()
+        except ZhikuError as err:
+            raise _from_zhiku(err) from None
+        return _kb_info(zhiku, name)
 
     @api.get("/kbs/{name}/search", summary="Search a knowledge base (the `search --json` shape), best first")
     def search(

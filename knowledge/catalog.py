@@ -11,8 +11,6 @@ from knowledge.store import DB_NAME, MANIFEST_NAME
 
 # Letters (any script, so Chinese names work), digits, '_', '-', '.'; no leading dot; at most 64.
 _NAME = re.compile(r"^[^\W_][\w.-]{0,63}$")
-# the same rules (with validate_name's) as one pattern, for schemas: no "..", no dot at the end
-NAME_PATTERN = r"^[^\W_][\w-]*(\.[\w-]+)*$"
 
 
 class InvalidNameError(ZhikuError, ValueError):

@@ -14,11 +14,12 @@ It wires the services the UI and the CLI use; the work happens there.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -35,7 +36,7 @@ from app.chat import AnswerEvent, ChatRequest, Source, SourcesEvent, TextEvent
 from app.conversations import ConversationError
 from app.jobs import UnknownJob
 from app.uploads import safe_filename
-from common.errors import InvalidRequestError, ZhikuError
+from common.errors import BackendUnavailableError, InvalidRequestError, ZhikuError
 from llms.base import Message
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class ApiError(Exception):
 def _from_zhiku(err: ZhikuError) -> ApiError:
     if isinstance(err, AccessError | ConversationError | UnknownJob):
         return ApiError(404, str(err), code="not_found")
+    if isinstance(err, BackendUnavailableError):  # the model's server is down: nothing the request can change
+        return ApiError(503, str(err), "server_error", "model_unavailable")
     return ApiError(400, str(err))
 
 
@@ -132,6 +135,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "no or a wrong API key"),
         (404, "not found"),
         (409, "in the way: an ingest running, a name taken"),
+        (503, "the model's server cannot be reached"),
     ]
 }
 
@@ -227,18 +231,26 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
     def chat_completions(body: ChatCompletionRequest, user: Owner) -> Any:
         request = _chat_request(zhiku, user, body, readable_kb)
         stamp, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        events = zhiku.chat.stream(request)
         try:
-            events = zhiku.chat.stream(request)
-            first = next(events)  # a bad request fails here, as an error response, not inside a stream
+            # up to the first words: a bad request or an unreachable model is an error status, not a broken stream
+            started = []
+            for event in events:
+                started.append(event)
+                if isinstance(event, TextEvent | AnswerEvent):
+                    break
+            if body.stream:
+                usage = body.stream_options is not None and body.stream_options.include_usage
+                head = {"id": cid, "created": stamp, "model": body.model}
+                chunks = _chunks(head, itertools.chain(started, events), usage)
+                return StreamingResponse(chunks, media_type="text/event-stream")
+            answer, sources = _collect(itertools.chain(started, events))
         except ZhikuError as err:
             raise _from_zhiku(err) from None
-        head = {"id": cid, "created": stamp, "model": body.model}
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_chunks(head, first, events, usage), media_type="text/event-stream")
-        answer, sources = _collect(first, events)
         return {
-            **head,
+            "id": cid,
+            "created": stamp,
+            "model": body.model,
             "object": "chat.completion",
             "choices": [
                 {
@@ -427,9 +439,9 @@ def _chat_request(zhiku: Zhiku, user: str, body: ChatCompletionRequest, readable
     return ChatRequest(turns[-1].text(), history=history, kb=kb, system_prompt=system, options=options)
 
 
-def _collect(first: Any, events: Iterator[Any]) -> tuple[AnswerEvent, list[Source]]:
+def _collect(events: Iterable[Any]) -> tuple[AnswerEvent, list[Source]]:
     sources: list[Source] = []
-    for event in (first, *events):
+    for event in events:
         if isinstance(event, SourcesEvent):
             sources = list(event.sources)
         elif isinstance(event, AnswerEvent):
@@ -442,7 +454,7 @@ def _usage(answer: AnswerEvent) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _chunks(head: dict[str, Any], first: Any, events: Iterator[Any], include_usage: bool) -> Iterator[str]:
+def _chunks(head: dict[str, Any], events: Iterable[Any], include_usage: bool) -> Iterator[str]:
     """The answer as OpenAI's stream of ``chat.completion.chunk`` events; the last one carries the finish
     reason and the sources (and a chunk with the usage, when asked for)."""
 
@@ -457,7 +469,7 @@ def _chunks(head: dict[str, Any], first: Any, events: Iterator[Any], include_usa
     yield chunk({"role": "assistant", "content": ""})
     streamed, sources = "", []
     try:
-        for event in (first, *events):
+        for event in events:
             if isinstance(event, SourcesEvent):
                 sources = list(event.sources)
             elif isinstance(event, TextEvent) and event.text:

@@ -133,6 +133,20 @@ def test_an_answer_cut_at_max_tokens_finishes_with_length(tmp_path: Path, monkey
     assert '"finish_reason": "length"' in streamed and streamed.endswith("data: [DONE]\n\n")
 
 
+def test_an_unreachable_model_server_is_a_503_that_names_it(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    port = _free_port()  # nothing listens there
+    extra = f"  openai:\n    base_url: http://127.0.0.1:{port}/v1\n"
+    config = echo_config(tmp_path).read_text(encoding="utf-8").replace("backend: echo", "backend: openai")
+    (tmp_path / "config.yml").write_text(config.replace("llm:\n", "llm:\n" + extra), encoding="utf-8")
+    client = TestClient(create_api(echo_app(tmp_path / "config.yml"), None))
+    body = {"model": "openai", "messages": [{"role": "user", "content": "你好"}]}
+    for stream in (False, True):
+        answer = client.post("/chat/completions", json={**body, "stream": stream})
+        assert answer.status_code == 503 and f"127.0.0.1:{port}" in answer.json()["error"]["message"]
+
+
 def test_knowledge_bases_and_conversations_through_the_api(open_server: tuple[str, Zhiku], tmp_path: Path) -> None:
     url, zhiku = open_server
     api = httpx.Client(base_url=f"{url}/v1", timeout=60)

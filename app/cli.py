@@ -224,13 +224,16 @@ def serve(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Start the chat web UI."""
+    """Start the chat web UI, and the HTTP API (OpenAI-compatible) under /v1 on the same port."""
     from app.ui import launch
     from app.users import UserStore, all_logins
 
     with _app(config, data_dir) as app:
         configured = [(u.name, u.password_hash) for u in app.settings.server.users]
         users = all_logins(configured, UserStore(app.settings.data_dir))
+        where = f"{host or app.settings.server.host}:{port or app.settings.server.port}"
+        keys = "an API key (python -m app keys create --user NAME)" if users else "no key (login is off)"
+        typer.echo(f"HTTP API: http://{where}/v1 (docs: /v1/docs) with {keys}", err=True)
         launch(app, host=host, port=port, auth=users or None)
 
 

@@ -195,6 +195,10 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
         return err.response()
 
+    @api.exception_handler(ZhikuError)  # what the services raise, with what to do: in OpenAI's shape
+    async def zhiku_error(request: Request, err: ZhikuError) -> JSONResponse:
+        return _from_zhiku(err).response()
+
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
@@ -211,10 +215,7 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
     def readable_kb(user: str, name: str) -> str:
         if name not in zhiku.kbs.names():
             raise ApiError(404, f"no knowledge base {name!r}; GET /v1/kbs lists them", code="not_found")
-        try:
-            zhiku.access.check_read(user, name)
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        zhiku.access.check_read(user, name)
         return name
 
     # ---- OpenAI-compatible ----
@@ -232,21 +233,18 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
         request = _chat_request(zhiku, user, body, readable_kb)
         stamp, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         events = zhiku.chat.stream(request)
-        try:
-            # up to the first words: a bad request or an unreachable model is an error status, not a broken stream
-            started = []
-            for event in events:
-                started.append(event)
-                if isinstance(event, TextEvent | AnswerEvent):
-                    break
-            if body.stream:
-                usage = body.stream_options is not None and body.stream_options.include_usage
-                head = {"id": cid, "created": stamp, "model": body.model}
-                chunks = _chunks(head, itertools.chain(started, events), usage)
-                return StreamingResponse(chunks, media_type="text/event-stream")
-            answer, sources = _collect(itertools.chain(started, events))
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        # up to the first words: a bad request or an unreachable model is an error status, not a broken stream
+        started = []
+        for event in events:
+            started.append(event)
+            if isinstance(event, TextEvent | AnswerEvent):
+                break
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            head = {"id": cid, "created": stamp, "model": body.model}
+            chunks = _chunks(head, itertools.chain(started, events), usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        answer, sources = _collect(itertools.chain(started, events))
         return {
             "id": cid,
             "created": stamp,
@@ -288,22 +286,19 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
     # ---- knowledge bases ----
     @api.get("/kbs", summary="The knowledge bases the caller may read (kb info --json for each)")
     def list_kbs(user: Owner) -> list[dict[str, Any]]:
-        return [_kb_info(zhiku, n) for n in zhiku.access.visible(user, zhiku.kbs.names())]
+        return [zhiku.kbs.info(n) for n in zhiku.access.visible(user, zhiku.kbs.names())]
 
     @api.get("/kbs/{name}", summary="One knowledge base: its files, chunks, embedding model")
     def get_kb(name: KbName, user: Owner) -> dict[str, Any]:
-        return _kb_info(zhiku, readable_kb(user, name))
+        return zhiku.kbs.info(readable_kb(user, name))
 
     @api.put("/kbs/{name}", status_code=201, summary="Create an empty knowledge base (the caller's own, private)")
     def create_kb(name: KbName, user: Owner) -> dict[str, Any]:
         if name in zhiku.kbs.names():
             raise ApiError(409, f"knowledge base {name!r} exists; upload into it, or pick another name")
-        try:
-            zhiku.access.reserve(user, name, exists=False)
-            zhiku.open_kb(name, create=True).close()
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
-        return _kb_info(zhiku, name)
+        zhiku.access.reserve(user, name, exists=False)
+        zhiku.open_kb(name, create=True).close()
+        return zhiku.kbs.info(name)
 
     @api.get("/kbs/{name}/search", summary="Search a knowledge base (the `search --json` shape), best first")
     def search(
@@ -313,10 +308,7 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
         k: Annotated[int | None, Query(ge=1, le=100, description="passages (default search.top_k)")] = None,
     ) -> list[dict[str, Any]]:
         readable_kb(user, name)
-        try:
-            hits = zhiku.library.retriever(name).search(q, k or zhiku.settings.search.top_k)
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        hits = zhiku.library.retriever(name).search(q, k or zhiku.settings.search.top_k)
         return [h.to_json() for h in sorted(hits, key=lambda h: -h.relevance)]
 
     @api.post(
@@ -327,50 +319,38 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
         user: Owner,
         files: Annotated[list[UploadFile], File(min_length=1, description="PDF or TXT files")],
     ) -> dict[str, Any]:
-        try:
-            zhiku.access.reserve(user, name, exists=name in zhiku.kbs.names())
-            with tempfile.TemporaryDirectory(prefix="zhiku-api-") as folder:
-                paths = []
-                for n, upload in enumerate(files):
-                    path = Path(folder) / str(n) / safe_filename(upload.filename or "upload.txt")
-                    path.parent.mkdir()
-                    with path.open("wb") as out:
-                        while chunk := upload.file.read(1 << 20):
-                            out.write(chunk)
-                    paths.append(path)
-                job = zhiku.jobs.start(user, name, paths)  # copies the files before it returns
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        zhiku.access.reserve(user, name, exists=name in zhiku.kbs.names())
+        with tempfile.TemporaryDirectory(prefix="zhiku-api-") as folder:
+            paths = []
+            for n, upload in enumerate(files):
+                path = Path(folder) / str(n) / safe_filename(upload.filename or "upload.txt")
+                path.parent.mkdir()
+                with path.open("wb") as out:
+                    while chunk := upload.file.read(1 << 20):
+                        out.write(chunk)
+                paths.append(path)
+            job = zhiku.jobs.start(user, name, paths)  # copies the files before it returns
         return _job(job)
 
     @api.get("/jobs/{job_id}", summary="An ingest's state, with each file's status and the reason of a failure")
     def get_job(job_id: str, user: Owner) -> dict[str, Any]:
-        try:
-            return _job(zhiku.jobs.get(user, job_id))
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        return _job(zhiku.jobs.get(user, job_id))
 
     @api.delete("/kbs/{name}/files", summary="Remove one file (its path as GET /v1/kbs/{name} lists it)")
     def remove_file(name: KbName, user: Owner, path: Annotated[str, Query(min_length=1)]) -> dict[str, Any]:
         readable_kb(user, name)
-        try:
-            zhiku.access.check_write(user, name, exists=True)
-            removed = zhiku.kbs.remove_file(name, path)
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        zhiku.access.check_write(user, name, exists=True)
+        removed = zhiku.kbs.remove_file(name, path)
         return {"kb": name, "path": path, "chunks_removed": removed}
 
     @api.delete("/kbs/{name}", summary="Delete a knowledge base with its files")
     def delete_kb(name: KbName, user: Owner) -> dict[str, Any]:
         readable_kb(user, name)
-        try:
-            zhiku.access.check_write(user, name, exists=True)
-            if zhiku.jobs.active_for(name):
-                raise ApiError(409, f"an ingest into {name!r} is running: delete the base when it has finished")
-            zhiku.kbs.delete(name)
-            zhiku.access.forget(name)
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        zhiku.access.check_write(user, name, exists=True)
+        if zhiku.jobs.active_for(name):
+            raise ApiError(409, f"an ingest into {name!r} is running: delete the base when it has finished")
+        zhiku.kbs.delete(name)
+        zhiku.access.forget(name)
         return {"deleted": name}
 
     # ---- conversations ----
@@ -382,30 +362,21 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
 
     @api.get("/conversations/{conversation_id}", summary="One conversation with its messages")
     def get_conversation(conversation_id: str, user: Owner) -> dict[str, Any]:
-        try:
-            return zhiku.conversations.export_json(user, conversation_id)
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        return zhiku.conversations.export_json(user, conversation_id)
 
     @api.get("/conversations/{conversation_id}/export", summary="A conversation as Markdown or JSON")
     def export_conversation(
         conversation_id: str, user: Owner, format: Annotated[Literal["md", "json"], Query()] = "md"
     ) -> PlainTextResponse:
-        try:
-            if format == "json":
-                text = json.dumps(zhiku.conversations.export_json(user, conversation_id), ensure_ascii=False, indent=1)
-            else:
-                text = zhiku.conversations.export_markdown(user, conversation_id)
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        if format == "json":
+            text = json.dumps(zhiku.conversations.export_json(user, conversation_id), ensure_ascii=False, indent=1)
+        else:
+            text = zhiku.conversations.export_markdown(user, conversation_id)
         return PlainTextResponse(text, media_type="text/markdown" if format == "md" else "application/json")
 
     @api.delete("/conversations/{conversation_id}", summary="Delete a conversation")
     def delete_conversation(conversation_id: str, user: Owner) -> dict[str, Any]:
-        try:
-            zhiku.conversations.delete(user, conversation_id)
-        except ZhikuError as err:
-            raise _from_zhiku(err) from None
+        zhiku.conversations.delete(user, conversation_id)
         return {"deleted": conversation_id}
 
     return api
@@ -490,13 +461,6 @@ def _chunks(head: dict[str, Any], events: Iterable[Any], include_usage: bool) ->
         failed = {"error": {"message": str(err), "type": "server_error", "param": None, "code": None}}
         yield f"data: {json.dumps(failed, ensure_ascii=False)}\n\n"
     yield "data: [DONE]\n\n"
-
-
-def _kb_info(zhiku: Zhiku, name: str) -> dict[str, Any]:
-    try:
-        return zhiku.kbs.info(name)
-    except ZhikuError as err:
-        raise _from_zhiku(err) from None
 
 
 def _job(job: Any) -> dict[str, Any]:

@@ -31,10 +31,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import kb_admin
 from app.access import AccessError
 from app.chat import AnswerEvent, ChatRequest, Source, SourcesEvent, TextEvent
 from app.conversations import ConversationError
 from app.jobs import UnknownJob
+from app.kb_admin import KbBusyError
 from app.uploads import safe_filename
 from common.errors import BackendUnavailableError, InvalidRequestError, ZhikuError
 from llms.base import Message
@@ -61,6 +63,8 @@ class ApiError(Exception):
 def _from_zhiku(err: ZhikuError) -> ApiError:
     if isinstance(err, AccessError | ConversationError | UnknownJob):
         return ApiError(404, str(err), code="not_found")
+    if isinstance(err, KbBusyError):
+        return ApiError(409, str(err))
     if isinstance(err, BackendUnavailableError):  # the model's server is down: nothing the request can change
         return ApiError(503, str(err), "server_error", "model_unavailable")
     return ApiError(400, str(err))
@@ -319,7 +323,6 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
         user: Owner,
         files: Annotated[list[UploadFile], File(min_length=1, description="PDF or TXT files")],
     ) -> dict[str, Any]:
-        zhiku.access.reserve(user, name, exists=name in zhiku.kbs.names())
         with tempfile.TemporaryDirectory(prefix="zhiku-api-") as folder:
             paths = []
             for n, upload in enumerate(files):
@@ -329,7 +332,7 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
                     while chunk := upload.file.read(1 << 20):
                         out.write(chunk)
                 paths.append(path)
-            job = zhiku.jobs.start(user, name, paths)  # copies the files before it returns
+            job = kb_admin.start_ingest(zhiku.kbs, zhiku.access, zhiku.jobs, user, name, paths)  # copies them
         return _job(job)
 
     @api.get("/jobs/{job_id}", summary="An ingest's state, with each file's status and the reason of a failure")
@@ -339,18 +342,13 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
     @api.delete("/kbs/{name}/files", summary="Remove one file (its path as GET /v1/kbs/{name} lists it)")
     def remove_file(name: KbName, user: Owner, path: Annotated[str, Query(min_length=1)]) -> dict[str, Any]:
         readable_kb(user, name)
-        zhiku.access.check_write(user, name, exists=True)
-        removed = zhiku.kbs.remove_file(name, path)
+        removed = kb_admin.remove_file(zhiku.kbs, zhiku.access, user, name, path)
         return {"kb": name, "path": path, "chunks_removed": removed}
 
     @api.delete("/kbs/{name}", summary="Delete a knowledge base with its files")
     def delete_kb(name: KbName, user: Owner) -> dict[str, Any]:
         readable_kb(user, name)
-        zhiku.access.check_write(user, name, exists=True)
-        if zhiku.jobs.active_for(name):
-            raise ApiError(409, f"an ingest into {name!r} is running: delete the base when it has finished")
-        zhiku.kbs.delete(name)
-        zhiku.access.forget(name)
+        kb_admin.delete_base(zhiku.kbs, zhiku.access, zhiku.jobs, user, name)
         return {"deleted": name}
 
     # ---- conversations ----

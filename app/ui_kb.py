@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app import kb_admin
 from app.access import KbAccess
 from app.jobs import IngestJobs, Job
 from app.services import KnowledgeBaseService
@@ -70,8 +71,7 @@ def remove_file(kbs: KnowledgeBaseService, access: KbAccess, owner: str, base: s
     if not base or not path:
         return view(kbs, access, owner, base, warning="pick a knowledge base and one of its files first")
     try:
-        access.check_write(owner, base, exists=True)
-        removed = kbs.remove_file(base, path)
+        removed = kb_admin.remove_file(kbs, access, owner, base, path)
     except (ZhikuError, OSError) as err:
         return view(kbs, access, owner, base, warning=readable(err))
     return view(kbs, access, owner, base, status=f"已删除 removed {Path(path).name} ({removed} chunks) from {base}")
@@ -91,12 +91,7 @@ def delete_base(
         warning = f"tick the box to confirm deleting the whole knowledge base {base!r}"
         return view(kbs, access, owner, base, warning=warning)
     try:
-        access.check_write(owner, base, exists=True)
-        if jobs is not None and jobs.active_for(base):  # the job would bring the base back, ownerless
-            warning = f"an ingest into {base!r} is running: delete the base when it has finished"
-            return view(kbs, access, owner, base, warning=warning)
-        kbs.delete(base)
-        access.forget(base)
+        kb_admin.delete_base(kbs, access, jobs, owner, base)
     except (ZhikuError, OSError) as err:
         return view(kbs, access, owner, base, warning=readable(err))
     return view(kbs, access, owner, None, status=f"已删除知识库 deleted knowledge base {base}")
@@ -159,8 +154,7 @@ def start_job(
     if not kb:
         return job_view(_latest_or_none(jobs, owner), "name a knowledge base to ingest into (a new name creates it)")
     try:
-        access.reserve(owner, kb, exists=kb in kbs.names())
-        return job_view(jobs.start(owner, kb, [p for p in paths if p]))
+        return job_view(kb_admin.start_ingest(kbs, access, jobs, owner, kb, [p for p in paths if p]))
     except (ZhikuError, OSError) as err:
         return job_view(_latest_or_none(jobs, owner), readable(err))
 

@@ -150,8 +150,11 @@ def apply_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def stream_with_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
-    """Stream pieces, holding back just enough text to never emit the start of a stop string."""
+def stream_with_stops(
+    pieces: Iterator[str], stops: Sequence[str], at_limit: Callable[[], bool] | None = None
+) -> Iterator[str]:
+    """Stream pieces, holding back just enough text to never emit the start of a stop string. When the pieces
+    end without one and ``at_limit()`` says the model stopped at max_new_tokens, end with :data:`CUT_SHORT`."""
     stops = [s for s in stops if s]
     hold = max((len(s) for s in stops), default=1) - 1
     buffer = ""
@@ -168,3 +171,5 @@ def stream_with_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[s
             buffer = buffer[cut:]
     if buffer:
         yield buffer
+    if at_limit is not None and at_limit():
+        yield CUT_SHORT

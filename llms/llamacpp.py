@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.errors import BackendUnavailableError
 from common.text import has_han
 from llms.base import (
-    CUT_SHORT,
     ChatBackend,
     GenerationOptions,
     Message,
@@ -217,9 +216,8 @@ class LlamaCppBackend:
                     yield chunk["choices"][0]["delta"].get("content") or ""
 
             try:
-                yield from stream_with_stops((p for p in pieces() if p), options.stop)
-                if ended and ended[-1] == "length":
-                    yield CUT_SHORT
+                at_limit = lambda: bool(ended) and ended[-1] == "length"  # noqa: E731
+                yield from stream_with_stops((p for p in pieces() if p), options.stop, at_limit)
             finally:
                 chunks.close()  # the consumer stopped early: end the generation now
 

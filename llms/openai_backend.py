@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from common.errors import BackendUnavailableError
 from common.text import estimate_tokens
-from llms.base import CUT_SHORT, GenerationOptions, Message, chat_completion_request, stream_with_stops
+from llms.base import GenerationOptions, Message, chat_completion_request, stream_with_stops
 
 
 class OpenAISettings(BaseModel):
@@ -79,9 +79,8 @@ class OpenAIBackend:
                     yield chunk.choices[0].delta.content or ""
 
         try:
-            yield from stream_with_stops((p for p in pieces() if p), options.stop)
-            if ended and ended[-1] == "length":
-                yield CUT_SHORT
+            at_limit = lambda: bool(ended) and ended[-1] == "length"  # noqa: E731
+            yield from stream_with_stops((p for p in pieces() if p), options.stop, at_limit)
         finally:
             response.close()
 

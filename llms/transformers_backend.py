@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.errors import BackendUnavailableError
-from llms.base import CUT_SHORT, ContextOverflowError, GenerationOptions, Message, stream_with_stops
+from llms.base import ContextOverflowError, GenerationOptions, Message, stream_with_stops
 from llms.decode import DecodeEngine, Sampling, detokenize
 from llms.formats import BaichuanFormat, Llama2Format, MossFormat, PromptFormat
 
@@ -324,9 +324,8 @@ class TransformersBackend:
             sampling=sampling,
         )
         try:
-            yield from stream_with_stops(detokenize(tokens, tokenizer), [*fmt.stop_strings, *options.stop])
-            if tokens.cut_short:
-                yield CUT_SHORT
+            stops = [*fmt.stop_strings, *options.stop]
+            yield from stream_with_stops(detokenize(tokens, tokenizer), stops, lambda: tokens.cut_short)
         finally:
             # reached on the end of the reply, a stop string, an error or the consumer closing the stream
             tokens.close()

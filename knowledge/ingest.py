@@ -36,6 +36,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
+from common.errors import BackendUnavailableError
 from knowledge.chunking import ChineseTextSplitter
 from knowledge.cleaning import clean_pages
 from knowledge.embedding import Embedder
@@ -652,15 +653,15 @@ class _Pipeline:
         if missing:
             try:
                 vectors.update(self._embed_texts(missing, wanted))
-            except _Cancelled:
-                raise
+            except (_Cancelled, BackendUnavailableError):
+                raise  # an unreachable embedding server fails every file alike: the run stops, committed work stays
             except Exception:  # noqa: BLE001 - find the files it fails on: one at a time
                 todo = set(missing)
                 for i, entry in enumerate(entries):
                     own = sorted(todo.intersection(_put_of(entry).parsed.embed_texts))
                     try:
                         vectors.update(self._embed_texts(own, wanted))
-                    except _Cancelled:
+                    except (_Cancelled, BackendUnavailableError):
                         raise
                     except Exception as err:  # noqa: BLE001 - this file's failure; the run goes on
                         failed[i] = _one_line(err)

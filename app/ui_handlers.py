@@ -200,6 +200,8 @@ def status_text(event: StatusEvent) -> str:
         return "_正在检索知识库… / searching…_"
     if event.stage == "reading":
         return f"_正在阅读 {event.passages} 段资料… / reading {event.passages} passages…_"
+    if event.stage == "thinking":
+        return "_正在思考… / thinking…_"
     return f"_{md_cell(event.stage)}…_"
 
 

@@ -68,6 +68,14 @@ def service(app: Zhiku, tmp_path: Path) -> tuple[ChatService, EchoBackend]:
     return app.chat, plugin.backend
 
 
+def test_without_a_knowledge_base_the_model_at_work_is_shown_before_its_first_word(
+    service: tuple[ChatService, EchoBackend],
+) -> None:
+    events = list(service[0].stream(ChatRequest("黄河被称为什么？")))
+    assert [type(e) for e in events][:3] == [SourcesEvent, StatusEvent, TextEvent]
+    assert events[1] == StatusEvent("thinking")
+
+
 def test_answer_streams_after_its_sources_and_the_prompt_holds_the_passages(
     service: tuple[ChatService, EchoBackend],
 ) -> None:

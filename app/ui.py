@@ -530,6 +530,11 @@ class Adapters:
             if stopper is None or stopper.state(ticket) != h.ABANDONED:
                 # the end shown again, with the saved id: an API client reads the event's last update only
                 yield last, (*self.chat_outputs(last), *saved)
+            else:
+                # Gradio completes a streamed event by sending its last outputs once more, after the generator
+                # has ended, so after the switch that waited for that end may have shown another chat: an
+                # abandoned answer's last outputs must change nothing
+                yield ChatUpdate(None), (*self.chat_outputs(ChatUpdate(None)), *unchanged)
         finally:
             if stopper is not None:
                 stopper.end(ticket)

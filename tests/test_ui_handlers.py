@@ -288,6 +288,27 @@ def test_switching_chats_abandons_the_answer_and_returns_once_it_has_ended(
     assert run(stopper, ask(service, "hi", [], ChatControls()), view=views[0])[-1] == "Hello, world"
 
 
+def test_an_abandoned_answers_last_outputs_change_nothing(app: Zhiku, service: ChatService) -> None:
+    # Gradio completes a streamed event by sending its last outputs again, after the generator has ended: that
+    # is after the switch waiting for the end may have opened another chat, which those outputs would overwrite
+    import gradio as gr
+
+    from app.conversations import ConversationStore
+    from app.ui import Adapters
+
+    conversations = ConversationStore(app.settings.data_dir)
+    on = Adapters(gr, app, PresetStore(app.settings.data_dir), conversations)
+    stopper = copy.deepcopy(Stopper())
+    answer = on.respond("hi", [], stopper, None, None)
+    while not any(isinstance(out, list) and out and "Hello" in str(out[-1]) for out in next(answer)):
+        pass  # up to the first words on screen
+    stopper.switch(timeout=0)  # "New chat" while it answers (it would wait for the end; here the test drives it)
+    rest = list(answer)
+    assert rest and all(out == gr.skip() for out in rest[-1])
+    [saved] = conversations.conversations("")  # the answer still went to its own conversation, marked
+    assert conversations.messages("", saved.id)[-1].content.endswith(STOPPED_MARK)
+
+
 @pytest.mark.parametrize(("box", "seed"), [("", None), ("  ", None), (" 42 ", 42), ("-3", -3), (None, None), (7.0, 7)])
 def test_the_seed_box_is_empty_for_random_or_a_whole_number(box: float | str | None, seed: int | None) -> None:
     assert parse_seed(box) == seed

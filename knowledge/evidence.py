@@ -252,7 +252,7 @@ def best_quote(question: str, passages: Sequence[str], min_chars: int = 40) -> E
 def best_quotes(question: str, passages: Sequence[str], min_chars: int = 40, count: int = 2) -> list[Evidence]:
     """Up to ``count`` quotes as :func:`best_quote` makes them, best first, none overlapping another. The
     second best sentence often holds what the first only leads up to (dev, 491 questions: the best quote
-    holds the gold answer for 0.74 of them, the best two for 0.84)."""
+    holds the gold answer for 0.77 of them, the best two for 0.87, ranked as rank_sentences does)."""
     ranked = rank_sentences(question, passages, whole=True)
     taken: dict[int, set[int]] = {}  # passage -> its sentences already quoted
     quotes: list[Evidence] = []

@@ -7,6 +7,7 @@ import email.utils
 import math
 import random
 import time
+from typing import Any
 
 # What a busy, overloaded or restarting server answers (5xx but 501 Not Implemented): worth another try.
 RETRY_STATUSES = frozenset({408, 429, *range(500, 600)} - {501})
@@ -38,3 +39,21 @@ def retry_delay(
     if asked is not None:
         return min(asked, cap)
     return min(backoff * 2**retry * (1.0 - random.random() / 2), cap)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most ``limit`` characters (an error message quoting a server)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def server_error_message(body: Any, fallback: str) -> str:
+    """A server's own words about an error, on one line: OpenAI's and vLLM's ``{"error": {"message": ...}}``,
+    older vLLM's ``{"message": ...}``, TEI's ``{"error": "..."}``, FastAPI's ``{"detail": ...}``; else
+    ``fallback`` (the response's text). Empty when neither says anything."""
+    found: Any = None
+    if isinstance(body, dict):
+        found = body.get("error") or body.get("detail") or body.get("message")
+        if isinstance(found, dict):
+            found = found.get("message")
+    return one_line(str(found) if found else fallback)

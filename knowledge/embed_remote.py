@@ -19,14 +19,13 @@ import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
 
 from common.errors import BackendUnavailableError, ZhikuError
-from common.retry import RETRY_STATUSES, retry_delay
+from common.retry import RETRY_STATUSES, retry_delay, server_error_message
 from knowledge.embedding import EmbedderUnavailableError, EmbeddingSettings, Progress, normalise
 
 BACKEND = "openai"
@@ -73,15 +72,7 @@ def _detail(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         body = None
-    text: Any = response.text
-    if isinstance(body, dict):
-        found = body.get("error") or body.get("detail") or body.get("message")
-        if isinstance(found, dict):
-            found = found.get("message")
-        if found:
-            text = found
-    text = " ".join(str(text).split())
-    return text[:300] or response.reason_phrase
+    return server_error_message(body, response.text) or response.reason_phrase
 
 
 class RemoteEmbedder:

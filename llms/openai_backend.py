@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from common.errors import BackendUnavailableError
-from common.retry import RETRY_STATUSES, retry_after_seconds, retry_delay
+from common.retry import RETRY_STATUSES, one_line, retry_after_seconds, retry_delay, server_error_message
 from common.text import estimate_tokens
 from llms.base import GenerationOptions, Message, chat_completion_request, stream_with_stops
 
@@ -273,25 +273,13 @@ def _reason(err: Exception) -> str:
         text = str(cause).strip() or type(cause).__name__
     else:
         text = getattr(err, "message", None) or str(err) or type(err).__name__
-    return _short(text)
+    return one_line(text)
 
 
 def _server_message(err: Any) -> str:
-    """The server's own explanation of an error status: vLLM answers ``{"object": "error", "message": ...}``
-    (older) or ``{"error": {"message": ...}}``; openai hands the inner object over as ``body``."""
-    body = err.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        message = inner.get("message") if isinstance(inner, dict) else inner
-        if isinstance(message, str) and message.strip():
-            return _short(message)
+    """The server's own explanation of an error status (openai hands the body's inner object over as ``body``)."""
     text = err.response.text if getattr(err, "response", None) is not None else ""
-    return _short(text) if text.strip() else str(err.message)
-
-
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return server_error_message(err.body, text) or str(err.message)
 
 
 def openai_factory(options: OpenAISettings | dict[str, Any]) -> OpenAIBackend:

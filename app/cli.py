@@ -63,7 +63,11 @@ EXIT_ERROR = 2
 def _app(config: Path | None, data_dir: Path | None) -> Iterator[Zhiku]:
     """Build the app and check its configuration, inside :func:`_errors`."""
     with _errors():
-        yield Zhiku(load_settings(config, data_dir=data_dir)).check()
+        app = Zhiku(load_settings(config, data_dir=data_dir)).check()
+        try:
+            yield app
+        finally:
+            app.close()
 
 
 @contextmanager
@@ -361,6 +365,61 @@ def kb_check(name: Annotated[str, typer.Argument()], config: ConfigOpt = None, d
             typer.echo(f"problem: {p}", err=True)
         raise typer.Exit(EXIT_ERROR)
     typer.echo(f"{name}: ok")
+
+
+@kb_cli.command("migrate")
+def kb_migrate(
+    name: Annotated[str, typer.Argument()],
+    to: Annotated[str, typer.Option("--to", help="the store to move to: faiss | milvus")],
+    uri: Annotated[
+        str | None,
+        typer.Option("--uri", help="milvus: a server (http://host:19530); empty: Milvus Lite; default: store.uri"),
+    ] = None,
+    drop_source: Annotated[
+        bool, typer.Option("--drop-source", help="then delete the copy in the old store (kept until then)")
+    ] = False,
+    sample: Annotated[int, typer.Option("--sample", min=1, help="ids whose vectors are checked after the copy")] = 100,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Move a knowledge base's vectors to another store, in place and without embedding again.
+
+    Resumable (run it again after an interruption); the copy is checked before the base switches; every
+    command on NAME uses the new store afterwards. The old copy stays until --drop-source."""
+    import sys
+
+    from tqdm import tqdm
+
+    from knowledge.stores import STORES
+
+    if to not in STORES:
+        raise typer.BadParameter(f"--to must be one of {', '.join(STORES)}", param_hint="--to")
+    bars: list[tqdm[Any]] = []  # made at the first batch: a base already in that store shows none
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=f"copying to {to}", unit="vec", file=sys.stderr, disable=as_json))
+        bars[0].update(done - bars[0].n)
+
+    with _app(config, data_dir) as app:
+        try:
+            report = app.kbs.migrate(name, to, uri, drop_source=drop_source, sample=sample, progress=progress)
+        finally:
+            for bar in bars:
+                bar.close()
+    if as_json:
+        _print_json(report.to_json())
+        return
+    if report.switched:
+        typer.echo(
+            f"{name}: moved {report.vectors} vectors from {report.source} to {report.target} in {report.seconds:.1f} s "
+            f"({report.copied} copied by this run, {report.checked} checked)"
+        )
+    else:
+        typer.echo(f"{name}: already in {report.target}")
+    for what in report.dropped:
+        typer.echo(f"dropped {what}")
 
 
 @kb_cli.command("delete")

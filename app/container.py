@@ -23,6 +23,7 @@ from knowledge.library import KnowledgeLibrary
 from knowledge.loaders import LoaderRegistry
 from knowledge.retrieval import Reranker, Rerankers, RetrievalSettings, Retriever
 from knowledge.store import KnowledgeBase, Manifest, StoreError
+from knowledge.stores import VectorStores
 from knowledge.vectors import HnswKind, VectorIndexFactory, VectorIndexKind
 from llms import plugin as llms_plugin
 from llms.base import ChatBackend, LLMCatalog, LLMFactory, LLMSpec, NoOptions
@@ -41,6 +42,11 @@ class Zhiku:
     def __init__(self, settings: Settings, *, entry_points: bool = True) -> None:
         self.settings = settings
         self._entry_points = entry_points
+
+    def close(self) -> None:
+        """Let go of connections to outside stores (a Milvus Lite folder is one process's at a time)."""
+        if "stores" in self.__dict__:
+            self.stores.close()
 
     # ----- plugins -------------------------------------------------------------------------------
     @cached_property
@@ -134,6 +140,11 @@ class Zhiku:
         return kind
 
     @cached_property
+    def stores(self) -> VectorStores:
+        """Each base's vector index, from its own manifest: the configured FAISS kind, or its Milvus."""
+        return VectorStores(self.vector_kind, self.settings.store.milvus)
+
+    @cached_property
     def rerankers(self) -> Rerankers:
         return Rerankers()
 
@@ -145,7 +156,7 @@ class Zhiku:
         """The read side: open knowledge bases by name, one retriever each."""
         return KnowledgeLibrary(
             self.catalog,
-            kind=self.vector_kind,
+            kind_for=self.stores,
             embedder_for=self.embedders.for_model,
             retrieval=self.settings.retrieval,
             reranker_for=self.rerankers.get,
@@ -155,14 +166,22 @@ class Zhiku:
         """A knowledge base of one's own (the library shares read-only ones): for writing, or a one-off read."""
         path = self.catalog.path(name)
         if not create:
-            return KnowledgeBase.open(path, kind=self.vector_kind, readonly=readonly, name=name)
+            return KnowledgeBase.open(path, kind_for=self.stores, readonly=readonly, name=name)
         chunking = self.settings.chunking
 
         def new_manifest() -> Manifest:  # only for a missing base: an existing one keeps its own manifest
             embedder = self.embedder()
-            return Manifest(embedder.model_id, embedder.dim, chunking.chunk_size, chunking.chunk_overlap)
+            store = self.settings.store
+            return Manifest(
+                embedder.model_id,
+                embedder.dim,
+                chunking.chunk_size,
+                chunking.chunk_overlap,
+                store=store.backend,
+                store_uri=store.uri if store.backend == "milvus" else "",
+            )
 
-        kb = KnowledgeBase.open(path, create=new_manifest, kind=self.vector_kind, name=name)
+        kb = KnowledgeBase.open(path, create=new_manifest, kind_for=self.stores, name=name)
         if (kb.manifest.chunk_size, kb.manifest.chunk_overlap) != (chunking.chunk_size, chunking.chunk_overlap):
             kb.close()
             raise StoreError(
@@ -233,4 +252,4 @@ class Zhiku:
     def kbs(self) -> KnowledgeBaseService:
         from app.services import KnowledgeBaseService
 
-        return KnowledgeBaseService(self.settings, self.catalog, self.open_kb, self.library)
+        return KnowledgeBaseService(self.settings, self.catalog, self.open_kb, self.library, self.stores)

@@ -17,7 +17,9 @@ from app.uploads import check_uploads, upload_destination, uploads_folder
 from knowledge.catalog import Catalog, validate_name
 from knowledge.ingest import FileOutcome, Ingestor, IngestReport
 from knowledge.library import KnowledgeLibrary
+from knowledge.migrate import Migration
 from knowledge.store import KnowledgeBase, StoreError
+from knowledge.stores import VectorStores
 
 __all__ = ["ChatService", "IngestResult", "IngestService", "KnowledgeBaseService", "UploadResult"]
 
@@ -116,11 +118,42 @@ def _copy_atomically(src: Path, dest: Path) -> Path:
 class KnowledgeBaseService:
     """List, inspect, check and delete knowledge bases."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, open_kb: OpenKb, library: KnowledgeLibrary) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        open_kb: OpenKb,
+        library: KnowledgeLibrary,
+        stores: VectorStores | None = None,
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
         self._open_kb = open_kb
         self._library = library
+        self._stores = stores
+
+    def migrate(
+        self,
+        name: str,
+        to: str,
+        uri: str | None = None,
+        *,
+        drop_source: bool = False,
+        sample: int = 100,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Migration:
+        """Move a base's vectors to another store (``kb migrate``); ``uri`` defaults to store.uri."""
+        from knowledge.migrate import drop_source as drop
+        from knowledge.migrate import migrate
+
+        if self._stores is None:
+            raise StoreError("this Zhiku was built without vector stores", "use the app's container")
+        where = (self.settings.store.uri if uri is None else uri) if to == "milvus" else ""
+        with self._open_kb(name) as kb:
+            report = migrate(kb, self._stores, to, where, sample=sample, progress=progress)
+            if drop_source:
+                report.dropped = drop(kb, self._stores)
+        return report
 
     def names(self) -> list[str]:
         return self.catalog.names()
@@ -151,6 +184,17 @@ class KnowledgeBaseService:
             copy.unlink(missing_ok=True)
         return removed
 
+    def _forget_store(self, name: str) -> None:
+        """Before a delete: let go of the base's Milvus client, and drop its collections on a Milvus server."""
+        if self._stores is None:
+            return
+        try:
+            with self._open_kb(name, readonly=True) as kb:
+                root, manifest = kb.root, kb.manifest
+        except StoreError:
+            return  # a base too damaged to open has no store to reach: its folder still goes
+        self._stores.forget(root, manifest, drop=True)
+
     def delete(self, name: str) -> None:
         """Delete a knowledge base and the files uploaded into it."""
         if not self.catalog.exists(name):
@@ -158,6 +202,7 @@ class KnowledgeBaseService:
                 f"knowledge base {name!r} does not exist", "`python -m app kb list` shows the ones there are"
             )
         self._library.forget(name)
+        self._forget_store(name)
         try:
             self.catalog.delete(name)
             shutil.rmtree(uploads_folder(self.settings.data_dir, name), ignore_errors=False)

@@ -23,6 +23,7 @@ from pydantic_settings import (
 from common.errors import ZhikuError
 from knowledge.embedding import EmbeddingSettings
 from knowledge.retrieval import RetrievalSettings
+from knowledge.stores import MilvusSettings, StoreName
 from llms.base import GenerationOptions
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yml"
@@ -62,6 +63,13 @@ class HnswSettings(_Section):
 
 
 class StoreSettings(_Section):
+    backend: StoreName = Field(
+        "faiss", description="vector store of new knowledge bases: faiss (in process) | milvus; each base keeps its own"
+    )
+    uri: str = Field(
+        "", description="milvus: empty = Milvus Lite in the base's folder; http://host:19530 = a Milvus server"
+    )
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     index: str = Field(
         "faiss", description="vector index: faiss (exact), faiss-hnsw (approximate, CPU), or a plugin's name"
     )

@@ -77,6 +77,9 @@ class Manifest:
     vectors: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    store: str = "faiss"  # the vector store that holds this base's index: faiss | milvus
+    store_uri: str = ""  # milvus: a server's URI; empty: Milvus Lite in the base's folder
+    base_id: str = ""  # set when the base is created; names its collections in a shared store
 
     @classmethod
     def from_meta(cls, meta: dict[str, str]) -> Manifest:
@@ -89,10 +92,13 @@ class Manifest:
             generation=int(meta.get("generation", "0")),
             created_at=float(meta.get("created_at", "0")),
             updated_at=float(meta.get("updated_at", "0")),
+            store=meta.get("store", "faiss"),  # bases made before Milvus was a choice are FAISS ones
+            store_uri=meta.get("store_uri", ""),
+            base_id=meta.get("base_id", ""),
         )
 
     def meta_rows(self) -> list[tuple[str, str]]:
-        return [(k, str(v)) for k, v in asdict(self).items() if k not in _COUNTED]
+        return [(k, str(v)) for k, v in asdict(self).items() if k not in _COUNTED and (k != "base_id" or v)]
 
 
 @dataclass(frozen=True)
@@ -295,9 +301,14 @@ class Docstore:
                 out[int(i)] = np.frombuffer(v, dtype=np.float32)
         return out
 
-    def vector_batches(self, batch: int = 4096, *, since: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, vectors) of every text, or of those added after generation ``since``."""
-        if since is None:
+    def vector_batches(
+        self, batch: int = 4096, *, since: int | None = None, after_id: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every text, of those added after generation ``since``, or of those with an id
+        above ``after_id`` (in id order: a copy that stopped half way goes on from its last id)."""
+        if after_id is not None:
+            cur = self.conn.execute("SELECT id, vector FROM texts WHERE id > ? ORDER BY id", (after_id,))
+        elif since is None:
             cur = self.conn.execute("SELECT id, vector FROM texts ORDER BY id")
         else:
             cur = self.conn.execute("SELECT id, vector FROM texts WHERE gen > ? ORDER BY id", (since,))
@@ -308,6 +319,11 @@ class Docstore:
 
     def vector_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
+
+    def store_location(self) -> tuple[str, str]:
+        """(store, store_uri) as committed: a reader notices a base migrated to another store."""
+        rows = dict(self.conn.execute("SELECT key, value FROM meta WHERE key IN ('store', 'store_uri')").fetchall())
+        return (rows.get("store", "faiss"), rows.get("store_uri", ""))
 
     def index_generation(self) -> int | None:
         """The generation of the newest vector index file recorded, if any."""
@@ -321,6 +337,11 @@ class Docstore:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'removed_texts'"
         ).fetchone()
         return "gen" in columns and has_tombstones is not None
+
+    def removals_since(self, generation: int) -> list[tuple[int, int]]:
+        """(text id, generation that removed it) of the texts deleted after ``generation``."""
+        rows = self.conn.execute("SELECT DISTINCT id, gen FROM removed_texts WHERE gen > ?", (generation,))
+        return [(int(i), int(g)) for i, g in rows]
 
     def removed_since(self, generation: int) -> np.ndarray:
         """Ids of the texts deleted after ``generation`` (some may have been added again since)."""
@@ -464,6 +485,19 @@ class Docstore:
         already reflects are no longer needed (a reader of an older file has its own read transaction)."""
         self.set_meta([(INDEX_GENERATION, str(generation))])
         self.conn.execute("DELETE FROM removed_texts WHERE gen <= ?", (generation,))
+
+    def delete_meta(self, key: str) -> None:
+        self.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+    def sample_text_ids(self, n: int, seed: int = 0) -> list[int]:
+        """Up to ``n`` text ids spread over the whole base (every k-th by id; reproducible)."""
+        total = self.vector_count()
+        step = max(total // max(n, 1), 1)
+        rows = self.conn.execute(
+            "SELECT id FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS r FROM texts) WHERE (r + ?) % ? = 0 LIMIT ?",
+            (seed, step, n),
+        )
+        return [int(r[0]) for r in rows]
 
     def set_meta(self, rows: Iterable[tuple[str, str]]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", list(rows))

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from knowledge.catalog import Catalog
 from knowledge.embedding import Embedder
 from knowledge.retrieval import Reranker, RetrievalSettings, Retriever
-from knowledge.store import KnowledgeBase, StoreError
-from knowledge.vectors import VectorIndexKind
+from knowledge.store import KindFor, KnowledgeBase, StoreError
 
 
 class KnowledgeLibrary:
@@ -26,13 +25,13 @@ class KnowledgeLibrary:
         self,
         catalog: Catalog,
         *,
-        kind: VectorIndexKind,
+        kind_for: KindFor,
         embedder_for: Callable[[str], Embedder],
         retrieval: RetrievalSettings,
         reranker_for: Callable[[str], Reranker] | None = None,
     ) -> None:
         self.catalog = catalog
-        self.kind = kind
+        self.kind_for = kind_for  # each base's vector index, from its manifest
         self.embedder_for = embedder_for  # embedding model id (from a base's manifest) -> embedder
         self.retrieval = retrieval
         self.reranker_for = reranker_for
@@ -65,7 +64,7 @@ class KnowledgeLibrary:
                 raise StoreError(
                     f"knowledge base {name!r} does not exist", "`python -m app kb list` shows the ones there are"
                 )
-            kb = KnowledgeBase.open(path, kind=self.kind, readonly=True, name=name)
+            kb = KnowledgeBase.open(path, kind_for=self.kind_for, readonly=True, name=name)
             try:
                 entry = (kb, self._make_retriever(kb, self.retrieval))
             except BaseException:

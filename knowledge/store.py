@@ -68,6 +68,9 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+PREVIOUS_STORE = "previous-store"  # a migrated base's old index files, until `kb migrate --drop-source`
+# The vector index kind of a base, from its manifest (each base records its store: faiss, milvus and where)
+KindFor = Callable[[Path, Manifest], VectorIndexKind]
 _MAX_READERS = 8  # read connections kept per knowledge base (one per concurrent snapshot)
 _INDEX_COST_SHARE = 10  # deferred index writes: at least this many times their own duration apart
 
@@ -168,11 +171,13 @@ class KnowledgeBase:
         writer: sqlite3.Connection | None,
         reader_mode: str,
         name: str | None = None,
+        kind_for: KindFor | None = None,
     ) -> None:
         self.root = root
         self.name = name or root.name
         self.manifest = manifest
-        self.kind = kind
+        self._kind_for = kind_for
+        self.kind = kind_for(root, manifest) if kind_for else kind
         self._writer = writer  # None: opened read-only
         self._reader_mode = reader_mode
         db = root / DB_NAME
@@ -195,12 +200,14 @@ class KnowledgeBase:
         *,
         create: Manifest | Callable[[], Manifest] | None = None,
         kind: VectorIndexKind | None = None,
+        kind_for: KindFor | None = None,
         gpu: str = "auto",
         readonly: bool = False,
         name: str | None = None,
     ) -> KnowledgeBase:
         """Open a knowledge base; with ``create`` a missing one is created with that manifest (or with what
-        the callable returns, called only then: making a manifest may load an embedding model)."""
+        the callable returns, called only then: making a manifest may load an embedding model). ``kind_for``
+        picks the vector index from the base's own manifest (its store); else ``kind``, else flat FAISS."""
         name = name or root.name
         kind = kind or FaissKind(gpu)
         db = root / DB_NAME
@@ -209,7 +216,7 @@ class KnowledgeBase:
                 raise StoreError(f"knowledge base {name!r} does not exist", "create it with `python -m app ingest`")
             cls._create(root, create() if callable(create) else create, name)
         if readonly:
-            return cls._open_reader(root, name, kind)
+            return cls._open_reader(root, name, kind, kind_for)
         try:
             conn = connect_writer(db)
         except sqlite3.Error as err:
@@ -228,7 +235,7 @@ class KnowledgeBase:
                     meta = Docstore(conn).meta()
             except sqlite3.Error as err:
                 raise StoreError(open_error(name, db, err)) from err
-            kb = cls(root, _manifest(name, meta), kind, writer=conn, reader_mode="ro", name=name)
+            kb = cls(root, _manifest(name, meta), kind, writer=conn, reader_mode="ro", name=name, kind_for=kind_for)
             try:
                 with kb._writer_lock():  # another writer's lock clears temp files: never write beside one
                     kb._reload_if_stale()
@@ -247,7 +254,7 @@ class KnowledgeBase:
         return kb
 
     @classmethod
-    def _open_reader(cls, root: Path, name: str, kind: VectorIndexKind) -> KnowledgeBase:
+    def _open_reader(cls, root: Path, name: str, kind: VectorIndexKind, kind_for: KindFor | None) -> KnowledgeBase:
         db = root / DB_NAME
         try:
             mode = reader_mode(db)
@@ -265,7 +272,7 @@ class KnowledgeBase:
                 meta = Docstore(conn).meta()
             except sqlite3.Error as err:
                 raise StoreError(open_error(name, db, err)) from err
-            kb = cls(root, _manifest(name, meta), kind, writer=None, reader_mode=mode, name=name)
+            kb = cls(root, _manifest(name, meta), kind, writer=None, reader_mode=mode, name=name, kind_for=kind_for)
         except BaseException:
             conn.close()
             raise
@@ -360,6 +367,8 @@ class KnowledgeBase:
             conn.execute("BEGIN")
             docstore = Docstore(conn)
             generation = docstore.generation()  # the first read fixes the transaction's snapshot
+            if self._kind_for is not None and docstore.store_location() != self._store_location():
+                self._adopt(_manifest(self.name, docstore.meta()))  # migrated to another store meanwhile
             yield Snapshot(docstore, generation, self.manifest.dim, self._index_for)
         except sqlite3.Error as err:
             raise StoreError(open_error(self.name, self.root / DB_NAME, err)) from err
@@ -388,6 +397,19 @@ class KnowledgeBase:
             self._all_readers.remove(conn)
         conn.close()
 
+    def _store_location(self) -> tuple[str, str]:
+        return (self.manifest.store, self.manifest.store_uri)
+
+    def _adopt(self, manifest: Manifest) -> None:
+        """A newer manifest; a base moved to another store (``kb migrate``) uses that store's index from now on."""
+        moved = (manifest.store, manifest.store_uri) != self._store_location()
+        self.manifest = manifest
+        if moved and self._kind_for is not None:
+            with self._snapshot_index_lock:
+                self.kind = self._kind_for(self.root, manifest)
+                self._snapshot_index = None
+            self._index = None
+
     def _index_for(self, generation: int, docstore: Docstore) -> VectorIndex:
         """The vector index of a committed generation: the cached one, its file, or rebuilt from the
         docstore as the snapshot sees it. Snapshots never share the writer's working index, which holds a
@@ -396,16 +418,21 @@ class KnowledgeBase:
             cached = self._snapshot_index
             if cached is not None and cached[0] == generation:
                 return cached[1]
-            index = self._load_index(generation, docstore)
+            index = self._load_index(generation, docstore, writer=False)
             self._snapshot_index = (generation, index)
             return index
 
-    def _load_index(self, generation: int, docstore: Docstore) -> VectorIndex:
+    def _load_index(self, generation: int, docstore: Docstore, *, writer: bool) -> VectorIndex:
         """The index of ``generation`` from the files (brought up to date), or rebuilt from every row."""
         index = self._index_from_files(generation, docstore)
         if index is not None and len(index) == docstore.vector_count():
             return index
-        index = self.kind.create(self.manifest.dim)  # lost, damaged or unusable: the rows have every vector
+        kind = self.kind
+        if getattr(kind, "shared", False) and not writer:
+            # an index in a server (Milvus) is rebuilt by the writer only, which then records it; a reader searches
+            # a private flat copy of the rows meanwhile, so two processes never rebuild one collection at once
+            kind = FaissKind("off")
+        index = kind.create(self.manifest.dim)  # lost, damaged or unusable: the rows have every vector
         for ids, vecs in docstore.vector_batches():
             index.add(ids, vecs)
         return index
@@ -425,7 +452,10 @@ class KnowledgeBase:
                 continue
             if index.dim != self.manifest.dim:
                 continue
-            if file_generation < generation:
+            catch_up = getattr(index, "catch_up", None)
+            if catch_up is not None:  # a shared index holds every committed row: hide what was removed since
+                catch_up(generation, docstore.removals_since(file_generation) if file_generation < generation else [])
+            elif file_generation < generation:
                 # removals first: an id deleted after the file was written may have been given out again
                 index.remove(docstore.removed_since(file_generation))
                 for ids, vecs in docstore.vector_batches(since=file_generation):
@@ -474,6 +504,8 @@ class KnowledgeBase:
             "chunk_size": m.chunk_size,
             "chunk_overlap": m.chunk_overlap,
             "format_version": m.format_version,
+            "store": m.store,  # faiss | milvus (store_uri: a Milvus server's, empty for Milvus Lite)
+            "store_uri": m.store_uri,
             "updated_at": updated,
             "sources": [
                 {"path": f.path, "pages": f.pages, "chunks": f.chunks, "sha256": f.sha256, "encoding": f.encoding}
@@ -536,6 +568,51 @@ class KnowledgeBase:
         if self._writer is not None:  # a read-only base has committed nothing here
             self.save_index()
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[Docstore]:
+        """The writer lock, held with the newest commit loaded: maintenance that no commit may interleave with
+        (``kb migrate``). Ingests of other processes wait; readers go on."""
+        conn = self._conn()
+        with self._writer_lock():
+            self._reload_if_stale()
+            yield Docstore(conn)
+
+    def move_to(
+        self, store: str, uri: str, kind: VectorIndexKind, index: VectorIndex, previous: dict[str, Any]
+    ) -> None:
+        """Inside :meth:`exclusive`: make ``index`` (every row of the current generation, in ``kind``) this base's
+        index, in a commit of its own, so that every reader and writer, in any process, switches at the same
+        generation. The old store's index files move to ``previous-store/``; ``previous`` (what to drop with
+        ``kb migrate --drop-source``) is recorded in the same commit."""
+        conn = self._conn()
+        generation = self.manifest.generation + 1
+        catch_up = getattr(index, "catch_up", None)
+        if catch_up is not None:
+            catch_up(generation, [])
+        current = kind.file_name(generation)
+        index.save(self.root / current)  # a kill before the commit below leaves the base on its old store
+        old_files = [p for p in self.root.glob("index-*") if p.name != current]
+        docstore = Docstore(conn)
+        with conn:
+            docstore.set_meta(
+                [
+                    ("generation", str(generation)),
+                    ("updated_at", str(time.time())),
+                    ("store", store),
+                    ("store_uri", uri),
+                    ("previous_store", json.dumps(previous)),
+                ]
+            )
+            docstore.record_index(generation)
+            docstore.delete_meta("migration")
+        kept = self.root / PREVIOUS_STORE
+        kept.mkdir(exist_ok=True)
+        for old in old_files:
+            old.replace(kept / old.name)
+        self._adopt(_manifest(self.name, docstore.meta()))
+        self.kind, self._index = kind, index
+        self._write_manifest()
+
     def save_index(self) -> None:
         """Write the index file (and manifest) of the newest commit, unless the recorded one is of it."""
         conn = self._conn()
@@ -561,12 +638,12 @@ class KnowledgeBase:
     def _reload_if_stale(self) -> None:
         docstore = Docstore(self._conn())
         if docstore.generation() != self.manifest.generation:  # another process committed since we loaded
-            self.manifest = _manifest(self.name, docstore.meta())
+            self._adopt(_manifest(self.name, docstore.meta()))
             self._index = None
 
     def _working_index(self) -> VectorIndex:
         if self._index is None:
-            self._index = self._load_index(self.manifest.generation, Docstore(self._conn()))
+            self._index = self._load_index(self.manifest.generation, Docstore(self._conn()), writer=True)
         return self._index
 
     def _transaction(self) -> Iterator[Transaction]:
@@ -579,7 +656,10 @@ class KnowledgeBase:
         conn = self._conn()
         index = self._working_index()
         tx = Transaction(Docstore(conn), index, self.manifest.generation + 1)
+        begin = getattr(index, "begin", None)  # a shared index tags what it adds, and purges a crashed one's rows
         try:
+            if begin is not None:
+                begin(tx.generation)
             with conn:  # one SQLite transaction: commit on success, roll back on error
                 conn.execute("BEGIN IMMEDIATE")
                 yield tx
@@ -594,6 +674,8 @@ class KnowledgeBase:
             self.manifest = _manifest(self.name, Docstore(conn).meta())
             if self._schedule is None or self._schedule.due():
                 self._write_index_and_manifest(index)
+        elif begin is not None:
+            index.catch_up(self.manifest.generation, [])  # type: ignore[attr-defined]  # nothing was committed
 
     def _write_index_and_manifest(self, index: VectorIndex) -> None:
         started = time.monotonic()
@@ -611,9 +693,13 @@ class KnowledgeBase:
         conn = self._conn()
         with conn:  # recorded only once the file is whole; older files are removed only after that
             Docstore(conn).record_index(generation)
+        discard = getattr(self.kind, "discard", None)  # a shared store also drops what only older files used
         for old in self.root.glob("index-*"):
             if old.name != current:
-                old.unlink(missing_ok=True)
+                if discard is not None:
+                    discard(old, keep=self.root / current)
+                else:
+                    old.unlink(missing_ok=True)
 
     def _write_manifest(self) -> None:
         counts = Docstore(self._conn()).counts()

@@ -157,3 +157,33 @@ def test_eval_answers_runs_the_chat_service_end_to_end(python: str, tmp_path: Pa
     assert [line["question"] for line in lines] == [r["question"] for r in rows[:3]]
     assert [line["not_found"] for line in lines] == [False, True, True] and lines[1]["correct"] is True
     assert lines[0]["in_context"] is True and lines[0]["answer"]
+
+
+def test_a_base_made_in_milvus_lite_migrates_to_faiss_and_back_answering_the_same(python: str, tmp_path: Path) -> None:
+    make_corpus(tmp_path / "docs")
+    common = ["--data-dir", str(tmp_path / "data")]
+    milvus = {"ZHIKU_STORE__BACKEND": "milvus"}
+    made = run(python, "ingest", str(tmp_path / "docs"), "--kb", "kb", "--json", *common, env=milvus)
+    assert made.returncode == 0, made.stderr
+    info = json.loads(run(python, "kb", "info", "kb", "--json", *common).stdout)
+    assert (info["store"], info["store_uri"]) == ("milvus", "")  # the base keeps its store: no env needed now
+
+    def hits() -> list[tuple[str, float]]:
+        found = run(python, "search", "黄河被称为什么？", "--kb", "kb", "-k", "5", "--json", *common)
+        assert found.returncode == 0, found.stderr
+        return [(h["text"], round(h["score"], 4)) for h in json.loads(found.stdout)]
+
+    before = hits()
+    moved = run(python, "kb", "migrate", "kb", "--to", "faiss", "--json", *common)
+    assert moved.returncode == 0, moved.stderr
+    report = json.loads(moved.stdout)
+    assert report["switched"] and report["source"] == "milvus (Lite)" and report["target"] == "faiss"
+    assert report["vectors"] == info["vectors"] == report["copied"] and report["dropped"] == []
+    assert hits() == before
+    back = run(python, "kb", "migrate", "kb", "--to", "milvus", "--drop-source", *common)
+    assert back.returncode == 0, back.stderr
+    assert "from faiss to milvus (Lite)" in back.stdout and "dropped previous-store/" in back.stdout
+    assert hits() == before
+    assert run(python, "kb", "check", "kb", *common).returncode == 0
+    wrong = run(python, "kb", "migrate", "kb", "--to", "qdrant", *common)
+    assert wrong.returncode == 2 and "--to must be one of faiss, milvus" in wrong.stderr

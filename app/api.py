@@ -310,9 +310,13 @@ def create_api(zhiku: Zhiku, keys: KeyStore | None) -> FastAPI:
         user: Owner,
         q: Annotated[str, Query(min_length=1, max_length=8000, description="what to look for")],
         k: Annotated[int | None, Query(ge=1, le=100, description="passages (default search.top_k)")] = None,
+        source: Annotated[
+            list[str] | None,
+            Query(max_length=1000, description="only files whose stored path matches (a path or a glob); repeatable"),
+        ] = None,
     ) -> list[dict[str, Any]]:
         readable_kb(user, name)
-        hits = zhiku.library.retriever(name).search(q, k or zhiku.settings.search.top_k)
+        hits = zhiku.library.retriever(name).search(q, k or zhiku.settings.search.top_k, source or ())
         return [h.to_json() for h in sorted(hits, key=lambda h: -h.relevance)]
 
     @api.post(

@@ -134,6 +134,10 @@ def search(
     question: Annotated[str, typer.Argument(help="what to look for")],
     kb: KbOpt,
     k: Annotated[int | None, typer.Option("-k", "--top-k", help="how many passages (default: search.top_k)")] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", help="only files whose stored path matches (a path or a glob: '*.pdf'); repeatable"),
+    ] = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
@@ -141,7 +145,7 @@ def search(
     """Search a knowledge base: the top passages with source, page and score."""
     with _app(config, data_dir) as app:
         # the pipeline picks the k passages; they are listed by the score shown (cosine similarity)
-        hits = app.library.retriever(kb).search(question, k or app.settings.search.top_k)
+        hits = app.library.retriever(kb).search(question, k or app.settings.search.top_k, source or ())
         hits.sort(key=lambda h: -h.relevance)
     if as_json:
         _print_json([h.to_json() for h in hits])

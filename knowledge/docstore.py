@@ -51,6 +51,13 @@ _COUNTED = {"files", "chunks", "vectors"}
 INDEX_GENERATION = "index_generation"  # meta key: the generation of the newest vector index file written
 
 
+def _sources_clause(sources: Sequence[str]) -> tuple[str, list[str]]:
+    """An SQL condition on chunks.path: it equals or GLOB-matches one of ``sources`` (none: no condition)."""
+    if not sources:
+        return "", []
+    return " AND (" + " OR ".join("path GLOB ?" for _ in sources) + ")", list(sources)
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring a docstore made by an older version up to :data:`SCHEMA` (idempotent; after SCHEMA ran).
 
@@ -273,24 +280,38 @@ class Docstore:
                 out[row[0]] = StoredChunk(*row)
         return out
 
-    def first_chunk_of_texts(self, text_ids: Sequence[int]) -> dict[int, int]:
-        """text id -> the first chunk that holds it (identical chunks share one text and one vector)."""
+    def first_chunk_of_texts(self, text_ids: Sequence[int], sources: Sequence[str] = ()) -> dict[int, int]:
+        """text id -> the first chunk that holds it (identical chunks share one text and one vector); with
+        ``sources``, the first in a file they match."""
+        where, args = _sources_clause(sources)
         out: dict[int, int] = {}
         for part, marks in batches(text_ids):
             out.update(
                 self.conn.execute(
-                    f"SELECT text_id, MIN(id) FROM chunks WHERE text_id IN ({marks}) GROUP BY text_id", part
+                    f"SELECT text_id, MIN(id) FROM chunks WHERE text_id IN ({marks}){where} GROUP BY text_id",
+                    [*part, *args],
                 ).fetchall()
             )
         return out
 
-    def lexical_search(self, fts_query: str, k: int) -> list[tuple[int, float]]:
-        """(text id, BM25 score, higher is better) of the k best texts for an FTS5 query."""
+    def text_ids_of_sources(self, sources: Sequence[str]) -> np.ndarray:
+        """The texts of the files whose stored path matches one of ``sources`` (a path or a glob: ``*`` ``?``
+        ``[...]``, e.g. ``*/laws/*`` or ``*.pdf``)."""
+        where, args = _sources_clause(sources)
+        rows = self.conn.execute(f"SELECT DISTINCT text_id FROM chunks WHERE 1{where}", args).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def lexical_search(self, fts_query: str, k: int, sources: Sequence[str] = ()) -> list[tuple[int, float]]:
+        """(text id, BM25 score, higher is better) of the k best texts for an FTS5 query (with ``sources``:
+        among the texts of the files they match)."""
         if not fts_query or k <= 0:
             return []
+        where, args = _sources_clause(sources)
+        among = f" AND rowid IN (SELECT text_id FROM chunks WHERE 1{where})" if sources else ""
         rows = self.conn.execute(
-            "SELECT rowid, -bm25(texts_fts) FROM texts_fts WHERE texts_fts MATCH ? ORDER BY bm25(texts_fts) LIMIT ?",
-            (fts_query, k),
+            f"SELECT rowid, -bm25(texts_fts) FROM texts_fts WHERE texts_fts MATCH ?{among} "
+            "ORDER BY bm25(texts_fts) LIMIT ?",
+            (fts_query, *args, k),
         ).fetchall()
         return [(int(r[0]), float(r[1])) for r in rows]
 

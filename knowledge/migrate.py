@@ -87,7 +87,7 @@ def migrate(
             "store": m.store,
             "uri": m.store_uri,
             "base_id": m.base_id,
-            "collections": [c for c in _collections(kb, stores) if c != getattr(index, "collection", None)],
+            "collections": [c for c in _collections(kb) if c != getattr(index, "collection", None)],
         }
         kb.move_to(target, uri, kind, index, previous)
         report.switched = True
@@ -195,9 +195,11 @@ def check_copy(index: VectorIndex, docstore: Docstore, sample: int) -> tuple[lis
     return problems, len(ids)
 
 
-def _collections(kb: KnowledgeBase, stores: VectorStores) -> list[str]:
+def _collections(kb: KnowledgeBase) -> list[str]:
+    """The old store's collections on a Milvus server, for --drop-source. Not asked of Milvus Lite, whose whole
+    folder goes (and which another process, the running app, may hold: the copy never needs it)."""
     kind = kb.kind
-    return kind.collections() if isinstance(kind, MilvusKind) else []
+    return kind.collections() if isinstance(kind, MilvusKind) and not kind.lite else []
 
 
 def _current_collection(kb: KnowledgeBase) -> str | None:

@@ -286,6 +286,15 @@ class MilvusIndex:
             self._count = None
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        return self._search(query, k, self._filter())
+
+    def search_among(self, query: np.ndarray, k: int, tids: np.ndarray) -> list[tuple[int, float]]:
+        """The same, among these text ids only (a metadata filter: the texts of some files), in Milvus."""
+        if len(tids) == 0:
+            return []
+        return self._search(query, k, f"({self._filter()}) and tid in [{','.join(map(str, sorted(map(int, tids))))}]")
+
+    def _search(self, query: np.ndarray, k: int, where: str) -> list[tuple[int, float]]:
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self._dim:
             raise ValueError(f"query vector has {q.shape[0]} dimensions, the index {self._dim}")
@@ -297,7 +306,7 @@ class MilvusIndex:
             self.collection,
             data=[q.tolist()],
             limit=min(k, _MAX_K),
-            filter=self._filter(),
+            filter=where,
             output_fields=["tid"],
             search_params={"metric_type": "IP"},
         )

@@ -170,22 +170,25 @@ class Retriever:
         s = self.settings.min_similarity
         return s if s is not None else CALIBRATED_MIN_SIMILARITY.get(self.embedder.model_id, 0.0)
 
-    def search(self, question: str, k: int) -> list[Hit]:
-        """The k best chunks. ``Hit.score`` is the ranking score (fused, or reranked); ``Hit.similarity``
-        the cosine similarity that the threshold applies to."""
+    def search(self, question: str, k: int, sources: Sequence[str] = ()) -> list[Hit]:
+        """The k best chunks (from the files ``sources`` match: paths or globs, if given). ``Hit.score`` is the
+        ranking score (fused, or reranked); ``Hit.similarity`` the cosine similarity that the threshold applies
+        to."""
         question = _checked(question)
         query = self.embedder.embed_query(question)
         with self.kb.snapshot() as snap:
-            return self._search(snap, question, query, k)
+            return self._search(snap, question, query, k, sources)
 
-    def _search(self, snap: Snapshot, question: str, query: np.ndarray, k: int) -> list[Hit]:
+    def _search(
+        self, snap: Snapshot, question: str, query: np.ndarray, k: int, sources: Sequence[str] = ()
+    ) -> list[Hit]:
         s = self.settings
         tuned = s.languages.get(language_of(question), LanguageTuning())
         bm25_weight = s.bm25_weight if tuned.bm25_weight is None else tuned.bm25_weight
         n = max(k, s.candidates, s.rerank_candidates if self.reranker else 0)
-        vector = snap.vector_search(query, n) if s.mode != "bm25" else []
+        vector = snap.vector_search(query, n, sources) if s.mode != "bm25" else []
         # a BM25 weight of 0 (a script whose word matches only add noise) skips the full-text query
-        lexical = snap.lexical_search(fts_query(question), n) if s.mode != "vector" and bm25_weight else []
+        lexical = snap.lexical_search(fts_query(question), n, sources) if s.mode != "vector" and bm25_weight else []
         if s.mode == "vector":  # plain cosine order and scores
             fused = dict(vector)
         else:
@@ -199,7 +202,7 @@ class Retriever:
         order = sorted((t for t in fused if similarity.get(t, 0.0) >= floor), key=lambda t: -fused[t])
         hits = [
             replace(h, similarity=similarity[h.text_id])
-            for h in snap.hits_for_texts([(t, fused[t]) for t in order[: max(k, s.rerank_candidates)]])
+            for h in snap.hits_for_texts([(t, fused[t]) for t in order[: max(k, s.rerank_candidates)]], sources)
         ]
         if self.reranker is not None:
             hits = self.reranker.rerank(question, hits[: s.rerank_candidates])

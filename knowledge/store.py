@@ -127,15 +127,26 @@ class Snapshot:
             self._index = self.load_index(self.generation, self.docstore)
         return self._index
 
-    def vector_search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """(text id, cosine similarity) of the k nearest texts."""
+    def vector_search(self, query: np.ndarray, k: int, sources: Sequence[str] = ()) -> list[tuple[int, float]]:
+        """(text id, cosine similarity) of the k nearest texts; with ``sources`` (paths or globs), of the texts
+        of the files they match: the index's own filter where it has one (Milvus), else exact scores of those
+        texts' vectors from the docstore."""
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise StoreError(f"query vector has {q.shape[0]} dimensions, the knowledge base {self.dim}")
-        return self.index.search(q, k) if k > 0 else []
+        if k <= 0:
+            return []
+        if not sources:
+            return self.index.search(q, k)
+        among = self.docstore.text_ids_of_sources(sources)
+        search_among = getattr(self.index, "search_among", None)
+        if search_among is not None:
+            return list(search_among(q, k, among))
+        scored = [(i, float(v @ q)) for i, v in self.docstore.vectors(among.tolist()).items()]
+        return sorted(scored, key=lambda s: (-s[1], s[0]))[:k]
 
-    def lexical_search(self, fts_query: str, k: int) -> list[tuple[int, float]]:
-        return self.docstore.lexical_search(fts_query, k)
+    def lexical_search(self, fts_query: str, k: int, sources: Sequence[str] = ()) -> list[tuple[int, float]]:
+        return self.docstore.lexical_search(fts_query, k, sources)
 
     def similarities(self, query: np.ndarray, text_ids: Sequence[int]) -> dict[int, float]:
         """Cosine similarity of the query to given texts (their vectors are in the docstore)."""
@@ -145,17 +156,20 @@ class Snapshot:
     def chunks_by_id(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
         return self.docstore.chunks_by_id(ids)
 
-    def hits_for_texts(self, scored: Sequence[tuple[int, float]]) -> list[Hit]:
-        """Hits (the first chunk holding each text) in the given order, with the given scores."""
+    def hits_for_texts(self, scored: Sequence[tuple[int, float]], sources: Sequence[str] = ()) -> list[Hit]:
+        """Hits (the first chunk holding each text, in a file ``sources`` match if given) in the given order,
+        with the given scores."""
         if not scored:
             return []
-        first = self.docstore.first_chunk_of_texts([i for i, _ in scored])
+        first = self.docstore.first_chunk_of_texts([i for i, _ in scored], sources)
         chunks = self.chunks_by_id(list(first.values()))
         return [Hit(chunks[first[i]], s, text_id=i) for i, s in scored if i in first and first[i] in chunks]
 
-    def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        """Top-k chunks by cosine similarity; identical texts count once."""
-        return [replace(h, similarity=h.score) for h in self.hits_for_texts(self.vector_search(query, k))]
+    def search(self, query: np.ndarray, k: int, sources: Sequence[str] = ()) -> list[Hit]:
+        """Top-k chunks by cosine similarity (in the files ``sources`` match, if given); identical texts count
+        once."""
+        found = self.vector_search(query, k, sources)
+        return [replace(h, similarity=h.score) for h in self.hits_for_texts(found, sources)]
 
 
 class KnowledgeBase:
@@ -463,9 +477,9 @@ class KnowledgeBase:
             return index
         return None
 
-    def search(self, query: np.ndarray, k: int) -> list[Hit]:
+    def search(self, query: np.ndarray, k: int, sources: Sequence[str] = ()) -> list[Hit]:
         with self.snapshot() as snap:
-            return snap.search(query, k)
+            return snap.search(query, k, sources)
 
     def chunks_by_id(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
         with self.snapshot() as snap:

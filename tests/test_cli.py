@@ -185,5 +185,8 @@ def test_a_base_made_in_milvus_lite_migrates_to_faiss_and_back_answering_the_sam
     assert "from faiss to milvus (Lite)" in back.stdout and "dropped previous-store/" in back.stdout
     assert hits() == before
     assert run(python, "kb", "check", "kb", *common).returncode == 0
+    only = run(python, "search", "黄河", "--kb", "kb", "--source", "*.pdf", "--json", *common)
+    assert only.returncode == 0, only.stderr
+    assert json.loads(only.stdout) and all(h["source"].endswith(".pdf") for h in json.loads(only.stdout))
     wrong = run(python, "kb", "migrate", "kb", "--to", "qdrant", *common)
     assert wrong.returncode == 2 and "--to must be one of faiss, milvus" in wrong.stderr

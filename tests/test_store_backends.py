@@ -16,8 +16,10 @@ import pytest
 
 from knowledge import migrate as migrate_module
 from knowledge.ingest import text_hash
+from knowledge.lexical import fts_document
 from knowledge.migrate import drop_source, migrate
 from knowledge.milvus import MilvusIndex
+from knowledge.retrieval import fts_query
 from knowledge.store import PREVIOUS_STORE, FileRecord, KnowledgeBase, Manifest, NewChunk, StoreError
 from knowledge.stores import MilvusSettings, VectorStores
 from knowledge.vectors import FaissKind
@@ -28,7 +30,7 @@ STORES = ["faiss", "milvus"]  # milvus: Milvus Lite, in process
 
 
 def chunks_of(texts: list[str]) -> tuple[list[NewChunk], dict[str, np.ndarray]]:
-    chunks = [NewChunk(t, text_hash(t), page=1, offset=i * 10) for i, t in enumerate(texts)]
+    chunks = [NewChunk(t, text_hash(t), page=1, offset=i * 10, tokens=fts_document(t)) for i, t in enumerate(texts)]
     return chunks, {c.text_hash: EMB._one(c.text) for c in chunks}
 
 
@@ -244,3 +246,23 @@ def test_a_base_in_an_unknown_store_says_how_to_move_it(tmp_path: Path) -> None:
         docstore.set_meta([("store", "qdrant")])
     with pytest.raises(StoreError, match="kb migrate kb --to faiss"):
         opener()
+
+
+def test_a_source_filter_searches_only_the_files_it_matches(opener: Opener) -> None:
+    """Vectors and passages from the matching files only, in the store's own filter (Milvus) or exactly."""
+    with opener() as kb:
+        put(kb, "/docs/laws/a.txt", ["法律条文讲合同。", "共享的段落。"])
+        put(kb, "/docs/news/b.txt", ["新闻报道讲合同。", "共享的段落。"])
+        query = EMB.embed_query("讲合同")
+        everywhere = {h.chunk.source for h in kb.search(query, 10)}
+        assert everywhere == {"/docs/laws/a.txt", "/docs/news/b.txt"}
+        laws = kb.search(query, 10, sources=["*/laws/*"])
+        assert {h.chunk.text for h in laws} == {"法律条文讲合同。", "共享的段落。"}
+        assert {h.chunk.source for h in laws} == {"/docs/laws/a.txt"}  # the shared text, as a chunk of a.txt
+        assert [h.score for h in laws] == sorted((h.score for h in laws), reverse=True)
+        assert kb.search(query, 10, sources=["/docs/news/b.txt", "*/nothing/*"])[0].chunk.text == "新闻报道讲合同。"
+        assert kb.search(query, 10, sources=["*/nothing/*"]) == []
+        with kb.snapshot() as snap:
+            assert [t for t, _ in snap.lexical_search(fts_query("合同"), 10, ["*/news/*"])] == [
+                t for t, _ in snap.vector_search(query, 1, ["/docs/news/b.txt"])
+            ]

@@ -3,6 +3,7 @@ parts below them. Built once by :class:`app.container.Zhiku`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -18,8 +19,11 @@ from knowledge.catalog import Catalog, validate_name
 from knowledge.ingest import FileOutcome, Ingestor, IngestReport
 from knowledge.library import KnowledgeLibrary
 from knowledge.migrate import Migration
+from knowledge.milvus import MilvusError
 from knowledge.store import KnowledgeBase, StoreError
 from knowledge.stores import VectorStores
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChatService", "IngestResult", "IngestService", "KnowledgeBaseService", "UploadResult"]
 
@@ -193,7 +197,10 @@ class KnowledgeBaseService:
                 root, manifest = kb.root, kb.manifest
         except StoreError:
             return  # a base too damaged to open has no store to reach: its folder still goes
-        self._stores.forget(root, manifest, drop=True)
+        try:
+            self._stores.forget(root, manifest, drop=True)
+        except MilvusError as err:  # a server that is gone must not keep a base from being deleted
+            log.warning("deleting %s: its collections on the Milvus server stay there (%s)", name, err)
 
     def delete(self, name: str) -> None:
         """Delete a knowledge base and the files uploaded into it."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from common.errors import ZhikuError
 from knowledge.embedding import EmbeddingSettings
+from knowledge.milvus import SERVER_SCHEMES
 from knowledge.retrieval import RetrievalSettings
 from knowledge.stores import MilvusSettings, StoreName
 from llms.base import GenerationOptions
@@ -70,6 +71,13 @@ class StoreSettings(_Section):
         "", description="milvus: empty = Milvus Lite in the base's folder; http://host:19530 = a Milvus server"
     )
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+
+    @field_validator("uri")
+    @classmethod
+    def _server_uri(cls, uri: str) -> str:
+        if uri and not uri.startswith(SERVER_SCHEMES):
+            raise ValueError("a Milvus server's URI starts with http://, https:// or tcp:// (empty: Milvus Lite)")
+        return uri
     index: str = Field(
         "faiss", description="vector index: faiss (exact), faiss-hnsw (approximate, CPU), or a plugin's name"
     )

@@ -8,17 +8,20 @@ match and find themselves) before one commit switches the base; the old copy sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from knowledge.docstore import Docstore
-from knowledge.milvus import MilvusIndex, MilvusKind
+from knowledge.milvus import MilvusError, MilvusIndex, MilvusKind, check_server_uri
 from knowledge.store import PREVIOUS_STORE, KnowledgeBase, StoreError
 from knowledge.stores import VectorStores
 from knowledge.vectors import VectorIndex
@@ -56,41 +59,67 @@ def migrate(
     progress: Callable[[int, int], None] | None = None,
 ) -> Migration:
     """Copy ``kb``'s vectors into ``target`` (faiss | milvus at ``uri``), check the copy, switch the base."""
-    uri = uri if target == "milvus" else ""
+    uri = check_server_uri(uri) if target == "milvus" else ""
     started = time.monotonic()
-    with kb.exclusive() as docstore:
-        m = kb.manifest
-        report = Migration(kb.name, _where(m.store, m.store_uri), _where(target, uri), uri)
-        report.vectors = docstore.vector_count()
-        if (m.store, m.store_uri) == (target, uri):
-            return report
-        kind = stores.kind(kb.root, target, uri, m.base_id)
-        index: VectorIndex
-        if isinstance(kind, MilvusKind):
-            index, report.copied = _copy_to_milvus(docstore, kind, m.dim, m.generation, progress)
-        else:
-            index = kind.create(m.dim)
-            for ids, vecs in docstore.vector_batches(_BATCH):
-                index.add(ids, vecs)
-                report.copied += len(ids)
-                if progress:
-                    progress(report.copied, report.vectors)
-        problems, report.checked = check_copy(index, docstore, sample)
-        if problems:
-            with docstore.conn:
-                docstore.delete_meta(_STATE)  # the next run starts the copy anew
-            raise StoreError(
-                f"the copy of knowledge base {kb.name!r} in {report.target} failed its check: {'; '.join(problems)}",
-                "the base still uses its old store; run the same command again to copy anew",
-            )
-        previous = {
-            "store": m.store,
-            "uri": m.store_uri,
-            "base_id": m.base_id,
-            "collections": [c for c in _collections(kb) if c != getattr(index, "collection", None)],
-        }
-        kb.move_to(target, uri, kind, index, previous)
-        report.switched = True
+    try:
+        with kb.exclusive() as docstore:
+            return _migrate(kb, docstore, stores, target, uri, sample, progress, started)
+    except sqlite3.Error as err:  # a full disk while recording progress or switching: the base is unchanged
+        raise StoreError(
+            f"could not migrate knowledge base {kb.name!r} ({err}); it still uses its old store",
+            "free disk space, then run the same command again: the copy goes on where it stopped",
+        ) from err
+
+
+def _migrate(
+    kb: KnowledgeBase,
+    docstore: Docstore,
+    stores: VectorStores,
+    target: str,
+    uri: str,
+    sample: int,
+    progress: Callable[[int, int], None] | None,
+    started: float,
+) -> Migration:
+    if not kb.manifest.base_id:  # a base from before base ids: its collections get a name of their own
+        with docstore.conn:
+            docstore.set_meta([("base_id", uuid.uuid4().hex)])
+        kb.manifest = replace(kb.manifest, base_id=docstore.meta()["base_id"])
+    m = kb.manifest
+    report = Migration(kb.name, _where(m.store, m.store_uri), _where(target, uri), uri)
+    report.vectors = docstore.vector_count()
+    if (m.store, m.store_uri) == (target, uri):
+        return report
+    kind = stores.kind(kb.root, target, uri, m.base_id)
+    index: VectorIndex
+    if isinstance(kind, MilvusKind):
+        index, report.copied = _copy_to_milvus(docstore, kind, m.dim, m.generation, progress)
+    else:
+        index = kind.create(m.dim)
+        for ids, vecs in docstore.vector_batches(_BATCH):
+            index.add(ids, vecs)
+            report.copied += len(ids)
+            if progress:
+                progress(report.copied, report.vectors)
+    problems, report.checked = check_copy(index, docstore, sample)
+    if problems:
+        with docstore.conn:
+            docstore.delete_meta(_STATE)  # the next run starts the copy anew
+        if isinstance(index, MilvusIndex):
+            with contextlib.suppress(MilvusError):
+                index.kind.call("drop a failed copy", "drop_collection", index.collection)
+        raise StoreError(
+            f"the copy of knowledge base {kb.name!r} in {report.target} failed its check: {'; '.join(problems)}",
+            "the base still uses its old store; run the same command again to copy anew",
+        )
+    previous = {
+        "store": m.store,
+        "uri": m.store_uri,
+        "base_id": m.base_id,
+        "collections": [c for c in _collections(kb) if c != getattr(index, "collection", None)],
+    }
+    kb.move_to(target, uri, kind, index, previous)
+    report.switched = True
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
@@ -146,8 +175,9 @@ def _copy_to_milvus(
     ):
         index = MilvusIndex(kind, state["collection"], dim, generation=0)
         after = state.get("after")
-        if after is not None:
-            kind.call("drop a cut-short batch", "delete", index.collection, filter=f"tid > {int(after)}")
+        # rows past the last recorded id are from a batch cut short (the first one too): they go again
+        cut = -1 if after is None else int(after)
+        kind.call("drop a cut-short batch", "delete", index.collection, filter=f"tid > {cut}")
     else:
         index = kind.create(dim)  # tagged generation 0: visible at every generation the base reaches
         state = {**fresh, "collection": index.collection, "after": None}
@@ -187,8 +217,10 @@ def check_copy(index: VectorIndex, docstore: Docstore, sample: int) -> tuple[lis
             if got is None or float(np.dot(got, vector)) < 0.9999 * float(np.dot(vector, vector)):
                 problems.append(f"text {tid}: its vector differs")
                 continue
-        hits = index.search(vector, 3)
-        if not any(i == tid and s >= 0.999 * float(np.dot(vector, vector)) for i, s in hits):
+        # its own id near the top with its own score; or another text with the same vector (an approximate
+        # index, or two texts embedded alike, may rank that one first)
+        own = 0.999 * float(np.dot(vector, vector))
+        if not any(i == tid or s >= own for i, s in index.search(vector, 10)):
             problems.append(f"text {tid}: a search for its own vector does not find it")
         if len(problems) >= 5:
             break
@@ -199,7 +231,12 @@ def _collections(kb: KnowledgeBase) -> list[str]:
     """The old store's collections on a Milvus server, for --drop-source. Not asked of Milvus Lite, whose whole
     folder goes (and which another process, the running app, may hold: the copy never needs it)."""
     kind = kb.kind
-    return kind.collections() if isinstance(kind, MilvusKind) and not kind.lite else []
+    if not isinstance(kind, MilvusKind) or kind.lite:
+        return []
+    try:
+        return kind.collections()
+    except MilvusError:  # a server that is gone: leaving it is why one migrates; nothing there to drop later
+        return []
 
 
 def _current_collection(kb: KnowledgeBase) -> str | None:

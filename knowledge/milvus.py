@@ -32,6 +32,7 @@ from common.files import atomic_write_bytes
 from knowledge.vectors import VectorIndexError
 
 MARKER_FORMAT = "zhiku-milvus-index/1"
+SERVER_SCHEMES = ("http://", "https://", "tcp://")  # what pymilvus takes for a server; anything else: a Lite folder
 LITE_FILE = "milvus-{id}.db"  # Milvus Lite's data folder inside the base (named per base: see lite_path)
 _MAX_K = 16384  # Milvus's largest limit per search
 _INSERT_ROWS = 1000  # rows per insert call: bounded request size on a server, and progress for Lite
@@ -40,6 +41,16 @@ _MAX_IDS_IN_FILTER = 4096  # physical deletes by filter, in slices of this many 
 
 class MilvusError(ZhikuError, RuntimeError):
     """Milvus cannot be reached or refused a request; the message says what to do."""
+
+
+def check_server_uri(uri: str) -> str:
+    """``store.uri`` / ``kb migrate --uri``: empty (Milvus Lite) or a server's http(s):// or tcp:// URI."""
+    if uri and not uri.startswith(SERVER_SCHEMES):
+        raise MilvusError(
+            f"Milvus URI {uri!r} is neither empty (Milvus Lite in the base's folder) nor a server's",
+            "write it as http://host:19530 (or https://, tcp://), or leave it empty",
+        )
+    return uri
 
 
 def collection_prefix(base_id: str) -> str:
@@ -74,7 +85,7 @@ class MilvusKind:
         self.uri = uri
         self.prefix = prefix
         self.token = token
-        self.lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+        self.lite = not uri.startswith(SERVER_SCHEMES)
         self.index_type = ("FLAT" if self.lite else "AUTOINDEX") if index_type == "auto" else index_type
         self.timeout = timeout
         self._client: Any = None
@@ -161,7 +172,8 @@ class MilvusKind:
     def discard(self, path: Path, keep: Path) -> None:
         """Remove an older marker; drop the collections of this base that the kept marker does not use."""
         path.unlink(missing_ok=True)
-        with contextlib.suppress(VectorIndexError):
+        # best effort, after a commit that already succeeded: a collection left here goes at the next save
+        with contextlib.suppress(VectorIndexError, MilvusError):
             kept = read_marker(keep)["collection"]
             for name in self.collections():
                 if name != kept:
@@ -265,12 +277,16 @@ class MilvusIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
         if vectors.shape[1] != self._dim:
             raise ValueError(f"vectors have {vectors.shape[1]} dimensions, the index {self._dim}")
-        # an id removed in this same generation and added again (never by the docstore, which frees ids only
-        # when a transaction ends): its old row goes now, or the hiding filter would hide the new one too
+        # an id removed in this same generation and added again (the docstore frees ids only when a transaction
+        # ends): its uncommitted rows go now, its committed ones stay hidden (bound one generation lower, so the
+        # new row is not) until the save deletes them; a rollback then loses nothing committed
         again = self._hidden.get(self._generation, set()) & set(ids.tolist())
         if again:
-            self._delete_rows(sorted(again), self._generation)
+            for part in _slices(sorted(again), _MAX_IDS_IN_FILTER):
+                where = f"tid in [{','.join(map(str, part))}] and gen >= {self._generation}"
+                self.kind.call("delete uncommitted vectors", "delete", self.collection, filter=where)
             self._hidden[self._generation] -= again
+            self._hidden.setdefault(self._generation - 1, set()).update(again)
         for start in range(0, len(ids), _INSERT_ROWS):
             rows = [
                 {"tid": int(t), "gen": self._generation, "vec": v}
@@ -288,8 +304,11 @@ class MilvusIndex:
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         return self._search(query, k, self._filter())
 
-    def search_among(self, query: np.ndarray, k: int, tids: np.ndarray) -> list[tuple[int, float]]:
-        """The same, among these text ids only (a metadata filter: the texts of some files), in Milvus."""
+    def search_among(self, query: np.ndarray, k: int, tids: np.ndarray) -> list[tuple[int, float]] | None:
+        """The same, among these text ids only (a metadata filter: the texts of some files), in Milvus; None
+        for more ids than one filter expression should carry (the caller scores them exactly instead)."""
+        if len(tids) > _MAX_IDS_IN_FILTER:
+            return None
         if len(tids) == 0:
             return []
         return self._search(query, k, f"({self._filter()}) and tid in [{','.join(map(str, sorted(map(int, tids))))}]")

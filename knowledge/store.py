@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sqlite3
 import threading
@@ -140,8 +141,9 @@ class Snapshot:
             return self.index.search(q, k)
         among = self.docstore.text_ids_of_sources(sources)
         search_among = getattr(self.index, "search_among", None)
-        if search_among is not None:
-            return list(search_among(q, k, among))
+        found = search_among(q, k, among) if search_among is not None else None
+        if found is not None:
+            return list(found)
         scored = [(i, float(v @ q)) for i, v in self.docstore.vectors(among.tolist()).items()]
         return sorted(scored, key=lambda s: (-s[1], s[0]))[:k]
 
@@ -442,14 +444,42 @@ class KnowledgeBase:
         if index is not None and len(index) == docstore.vector_count():
             return index
         kind = self.kind
-        if getattr(kind, "shared", False) and not writer:
+        shared = getattr(kind, "shared", False)
+        if shared and not writer:
+            newer = self._newer_shared_index(generation)
+            if newer is not None:
+                return newer
             # an index in a server (Milvus) is rebuilt by the writer only, which then records it; a reader searches
             # a private flat copy of the rows meanwhile, so two processes never rebuild one collection at once
             kind = FaissKind("off")
         index = kind.create(self.manifest.dim)  # lost, damaged or unusable: the rows have every vector
         for ids, vecs in docstore.vector_batches():
             index.add(ids, vecs)
+        if shared and writer:  # recorded at once: readers stop making private copies, a rollback rebuilds nothing
+            index.catch_up(generation, [])  # type: ignore[attr-defined]
+            self._persist_index(index)
         return index
+
+    def _newer_shared_index(self, generation: int) -> VectorIndex | None:
+        """For a reader whose generation's marker a writer has just replaced by a newer one: the shared index,
+        seen at the reader's generation through the newer marker. The newer save may have applied removals the
+        reader's commit still had (a search may miss those texts, never show an uncommitted one); far cheaper
+        than a private copy of every vector."""
+        markers = []
+        for path in self.root.glob("index-*"):  # the file names: the reader's transaction predates the record
+            found = re.match(r"index-(\d+)\.", path.name)
+            if found and path.name == self.kind.file_name(int(found.group(1))):
+                markers.append((int(found.group(1)), path))
+        for file_generation, path in sorted(markers, reverse=True):
+            if file_generation <= generation:
+                break
+            try:
+                index = self.kind.load(path)
+            except VectorIndexError:
+                continue
+            index.catch_up(generation, [])  # type: ignore[attr-defined]
+            return index
+        return None
 
     def _index_from_files(self, generation: int, docstore: Docstore) -> VectorIndex | None:
         """The index file of ``generation``, else the newest one recorded before it plus what the docstore

@@ -53,7 +53,7 @@ class VectorStores:
             return self.milvus_kind(root, uri, base_id)
         raise StoreError(
             f"knowledge base {root.name!r} uses vector store {store!r}, which this Zhiku does not know",
-            f"use a Zhiku that has it, or move the base: `python -m app kb migrate {root.name} --to faiss`",
+            "open it with the Zhiku version (or plugin) that made it; stores known here: " + ", ".join(STORES),
         )
 
     def milvus_kind(self, root: Path, uri: str, base_id: str) -> MilvusKind:

@@ -18,7 +18,7 @@ from knowledge import migrate as migrate_module
 from knowledge.ingest import text_hash
 from knowledge.lexical import fts_document
 from knowledge.migrate import drop_source, migrate
-from knowledge.milvus import MilvusIndex
+from knowledge.milvus import MilvusError, MilvusIndex, MilvusKind
 from knowledge.retrieval import fts_query
 from knowledge.store import PREVIOUS_STORE, FileRecord, KnowledgeBase, Manifest, NewChunk, StoreError
 from knowledge.stores import MilvusSettings, VectorStores
@@ -128,6 +128,16 @@ def test_a_snapshot_sees_one_commit_whatever_the_writer_does_meanwhile(opener: O
         assert set(top(reader, "第二代的段落。")) == {"第一代的段落。", "第二代的段落。"}
 
 
+def test_a_search_begun_before_a_save_reads_the_store_not_a_private_copy(opener: Opener) -> None:
+    with opener() as kb, opener(readonly=True) as reader:
+        put(kb, "/a.txt", ["第一代的段落。"])
+        with reader.snapshot() as before:
+            put(kb, "/b.txt", ["第二代的段落。"])  # commits, saves, and removes the index file of the snapshot
+            assert [h.chunk.text for h in before.search(EMB.embed_query("第二代"), 5)] == ["第一代的段落。"]
+            # Milvus: seen at the snapshot's generation through the newer marker (FAISS rebuilds from its rows)
+            assert isinstance(before.index, MilvusIndex) == (opener.store == "milvus")
+
+
 CRASH = textwrap.dedent(
     """
     import os, sys, time
@@ -220,31 +230,54 @@ def test_a_migrated_base_answers_the_same_and_switches_every_reader(tmp_path: Pa
         assert json.loads((opener.root / "manifest.json").read_text())["store"] == target
 
 
-def test_an_interrupted_migration_goes_on_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cut", ["after three batches", "inside the first batch"])
+def test_an_interrupted_migration_goes_on_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
     opener = Opener(tmp_path / "kb", "faiss")
     monkeypatch.setattr(migrate_module, "_BATCH", 8)
     seen: list[int] = []
+    save_state = migrate_module._save_state
+    saves: list[object] = []
 
     def stop_half_way(done: int, total: int) -> None:
         seen.append(done)
         if done >= 24:
             raise KeyboardInterrupt
 
+    def killed_before_recording_batch_one(docstore: object, state: dict[str, object]) -> None:
+        saves.append(state)
+        if state.get("after") is not None:  # batch 1 is in Milvus, its progress not yet recorded
+            raise KeyboardInterrupt
+        save_state(docstore, state)  # type: ignore[arg-type]
+
     with filled(opener) as kb:
         with pytest.raises(KeyboardInterrupt):
-            migrate(kb, opener.stores, "milvus", progress=stop_half_way)
+            if cut == "inside the first batch":
+                monkeypatch.setattr(migrate_module, "_save_state", killed_before_recording_batch_one)
+                migrate(kb, opener.stores, "milvus")
+            else:
+                migrate(kb, opener.stores, "milvus", progress=stop_half_way)
+        monkeypatch.setattr(migrate_module, "_save_state", save_state)
         assert kb.manifest.store == "faiss" and top(kb, TEXTS[3], 1) == [TEXTS[3]]  # still on its old store
         report = migrate(kb, opener.stores, "milvus", progress=lambda done, total: seen.append(done))
-        assert report.switched and report.copied == 50 - 24 and seen[-1] == 50
+        assert report.switched and report.copied == (50 - 24 if cut == "after three batches" else 50)
+        assert seen[-1] == 50 and report.checked > 0  # the copy's count check passed: no row twice
         assert kb.check() == [] and top(kb, TEXTS[47], 1) == [TEXTS[47]]
 
 
-def test_a_base_in_an_unknown_store_says_how_to_move_it(tmp_path: Path) -> None:
+def test_a_milvus_uri_that_is_neither_empty_nor_a_servers_is_refused(tmp_path: Path) -> None:
+    with filled(Opener(tmp_path / "kb", "faiss")) as kb, pytest.raises(MilvusError, match="http://host:19530"):
+        migrate(kb, Opener(tmp_path / "kb", "faiss").stores, "milvus", "localhost:19530")
+    assert not list(tmp_path.glob("kb/localhost*")) and kb.manifest.store == "faiss"
+
+
+def test_a_base_in_an_unknown_store_is_refused_naming_the_stores_known_here(tmp_path: Path) -> None:
     opener = Opener(tmp_path / "kb", "faiss")
     opener().close()
     with opener() as kb, kb.exclusive() as docstore, docstore.conn:
         docstore.set_meta([("store", "qdrant")])
-    with pytest.raises(StoreError, match="kb migrate kb --to faiss"):
+    with pytest.raises(StoreError, match=r"'qdrant', which this Zhiku does not know.*known here: faiss, milvus"):
         opener()
 
 
@@ -266,3 +299,46 @@ def test_a_source_filter_searches_only_the_files_it_matches(opener: Opener) -> N
             assert [t for t, _ in snap.lexical_search(fts_query("合同"), 10, ["*/news/*"])] == [
                 t for t, _ in snap.vector_search(query, 1, ["/docs/news/b.txt"])
             ]
+
+
+@pytest.fixture
+def milvus_server(tmp_path: Path) -> Iterator[str]:
+    """A Milvus endpoint on 127.0.0.1: Milvus Lite's gRPC server, which pymilvus reaches as it reaches a Milvus
+    server (``store.uri: http://...``), so the server-only code (AUTOINDEX, collections kept and dropped on the
+    server) runs too."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    folder = str(tmp_path / "server.db")
+    uri = server_manager_instance.start_and_get_uri(folder)
+    assert uri and uri.startswith("http://127.0.0.1:")
+    yield uri
+    server_manager_instance.release_server(folder)
+
+
+def test_a_base_on_a_milvus_server_keeps_its_collections_there_until_dropped(
+    tmp_path: Path, milvus_server: str
+) -> None:
+    opener = Opener(tmp_path / "kb", "milvus")
+    with KnowledgeBase.open(
+        opener.root,
+        create=Manifest(EMB.model_id, EMB.dim, 120, 20, store="milvus", store_uri=milvus_server),
+        kind_for=opener.stores,
+    ) as kb:
+        put(kb, "/a.txt", ["服务器上的段落。", "另一段。"])
+        put(kb, "/a.txt", ["改过的段落。"])  # a second marker: the first one's file goes, its collection stays
+        server = kb.kind
+        assert isinstance(server, MilvusKind) and not server.lite and server.index_type == "AUTOINDEX"
+        assert not list(opener.root.glob("milvus-*.db"))  # nothing of Milvus in the base's folder but markers
+        assert [p.name for p in opener.root.glob("index-*")] == ["index-2.milvus.json"]
+        (collection,) = server.collections()
+        assert top(kb, "改过的段落。", 1) == ["改过的段落。"]
+        migrate(kb, opener.stores, "faiss")
+        assert server.collections() == [collection]  # the old copy stays on the server until --drop-source
+        assert drop_source(kb, opener.stores) == [f"{PREVIOUS_STORE}/", f"collection {collection}"]
+        assert server.collections() == []
+        assert top(kb, "改过的段落。", 1) == ["改过的段落。"]
+        migrate(kb, opener.stores, "milvus", milvus_server)
+        assert len(server.collections()) == 1
+        manifest = kb.manifest
+    opener.stores.forget(opener.root, manifest, drop=True)  # what `kb delete` does first
+    assert server.collections() == []

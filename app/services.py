@@ -152,7 +152,7 @@ class KnowledgeBaseService:
 
         if self._stores is None:
             raise StoreError("this Zhiku was built without vector stores", "use the app's container")
-        where = (self.settings.store.uri if uri is None else uri) if to == "milvus" else ""
+        where = self.settings.store.uri if uri is None else uri  # migrate() ignores it for faiss
         with self._open_kb(name) as kb:
             report = migrate(kb, self._stores, to, where, sample=sample, progress=progress)
             if drop_source:

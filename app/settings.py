@@ -22,7 +22,7 @@ from pydantic_settings import (
 
 from common.errors import ZhikuError
 from knowledge.embedding import EmbeddingSettings
-from knowledge.milvus import SERVER_SCHEMES
+from knowledge.milvus import MilvusError, check_server_uri
 from knowledge.retrieval import RetrievalSettings
 from knowledge.stores import MilvusSettings, StoreName
 from llms.base import GenerationOptions
@@ -75,9 +75,11 @@ class StoreSettings(_Section):
     @field_validator("uri")
     @classmethod
     def _server_uri(cls, uri: str) -> str:
-        if uri and not uri.startswith(SERVER_SCHEMES):
-            raise ValueError("a Milvus server's URI starts with http://, https:// or tcp:// (empty: Milvus Lite)")
-        return uri
+        try:
+            return check_server_uri(uri)
+        except MilvusError as err:
+            raise ValueError(str(err)) from None
+
     index: str = Field(
         "faiss", description="vector index: faiss (exact), faiss-hnsw (approximate, CPU), or a plugin's name"
     )

@@ -29,6 +29,7 @@ import numpy as np
 
 from common.errors import ZhikuError
 from common.files import atomic_write_bytes
+from common.retry import one_line
 from knowledge.vectors import VectorIndexError
 
 MARKER_FORMAT = "zhiku-milvus-index/1"
@@ -115,7 +116,7 @@ class MilvusKind:
                     "or stop it first, or run a Milvus server and set store.uri",
                 ) from err
             raise MilvusError(
-                f"cannot connect to {self.where()}: {_short(err)}",
+                f"cannot connect to {self.where()}: {one_line(str(err))}",
                 "start Milvus (or check store.uri and store.milvus.token), then run the same command again",
             ) from err
 
@@ -127,7 +128,7 @@ class MilvusKind:
             raise
         except Exception as err:  # pymilvus raises MilvusException and grpc errors alike
             raise MilvusError(
-                f"{self.where()} failed to {what}: {_short(err)}",
+                f"{self.where()} failed to {what}: {one_line(str(err))}",
                 "check that Milvus is running and reachable, then run the same command again; what the docstore "
                 "holds is intact",
             ) from err
@@ -260,7 +261,7 @@ class MilvusIndex:
     def _filter(self) -> str:
         parts = [f"gen <= {self._generation}"]
         for removed_in, tids in sorted(self._hidden.items()):
-            parts.append(f"not (tid in [{','.join(map(str, sorted(tids)))}] and gen <= {removed_in})")
+            parts.append(f"not ({_tid_in(tids)} and gen <= {removed_in})")
         return " and ".join(parts)
 
     # ----- the VectorIndex protocol --------------------------------------------------------------------
@@ -283,7 +284,7 @@ class MilvusIndex:
         again = self._hidden.get(self._generation, set()) & set(ids.tolist())
         if again:
             for part in _slices(sorted(again), _MAX_IDS_IN_FILTER):
-                where = f"tid in [{','.join(map(str, part))}] and gen >= {self._generation}"
+                where = f"{_tid_in(part)} and gen >= {self._generation}"
                 self.kind.call("delete uncommitted vectors", "delete", self.collection, filter=where)
             self._hidden[self._generation] -= again
             self._hidden.setdefault(self._generation - 1, set()).update(again)
@@ -311,7 +312,7 @@ class MilvusIndex:
             return None
         if len(tids) == 0:
             return []
-        return self._search(query, k, f"({self._filter()}) and tid in [{','.join(map(str, sorted(map(int, tids))))}]")
+        return self._search(query, k, f"({self._filter()}) and {_tid_in(tids)}")
 
     def _search(self, query: np.ndarray, k: int, where: str) -> list[tuple[int, float]]:
         q = np.asarray(query, dtype=np.float32).reshape(-1)
@@ -352,7 +353,7 @@ class MilvusIndex:
                 "delete removed vectors",
                 "delete",
                 self.collection,
-                filter=f"tid in [{','.join(map(str, part))}] and gen <= {removed_in}",
+                filter=f"{_tid_in(part)} and gen <= {removed_in}",
             )
         self._count = None
 
@@ -364,7 +365,7 @@ class MilvusIndex:
                 "read vectors",
                 "query",
                 self.collection,
-                filter=f"({self._filter()}) and tid in [{','.join(map(str, part))}]",
+                filter=f"({self._filter()}) and {_tid_in(part)}",
                 output_fields=["tid", "vec"],
             )
             out.update({int(r["tid"]): np.asarray(r["vec"], dtype=np.float32) for r in rows})
@@ -387,11 +388,11 @@ def _locked(lock: Path) -> bool:
     return False
 
 
+def _tid_in(tids: Iterable[int]) -> str:
+    """A filter expression: the row's text id is one of these."""
+    return f"tid in [{','.join(map(str, sorted(map(int, tids))))}]"
+
+
 def _slices(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -144,8 +144,7 @@ class Snapshot:
         found = search_among(q, k, among) if search_among is not None else None
         if found is not None:
             return list(found)
-        scored = [(i, float(v @ q)) for i, v in self.docstore.vectors(among.tolist()).items()]
-        return sorted(scored, key=lambda s: (-s[1], s[0]))[:k]
+        return sorted(self.similarities(q, among.tolist()).items(), key=lambda s: (-s[1], s[0]))[:k]
 
     def lexical_search(self, fts_query: str, k: int, sources: Sequence[str] = ()) -> list[tuple[int, float]]:
         return self.docstore.lexical_search(fts_query, k, sources)

@@ -5,7 +5,14 @@ contract suite); :class:`VectorIndexKind` makes and loads one. A knowledge base 
 the source of truth and asks its kind for an index per committed generation, so an implementation only has
 to be able to add, remove, search and save. Built in: ``faiss`` (exact; searched on the GPU with faiss-gpu, or
 with torch over an fp16 copy of the vectors, as ``store.gpu`` allows) and ``faiss-hnsw`` (approximate, for
-large bases on a CPU). Others (Milvus, ...) register through the ``register_vector_indexes`` plugin hook.
+large bases on a CPU). Others register through the ``register_vector_indexes`` plugin hook.
+
+An index that lives outside the process (Milvus: knowledge/milvus.py) holds every committed row itself, so
+:class:`knowledge.store.KnowledgeBase` asks it for a little more, where it has it: its kind's ``shared`` (readers
+never rebuild it) and ``discard(old_file, keep=)`` (drops what only an older file used); the index's
+``begin(generation)`` (tags what a transaction adds, purges a crashed one's rows), ``catch_up(generation,
+removals)`` (seen at a generation, hiding what the docstore removed since its file) and ``search_among(query, k,
+ids)`` (a source filter in the engine).
 """
 
 from __future__ import annotations

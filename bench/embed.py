@@ -8,11 +8,11 @@
 Default mode prints, in one run:
   (a) LangChain ``HuggingFaceEmbeddings`` with its defaults (float32, batch 32) when ``langchain_huggingface``
       is installed; otherwise the call it makes, ``SentenceTransformer.encode(batch_size=32)`` in float32;
-  (b) Zhiku's ``SentenceTransformerEmbedder`` as config.yml builds it: the load (with its warm-up), the
-      first pass and a warm pass over the same texts;
+  (b) Zhiku's ``SentenceTransformerEmbedder`` as config.yml builds it, then packed in bf16 and fp16 and
+      padded (the path before packing): for each the load (with its warm-up), the first pass and a warm
+      pass over the same texts, and the lowest cosine to (a)'s float32 vectors;
   (c) Zhiku's embedder without the fast path (sentence-transformers' ``encode``, batches of 64), i.e. the
-      path before issue 12;
-and the lowest cosine between (b) and (a)'s float32 vectors (the fast path must give the same vectors).
+      path before issue 12.
 Tokens are the model tokenizer's, special tokens included, truncated to 512: counted once, not timed.
 
 Without --model the model is a random-weight BertModel of m3e-base's architecture (BERT-base, vocab 21128,
@@ -124,6 +124,15 @@ def reference_encoder(model: str, device: str) -> tuple[str, Callable[[list[str]
     return "LangChain HuggingFaceEmbeddings defaults", lc_encode
 
 
+# Zhiku's variants, timed one after the other in the same run: (name, SentenceTransformerEmbedder kwargs)
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("zhiku", {}),  # as config.yml builds it
+    ("zhiku packed bf16", {"dtype": "bfloat16", "packed": True}),
+    ("zhiku packed fp16", {"dtype": "float16", "packed": True}),
+    ("zhiku padded fp16 (before packing)", {"dtype": "float16", "packed": False}),
+]
+
+
 def bench_gpu_path(model: str, device: str, n: int, skip_encode: bool) -> None:
     texts = chinese_chunks(n)
     tokens = count_tokens(model, texts)
@@ -135,14 +144,16 @@ def bench_gpu_path(model: str, device: str, n: int, skip_encode: bool) -> None:
     line(name, tokens, seconds)
     ref_rate = tokens / seconds
 
-    emb, load = timed(device, lambda: SentenceTransformerEmbedder(model, device=device))
-    print(f"zhiku load (fast path: {emb.fast}, warm-up included): {load:.2f} s")
-    first, seconds = timed(device, lambda: emb.embed_documents(texts))
-    line("zhiku first pass", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
-    _, seconds = timed(device, lambda: emb.embed_documents(texts))
-    line("zhiku warm", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
-    cosine = (first * ref_vecs).sum(axis=1)
-    print(f"cosine zhiku vs float32 reference: min {cosine.min():.6f}, mean {cosine.mean():.6f}")
+    for label, kwargs in VARIANTS:
+        emb, load = timed(device, functools.partial(SentenceTransformerEmbedder, model, device=device, **kwargs))
+        print(f"{label} load (fast path: {emb.fast}, packed: {emb.packed}, warm-up included): {load:.2f} s")
+        first, seconds = timed(device, functools.partial(emb.embed_documents, texts))
+        line(f"{label} first pass", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
+        _, seconds = timed(device, functools.partial(emb.embed_documents, texts))
+        line(f"{label} warm", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
+        cosine = (first * ref_vecs).sum(axis=1)
+        print(f"cosine {label} vs float32 reference: min {cosine.min():.6f}, mean {cosine.mean():.6f}")
+        del emb
 
     if not skip_encode:
         old = SentenceTransformerEmbedder(model, device=device, fast=False)

@@ -11,6 +11,9 @@
 
 A text may be several sequences (windows of a long text): each sequence carries the index of its text
 and a weight, and a text's vector is the weighted sum of its sequences' pooled vectors, L2-normalised.
+
+With a ``packed`` forward (:mod:`knowledge.embed_packed`) a batch is not padded at all: its sequences are
+laid end to end, ``token_budget`` tokens in all, with their offsets; pooling runs over each segment.
 torch is imported inside functions: importing this module costs nothing.
 """
 
@@ -83,6 +86,23 @@ def plan_batches(lengths: np.ndarray, token_budget: int, multiple: int = 1) -> l
     return batches
 
 
+def plan_packed(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Indices of ``lengths`` sorted by length and cut so that each batch's tokens sum to <= ``token_budget``
+    (a sequence longer than the budget gets a batch of its own)."""
+    order = np.argsort(lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start, total = 0, 0
+    for end, k in enumerate(order):
+        n = int(lengths[k])
+        if end > start and total + n > token_budget:
+            batches.append(order[start:end])
+            start, total = end, 0
+        total += n
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -108,6 +128,19 @@ class _Batch:
     padded: bool  # any row shorter than the batch: the forward needs the mask
 
 
+@dataclass
+class _PackedBatch:
+    ids: torch.Tensor  # (tokens,) int64: the sequences end to end, pinned on CUDA
+    positions: torch.Tensor  # (tokens,) int64: each token's position in its sequence
+    segment: torch.Tensor  # (tokens,) int64: the row (sequence) each token belongs to
+    cu_seqlens: torch.Tensor  # (rows + 1,) int32: where each sequence starts, then the total
+    lengths: torch.Tensor  # (rows,) float32
+    owner: torch.Tensor  # (rows,) int64, global text index
+    weight: torch.Tensor  # (rows,) float32
+    max_length: int
+    texts_done: int
+
+
 class _Failed:
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -121,7 +154,9 @@ class BatchedEncoder:
 
     ``forward`` returns the last hidden states, (rows, length, hidden); its mask is ``None`` for a batch
     without padding (SDPA may then use its flash kernel). ``pooling`` is what the model's
-    sentence-transformers config says (mean over the attention mask, or the first token).
+    sentence-transformers config says (mean over the attention mask, or the first token). When ``packed``
+    is given, ``packed(ids, positions, cu_seqlens, max_length) -> (tokens, hidden)`` runs instead, over
+    unpadded batches (``length_multiple`` is then unused).
     """
 
     def __init__(
@@ -135,8 +170,10 @@ class BatchedEncoder:
         length_multiple: int = 1,
         first_group: int = 128,
         max_group: int = 2048,
+        packed: Callable[[Any, Any, Any, int], Any] | None = None,
     ) -> None:
         self.forward = forward
+        self.packed = packed
         self.device = device
         self.pad_id = pad_id
         self.pooling = pooling
@@ -174,7 +211,7 @@ class BatchedEncoder:
                         break
                     if isinstance(item, _Failed):
                         raise item.error
-                    assert isinstance(item, _Batch)
+                    assert isinstance(item, _Batch | _PackedBatch)
                     self._run(item, out)
                     reporter.launched(item.texts_done)
                 out = torch.nn.functional.normalize(out, dim=1)
@@ -186,13 +223,46 @@ class BatchedEncoder:
         reporter.finish()
         return result
 
-    def _run(self, batch: _Batch, out: torch.Tensor) -> None:
+    def _run(self, batch: _Batch | _PackedBatch, out: torch.Tensor) -> None:
+        if isinstance(batch, _PackedBatch):
+            self._run_packed(batch, out)
+            return
         ids = batch.ids.to(self.device, non_blocking=True)
         mask = batch.mask.to(self.device, non_blocking=True)
         owner = batch.owner.to(self.device, non_blocking=True)
         weight = batch.weight.to(self.device, non_blocking=True)
         pooled = self.pool(self.forward(ids, mask if batch.padded else None), mask)
         out.index_add_(0, owner, pooled * weight[:, None])
+
+    def _run_packed(self, batch: _PackedBatch, out: torch.Tensor) -> None:
+        owner, pooled = self._pool_packed(batch)
+        out.index_add_(0, owner, pooled)
+
+    def _pool_packed(self, batch: _PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the rows' text indices, their pooled vectors times their weights) on the device."""
+        import torch
+
+        assert self.packed is not None
+        ids, positions, segment, cu_seqlens, lengths, owner, weight = (
+            t.to(self.device, non_blocking=True)
+            for t in (
+                batch.ids,
+                batch.positions,
+                batch.segment,
+                batch.cu_seqlens,
+                batch.lengths,
+                batch.owner,
+                batch.weight,
+            )
+        )
+        hidden = self.packed(ids, positions, cu_seqlens, batch.max_length)
+        rows = lengths.shape[0]
+        if self.pooling == "cls":
+            pooled = hidden[cu_seqlens[:-1].long()].float()
+        else:  # the mean of each segment, summed in float32 as sentence-transformers does
+            summed = torch.zeros((rows, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+            pooled = summed.index_add_(0, segment, hidden.float()) / lengths[:, None]
+        return owner, pooled * weight[:, None]
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) float32: sentence-transformers' Pooling, accumulated in float32 as it does."""
@@ -216,9 +286,18 @@ class BatchedEncoder:
                 # a text is done when its last sequence is; count per batch for progress
                 last_seq_of = {int(o): k for k, o in enumerate(owners)}
                 lengths = np.fromiter((len(s) for s in tok.ids), dtype=np.int64, count=len(tok.ids))
-                for idx in plan_batches(lengths, self.token_budget, self.length_multiple):
+                plans = (
+                    plan_packed(lengths, self.token_budget)
+                    if self.packed
+                    else plan_batches(lengths, self.token_budget, self.length_multiple)
+                )
+                for idx in plans:
                     done = sum(1 for k in idx if last_seq_of[int(owners[k])] == k)
-                    batch = self._build(tok, idx, owners, lengths, done)
+                    batch: _Batch | _PackedBatch = (
+                        self._build_packed(tok, idx, owners, lengths, done)
+                        if self.packed
+                        else self._build(tok, idx, owners, lengths, done)
+                    )
                     if not _put(out, batch, stop):
                         return
             _put(out, _DONE, stop)
@@ -258,6 +337,42 @@ class BatchedEncoder:
             ids=tensors[0], mask=tensors[1], owner=tensors[2], weight=tensors[3], texts_done=done, padded=padded
         )
 
+    def _build_packed(
+        self, tok: Tokenised, idx: np.ndarray, owners: np.ndarray, lengths: np.ndarray, done: int
+    ) -> _PackedBatch:
+        import torch
+
+        rows = lengths[idx]
+        ids = np.concatenate([tok.ids[k] for k in idx]).astype(np.int64, copy=False)
+        cu = np.zeros(len(idx) + 1, dtype=np.int32)
+        np.cumsum(rows, out=cu[1:])
+        starts = np.repeat(cu[:-1].astype(np.int64), rows)
+        positions = np.arange(len(ids), dtype=np.int64) - starts
+        segment = np.repeat(np.arange(len(idx), dtype=np.int64), rows)
+        tensors = [
+            torch.from_numpy(ids),
+            torch.from_numpy(positions),
+            torch.from_numpy(segment),
+            torch.from_numpy(cu),
+            torch.from_numpy(rows.astype(np.float32)),
+            torch.from_numpy(np.ascontiguousarray(owners[idx], dtype=np.int64)),
+            torch.from_numpy(np.ascontiguousarray(tok.weight[idx], dtype=np.float32)),
+        ]
+        if self.on_cuda:
+            tensors = [t.pin_memory() for t in tensors]
+        ids_t, positions_t, segment_t, cu_t, lengths_t, owner_t, weight_t = tensors
+        return _PackedBatch(
+            ids=ids_t,
+            positions=positions_t,
+            segment=segment_t,
+            cu_seqlens=cu_t,
+            lengths=lengths_t,
+            owner=owner_t,
+            weight=weight_t,
+            max_length=int(rows.max()),
+            texts_done=done,
+        )
+
     # ---- warm-up ----
 
     def warm_up(self, max_length: int, seconds: float = 5.0) -> int:
@@ -266,6 +381,8 @@ class BatchedEncoder:
         Stops after ``seconds``; returns the number of shapes run."""
         import torch
 
+        if self.packed is not None:
+            return self._warm_up_packed(max_length)
         started = time.perf_counter()
         widths = list(range(_round_up(max_length, self.length_multiple), 0, -self.length_multiple))
         ran = 0
@@ -280,6 +397,23 @@ class BatchedEncoder:
                     torch.cuda.synchronize(self.device)
                 if time.perf_counter() - started > seconds:
                     break
+        return ran
+
+    def _warm_up_packed(self, max_length: int) -> int:
+        """Packed batches have no fixed shapes to warm: one full batch of long sequences and one short one
+        compile the Triton kernel and settle cuBLAS and the allocator."""
+        import torch
+
+        ran = 0
+        for length, rows in ((max_length, max(1, self.token_budget // max_length)), (16, 4)):
+            tok = one_sequence_each([np.full(length, self.pad_id, dtype=np.int64) for _ in range(rows)])
+            lengths = np.full(rows, length, dtype=np.int64)
+            batch = self._build_packed(tok, np.arange(rows), tok.owner, lengths, 0)
+            with torch.inference_mode():
+                self._pool_packed(batch)
+            ran += 1
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
         return ran
 
 

@@ -36,6 +36,11 @@ PROBE_MIN_COSINE = {"float32": 0.999, "low precision": 0.99}
 GPU_LENGTH_MULTIPLE = 32  # padded lengths on CUDA: 16 shapes up to 512 tokens, all warmed up at load
 
 
+def packed_by_default(device: str) -> bool:
+    """Packed batches where they pay: on CUDA (on a CPU, transformers' padded forward is faster)."""
+    return device.startswith("cuda")
+
+
 def _names(modules: Sequence[Any]) -> list[str]:
     return [type(m).__name__ for m in modules]
 
@@ -82,10 +87,25 @@ def st_prompt(st_model: Any, task: Task) -> str:
 
 
 class FastSentenceTransformer:
-    """A sentence-transformers model run from raw text by :class:`BatchedEncoder`."""
+    """A sentence-transformers model run from raw text by :class:`BatchedEncoder`.
 
-    def __init__(self, st_model: Any, transformer: Any, pooling: Pooling, device: str, token_budget: int) -> None:
+    A BERT model runs packed (:mod:`knowledge.embed_packed`: no padding, fused layers) where it can:
+    ``packed=None`` means on CUDA when torch has variable-length flash attention; True forces it (also on
+    a CPU, for the tests), False keeps transformers' padded forward.
+    """
+
+    def __init__(
+        self,
+        st_model: Any,
+        transformer: Any,
+        pooling: Pooling,
+        device: str,
+        token_budget: int,
+        packed: bool | None = None,
+    ) -> None:
         from tokenizers import Tokenizer
+
+        from knowledge.embed_packed import PackedBert, packed_bert_unsupported
 
         self.st_model = st_model
         self.model = transformer.auto_model
@@ -99,13 +119,27 @@ class FastSentenceTransformer:
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         pad_id = hf_tokenizer.pad_token_id
+        on_cuda = device.startswith("cuda")
+        self.packed: PackedBert | None = None
+        if packed is None and not packed_by_default(device):
+            self.packed_reason = "not on CUDA"
+        elif packed is False:
+            self.packed_reason = "turned off"
+        else:
+            reason = packed_bert_unsupported(self.model, device)
+            if reason is None:
+                self.packed = PackedBert(self.model)
+            elif packed:
+                raise ValueError(f"the packed path cannot run this model: {reason}")
+            self.packed_reason = reason or ""
         self.encoder = BatchedEncoder(
             self._forward,
             device=device,
             pad_id=0 if pad_id is None else int(pad_id),
             pooling=pooling,
             token_budget=token_budget,
-            length_multiple=GPU_LENGTH_MULTIPLE if device.startswith("cuda") else 1,
+            length_multiple=GPU_LENGTH_MULTIPLE if on_cuda else 1,
+            packed=self.packed.forward if self.packed else None,
         )
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -143,15 +177,32 @@ class FastSentenceTransformer:
         return worst
 
 
-def fast_path(st_model: Any, device: str, token_budget: int, dim: int) -> FastSentenceTransformer | str:
-    """The fast path for ``st_model`` when it reproduces sentence-transformers' vectors, else the reason."""
+def fast_path(
+    st_model: Any, device: str, token_budget: int, dim: int, packed: bool | None = None
+) -> FastSentenceTransformer | str:
+    """The fast path for ``st_model`` when it reproduces sentence-transformers' vectors, else the reason.
+
+    With ``packed=None`` a packed path that fails the probes (an attention kernel this GPU lacks, say) falls
+    back to padded batches, logged; only a padded path that fails too means ``encode``.
+    """
     found = plain_encoder(st_model)
     if isinstance(found, str):
         return found
     transformer, pooling = found
+    fast = FastSentenceTransformer(st_model, transformer, pooling, device, token_budget, packed)
+    problem = _probe(fast, dim)
+    if problem and packed is None and fast.packed is not None:
+        _log.warning("embedding: packed batches fail the probe texts, running padded ones: %s", problem)
+        fast = FastSentenceTransformer(st_model, transformer, pooling, device, token_budget, packed=False)
+        fast.packed_reason = f"packed batches failed the probe texts: {problem}"
+        problem = _probe(fast, dim)
+    return problem or fast
+
+
+def _probe(fast: FastSentenceTransformer, dim: int) -> str | None:
+    """Why ``fast`` must not be used (None when it gives sentence-transformers' vectors on the probes)."""
     import torch
 
-    fast = FastSentenceTransformer(st_model, transformer, pooling, device, token_budget)
     try:
         cosine = fast.matches_sentence_transformers(dim)
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
@@ -160,4 +211,4 @@ def fast_path(st_model: Any, device: str, token_budget: int, dim: int) -> FastSe
     precision = "float32" if fast.model.dtype == torch.float32 else "low precision"
     if cosine < PROBE_MIN_COSINE[precision]:
         return f"its vectors differ from sentence-transformers' (cosine {cosine:.4f} on the probe texts)"
-    return fast
+    return None

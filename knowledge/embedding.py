@@ -253,9 +253,11 @@ class SentenceTransformerEmbedder:
 
     Models made of Transformer + Pooling (+ Normalize), as m3e-base is, run on the fast path
     (:mod:`knowledge.embed_fast`): the whole list tokenised by the fast tokenizer in a background thread,
-    length-sorted batches of ``token_budget`` tokens, fp16 with SDPA on CUDA, pooling and normalisation on
-    the device, every batch shape warmed up at load. Any other model, or one whose fast-path vectors
-    differ from ``encode``'s on the probe texts, uses sentence-transformers' ``encode``.
+    length-sorted batches of ``token_budget`` tokens, 16-bit on CUDA, pooling and normalisation on the
+    device, warmed up at load. On CUDA a BERT model runs packed (:mod:`knowledge.embed_packed`: no
+    padding, variable-length flash attention, fused layers); other models run padded with SDPA. Any other
+    model, or one whose fast-path vectors differ from ``encode``'s on the probe texts, uses
+    sentence-transformers' ``encode``.
     """
 
     def __init__(
@@ -268,6 +270,7 @@ class SentenceTransformerEmbedder:
         token_budget: int | None = None,
         fast: bool = True,
         warm_up: bool | None = None,
+        packed: bool | None = None,
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
@@ -306,11 +309,13 @@ class SentenceTransformerEmbedder:
             from knowledge.embed_fast import fast_path
 
             budget = token_budget or default_token_budget(self.device)
-            found = fast_path(self._model, self.device, budget, self.dim)
+            found = fast_path(self._model, self.device, budget, self.dim, packed)
             if isinstance(found, str):
                 _log.info("%s: sentence-transformers' encode, not the fast path: %s", model, found)
             else:
                 self._fast = found
+                if found.packed is None and on_cuda:
+                    _log.info("%s: padded batches, not packed: %s", model, found.packed_reason)
                 if on_cuda if warm_up is None else warm_up:
                     found.encoder.warm_up(int(self._model.max_seq_length), seconds=5.0)
 
@@ -322,6 +327,11 @@ class SentenceTransformerEmbedder:
     def fast(self) -> bool:
         """Whether the fast path runs this model (else sentence-transformers' ``encode``)."""
         return self._fast is not None
+
+    @property
+    def packed(self) -> bool:
+        """Whether the fast path runs the model packed (no padding, fused layers: knowledge/embed_packed.py)."""
+        return self._fast is not None and self._fast.packed is not None
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         return np.asarray(

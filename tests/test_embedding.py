@@ -118,11 +118,14 @@ def fp32_reference(bert_dir: Path) -> Any:
     return model
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_fast_path_gives_the_fp32_vectors(bert_dir: Path, fp32_reference: Any, dtype: str) -> None:
+def test_fast_path_gives_the_fp32_vectors(bert_dir: Path, fp32_reference: Any, dtype: str, packed: bool) -> None:
     # a budget of 128 tokens: many batches of different shapes, and sequences cut at 64 tokens
-    emb = SentenceTransformerEmbedder(str(bert_dir), device="cpu", dtype=dtype, max_seq_length=64, token_budget=128)
-    assert emb.fast
+    emb = SentenceTransformerEmbedder(
+        str(bert_dir), device="cpu", dtype=dtype, max_seq_length=64, token_budget=128, packed=packed
+    )
+    assert emb.fast and emb.packed is packed
     texts = varied_texts(60)
     done: list[int] = []
     vecs = emb.embed_documents(texts, progress=done.append)
@@ -135,7 +138,8 @@ def test_fast_path_gives_the_fp32_vectors(bert_dir: Path, fp32_reference: Any, d
     assert float(emb.embed_query("长江") @ query) >= 0.999
 
 
-def test_fast_path_keeps_the_models_prompt_and_pooling(tmp_path: Path, bert_dir: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_fast_path_keeps_the_models_prompt_and_pooling(tmp_path: Path, bert_dir: Path, packed: bool) -> None:
     """A CLS-pooled model with a document prompt: the fast path reads both from the modules."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
@@ -144,8 +148,8 @@ def test_fast_path_keeps_the_models_prompt_and_pooling(tmp_path: Path, bert_dir:
     st[1] = Pooling(st.get_embedding_dimension(), pooling_mode="cls")
     st.prompts = {"query": "", "document": "北京："}
     st.save(str(tmp_path / "cls"))
-    emb = SentenceTransformerEmbedder(str(tmp_path / "cls"), device="cpu", max_seq_length=64)
-    assert emb.fast
+    emb = SentenceTransformerEmbedder(str(tmp_path / "cls"), device="cpu", max_seq_length=64, packed=packed)
+    assert emb.fast and emb.packed is packed
     texts = varied_texts(20, seed=1)
     reference = SentenceTransformer(str(tmp_path / "cls"), device="cpu")
     reference.max_seq_length = 64
@@ -204,6 +208,123 @@ def test_only_padded_batches_get_a_mask_and_warm_up_runs_each_bucket() -> None:
     encoder = BatchedEncoder(forward, device="cpu", pad_id=0, pooling="mean", token_budget=256, length_multiple=32)
     assert encoder.warm_up(max_length=100) == 4
     assert [shape for shape, _ in calls] == [(2, 128), (2, 96), (4, 64), (8, 32)]
+
+
+def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
+    import torch
+
+    from knowledge.embed_batches import BatchedEncoder, Tokenised, plan_packed
+
+    lengths = np.array([5, 100, 7, 30, 31, 2, 64, 64, 300])
+    batches = plan_packed(lengths, token_budget=128)
+    assert sorted(int(i) for b in batches for i in b) == list(range(len(lengths)))
+    assert all(int(lengths[b].sum()) <= 128 or len(b) == 1 for b in batches)
+    assert [len(b) for b in batches] == [5, 2, 1, 1]  # 2+5+7+30+31 = 75 (+64 would pass 128), 64+64, 100, 300
+
+    seen: list[tuple[list[int], list[int], list[int], int]] = []
+
+    def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
+        seen.append((ids.tolist(), positions.tolist(), cu.tolist(), max_length))
+        # each token's hidden state is (its id, 1): a segment's mean is (mean id, 1)
+        return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+
+    def tokenise(texts: list[str]) -> Tokenised:
+        ids: list[np.ndarray] = []
+        owner: list[int] = []
+        weight: list[float] = []
+        for i, text in enumerate(texts):
+            seq = np.array([ord(c) for c in text], dtype=np.int64)
+            windows = [(seq[:2], 0.25), (seq[2:], 0.75)] if len(seq) > 4 else [(seq, 1.0)]
+            for window, w in windows:  # a long text is two windows, weighted 0.25 and 0.75
+                ids.append(window)
+                owner.append(i)
+                weight.append(w)
+        return Tokenised(ids, np.array(owner), np.array(weight, dtype=np.float32))
+
+    encoder = BatchedEncoder(
+        lambda ids, mask: None, device="cpu", pad_id=0, pooling="mean", token_budget=5, packed=packed
+    )
+    texts = ["\x03\x03\x03", "\x01\x01\x05\x05\x05", "\x04"]
+    vecs = encoder.encode(texts, tokenise, dim=2)
+    # one batch of 4 tokens ("\x04", "\x01\x01" and "\x05\x05\x05" by length: 1, 2 -> 3 more would pass 5)
+    assert seen[0] == ([4, 1, 1], [0, 0, 1], [0, 1, 3], 2)
+    assert sorted(len(ids) for ids, *_ in seen) == [3, 3, 3]
+    expected = np.array([[3.0, 1.0], [0.25 * 1 + 0.75 * 5, 1.0], [4.0, 1.0]])
+    np.testing.assert_allclose(vecs, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_bert_matches_transformers_forward(bert_dir: Path, dtype: str) -> None:
+    """Hidden states of sequences packed end to end, against transformers' padded forward, per token."""
+    import torch
+    from transformers import BertModel
+
+    from knowledge.embed_packed import PackedBert
+
+    model = BertModel.from_pretrained(str(bert_dir), dtype=getattr(torch, dtype)).eval()
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(5, model.config.vocab_size, size=n) for n in (7, 1, 40, 19)]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.from_numpy(seq)
+        mask[row, : len(seq)] = 1
+    cu = torch.tensor(np.concatenate([[0], np.cumsum([len(s) for s in seqs])]), dtype=torch.int32)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()].float()
+        got = PackedBert(model).forward(torch.from_numpy(np.concatenate(seqs)), positions, cu, width).float()
+    assert got.shape == expected.shape
+    cosine = torch.nn.functional.cosine_similarity(got, expected, dim=1)
+    assert float(cosine.min()) >= 0.999  # GELU is the tanh approximation, as cuBLASLt's epilogue computes it
+
+
+def test_packed_path_refuses_models_it_cannot_reproduce(bert_dir: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from knowledge.embed_fast import FastSentenceTransformer
+    from knowledge.embed_packed import packed_bert_unsupported
+
+    model = BertModel.from_pretrained(str(bert_dir))
+    assert packed_bert_unsupported(model, "cpu") is None
+    assert "float32" in str(packed_bert_unsupported(model, "cuda"))  # flash attention: 16-bit only
+    relative = BertModel(BertConfig(**{**model.config.to_dict(), "position_embedding_type": "relative_key"}))
+    assert "position_embedding_type" in str(packed_bert_unsupported(relative, "cpu"))
+    relu = BertModel(BertConfig(**{**model.config.to_dict(), "hidden_act": "relu"}))
+    assert "hidden_act" in str(packed_bert_unsupported(relu, "cpu"))
+    assert "not BertModel" in str(packed_bert_unsupported(torch.nn.Linear(2, 2), "cpu"))
+    st = _st_with(relu, bert_dir)
+    with pytest.raises(ValueError, match="hidden_act"):
+        FastSentenceTransformer(st, st[0], "mean", "cpu", 128, packed=True)
+
+
+def test_a_packed_path_that_fails_its_probes_falls_back_to_padded_batches(
+    bert_dir: Path, fp32_reference: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import knowledge.embed_fast
+    from knowledge.embed_packed import PackedBert
+
+    def no_kernel(*args: Any) -> Any:
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(knowledge.embed_fast, "packed_by_default", lambda device: True)  # as on CUDA
+    monkeypatch.setattr(PackedBert, "forward", no_kernel)
+    emb = SentenceTransformerEmbedder(str(bert_dir), device="cpu", max_seq_length=64)
+    assert emb.fast and not emb.packed
+    assert "no kernel image" in caplog.text
+    texts = varied_texts(10)
+    reference = fp32_reference.encode_document(texts, normalize_embeddings=True, show_progress_bar=False)
+    assert float((emb.embed_documents(texts) * reference).sum(axis=1).min()) >= 0.999
+
+
+def _st_with(model: Any, bert_dir: Path) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(bert_dir), device="cpu")
+    st[0].model = model  # what Transformer.auto_model returns
+    return st
 
 
 def test_an_error_in_the_tokenising_thread_reaches_the_caller() -> None:

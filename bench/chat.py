@@ -14,7 +14,9 @@ Printed, in order:
   generate), decode tokens/s after it;
 - zhiku, 1 chat: ``TransformersBackend.stream()`` as the chat service calls it (text pieces, stop strings):
   time to the first piece, decode tokens/s after it (median of ``--runs`` after a warm-up that captures graphs);
-- zhiku, N concurrent chats: N threads streaming different prompts at once, aggregate tokens/s.
+- zhiku, N concurrent chats: N threads streaming different prompts at once, aggregate tokens/s;
+both zhiku lines twice: with ``fused_step: false`` (each step through the model's forward), then with the fused
+step (llms/llama_step.py), which runs where CUDA graphs do.
 """
 
 from __future__ import annotations
@@ -209,6 +211,23 @@ def transformers_bench(args: argparse.Namespace) -> None:
         f"{args.new_tokens} tokens in {total:.2f} s"
     )
 
+    # the model's own forward first: the fused step turns the model's q/k/v and gate/up weights into views
+    replies = []
+    for fused in (False, True):
+        settings = settings.model_copy(update={"fused_step": fused})
+        backend = TransformersBackend("llama", settings, fmt, loaded=LoadedModel(tokenizer, model, fmt))
+        z_rate = zhiku_runs(backend, args, options, msgs, f"fused_step: {str(fused).lower()}")
+        replies.append("".join(backend.stream(msgs, options)))
+    same = next((i for i, (a, b) in enumerate(zip(*replies, strict=True)) if a != b), len(replies[0]))
+    # one token per character; random weights give near-even logits, where a rounding difference can flip a tie
+    print(f"greedy replies of both steps: the first {same} of {len(replies[0])} tokens identical")
+    print(f"single stream: {z_rate / rate:.1f}x the anchor's decode tokens/s")
+
+
+def zhiku_runs(
+    backend: Any, args: argparse.Namespace, options: GenerationOptions, msgs: list[Message], label: str
+) -> float:
+    """One chat (median of the runs), then N concurrent chats; returns the single chat's decode tokens/s."""
     one_chat(backend, conversation(backend, args.prompt_tokens, seed=100), options)  # warm-up: graphs, cache
     runs = [one_chat(backend, msgs, options) for _ in range(args.runs)]
     tokens = runs[0][2]
@@ -218,9 +237,11 @@ def transformers_bench(args: argparse.Namespace) -> None:
     z_total = statistics.median(r[1] for r in runs)
     runner: Any = backend.engine()._runner
     graphs = getattr(runner, "use_graphs", False)
+    fused = getattr(runner, "step_fn", None) is not None
     print(
-        f"zhiku: TransformersBackend.stream(), 1 chat: first token {z_first * 1e3:.1f} ms, decode {z_rate:.1f} "
-        f"tokens/s, {tokens} tokens in {z_total:.2f} s (CUDA graphs: {'on' if graphs else 'off'})"
+        f"zhiku ({label}): TransformersBackend.stream(), 1 chat: first token {z_first * 1e3:.1f} ms, decode "
+        f"{z_rate:.1f} tokens/s, {tokens} tokens in {z_total:.2f} s (CUDA graphs: {'on' if graphs else 'off'}, "
+        f"fused step: {'on' if fused else 'off'})"
     )
 
     chats = [conversation(backend, args.prompt_tokens, seed=s) for s in range(1, args.chats + 1)]
@@ -229,10 +250,11 @@ def transformers_bench(args: argparse.Namespace) -> None:
     assert n == args.chats * args.new_tokens, n
     stats = backend.engine().stats
     print(
-        f"zhiku: {args.chats} concurrent chats: {n / wall:.1f} tokens/s aggregate, {n} tokens in {wall:.2f} s, "
-        f"first token median {c_first * 1e3:.1f} ms, at most {stats.most_rows} chats in one step"
+        f"zhiku ({label}): {args.chats} concurrent chats: {n / wall:.1f} tokens/s aggregate, {n} tokens in "
+        f"{wall:.2f} s, first token median {c_first * 1e3:.1f} ms, at most {stats.most_rows} chats in one step, "
+        f"{stats.graphs} CUDA graphs captured"
     )
-    print(f"single stream: {z_rate / rate:.1f}x the anchor's decode tokens/s; {stats.graphs} CUDA graphs captured")
+    return z_rate
 
 
 def llamacpp_bench(args: argparse.Namespace) -> None:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from llms.llama_step import LlamaDecodeStep
+
 __all__ = ["DecodeEngine", "EngineStats", "Sampling", "TokenStream", "detokenize", "supports_slots"]
 
 log = logging.getLogger(__name__)
@@ -215,10 +217,14 @@ class DecodeEngine:
         cuda_graphs: bool = True,
         name: str = "llm",
         batched: bool | None = None,
+        fused_step: bool | None = None,
     ) -> None:
         """``window``: positions the model attends to (prompt + reply). ``batched``: None picks the slot cache
-        when :func:`supports_slots`; False forces the one-at-a-time loop."""
+        when :func:`supports_slots`; False forces the one-at-a-time loop. ``fused_step``: None runs the slot
+        cache's steps through :class:`llms.llama_step.LlamaDecodeStep` where the steps are CUDA graphs and the
+        model is Llama-shaped; True asks for it anywhere (an error if the model is not); False never."""
         self.model = model
+        self.fused_step = fused_step
         self.window = window
         self.max_batch = max(1, max_batch)
         self.cuda_graphs = cuda_graphs
@@ -369,6 +375,7 @@ class DecodeEngine:
                 cuda_graphs=self.cuda_graphs,
                 stats=self.stats,
                 name=self.name,
+                fused_step=self.fused_step,
             )
         return _SerialRunner(self.model)
 
@@ -583,7 +590,15 @@ class _SlotRunner:
     """Continuous batching over a static cache of ``slots`` rows; see the module docstring."""
 
     def __init__(
-        self, model: Any, *, window: int, max_batch: int, cuda_graphs: bool, stats: EngineStats, name: str
+        self,
+        model: Any,
+        *,
+        window: int,
+        max_batch: int,
+        cuda_graphs: bool,
+        stats: EngineStats,
+        name: str,
+        fused_step: bool | None = None,
     ) -> None:
         self.model = model
         self.window = window
@@ -601,6 +616,17 @@ class _SlotRunner:
         self.use_graphs = bool(
             cuda_graphs and self.device.type == "cuda" and devices == {self.device} and not quantized
         )
+        self.step_fn: LlamaDecodeStep | None = None
+        if self.use_graphs if fused_step is None else fused_step:
+            from llms.llama_step import LlamaDecodeStep, fused_step_unsupported
+
+            reason = fused_step_unsupported(model)
+            if reason is None:
+                self.step_fn = LlamaDecodeStep(model)  # makes q/k/v and gate/up views into fused weights
+            elif fused_step:
+                raise ValueError(f"{name}: the fused decode step cannot run this model: {reason}")
+            else:
+                log.info("%s: decode steps through the model's forward (%s)", name, reason)
         self.graphs: dict[tuple[int, int], Any] = {}
         self.pool: Any = None
         self.capture_stream: Any = None
@@ -735,15 +761,22 @@ class _SlotRunner:
         for mirror in self.view.positions.values():
             if mirror is not self.pos:  # layers on other GPUs (device_map) read their own copy
                 mirror[:rows].copy_(pos)
-        mask = torch.where(self.columns[None, :length] <= pos[:, None], self.zero, self.neg)
-        out = self.model(
-            input_ids=self.ids[:rows],
-            position_ids=pos[:, None],
-            attention_mask=mask.view(rows, 1, 1, length),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1, :].float().to(self.device)
+        mask = torch.where(self.columns[None, :length] <= pos[:, None], self.zero, self.neg).view(rows, 1, 1, length)
+        if self.step_fn is not None:
+            layers = self.cache.layers
+            step_logits = self.step_fn(
+                self.ids[:rows], pos[:, None], mask, [la.keys for la in layers], [la.values for la in layers]
+            )
+            logits = step_logits.float()
+        else:
+            out = self.model(
+                input_ids=self.ids[:rows],
+                position_ids=pos[:, None],
+                attention_mask=mask,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :].float().to(self.device)
         if self.seen is not None and self.penalty is not None:
             logits = _penalize(logits, self.seen[:rows], self.penalty)
         self.logits[:rows].copy_(logits)

@@ -71,6 +71,11 @@ class TransformersSettings(BaseModel):
     cuda_graphs: bool = Field(
         True, description="replay each decode step as a CUDA graph (one GPU, no 8/4-bit); false: plain steps"
     )
+    fused_step: bool = Field(
+        True,
+        description="with CUDA graphs, a LlamaForCausalLM model decodes through one fused step (q/k/v and "
+        "gate/up each one matrix product; llms/llama_step.py); false: through the model's own forward",
+    )
 
     @model_validator(mode="after")
     def _one_quantization(self) -> TransformersSettings:
@@ -296,6 +301,7 @@ class TransformersBackend:
                     max_batch=self.settings.max_batch_size,
                     cuda_graphs=self.settings.cuda_graphs,
                     name=self.name,
+                    fused_step=None if self.settings.fused_step else False,
                 )
             return self._engine
 

@@ -16,6 +16,8 @@ from llms.decode import DecodeEngine, Sampling, detokenize, supports_slots
 from tests.tiny_models import tiny_baichuan, tiny_llama, tiny_moss
 
 NAMES = ["moss", "llama", "baichuan"]
+# the Llama-shaped models also run the fused decode step (llms/llama_step.py; on a GPU, the default)
+STEPS = [*NAMES, "llama-fused", "baichuan-fused"]
 
 
 @dataclass
@@ -24,6 +26,13 @@ class Tiny:
     model: Any
     tokenizer: Any
     window: int
+    fused: bool = False
+
+    def engine(self, **kwargs: Any) -> DecodeEngine:
+        """A DecodeEngine over this model, its steps through the fused step when the case asks for it."""
+        kwargs.setdefault("window", self.window)
+        kwargs.setdefault("fused_step", self.fused or None)
+        return DecodeEngine(self.model, **kwargs)
 
     def prompt(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -59,9 +68,17 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: build(tmp_path_factory.mktemp(f"tiny-{name}")) for name, build in builders.items()}
 
 
-@pytest.fixture(params=NAMES)
+def _case(folders: dict[str, Path], case: str) -> Tiny:
+    """``case`` is a model's name, with ``-fused`` for its steps through the fused step."""
+    name, _, fused = case.partition("-")
+    loaded = _load(folders[name], name)
+    loaded.fused = bool(fused)
+    return loaded
+
+
+@pytest.fixture(params=STEPS)
 def tiny(request: pytest.FixtureRequest, folders: dict[str, Path]) -> Tiny:
-    return _load(folders[request.param], request.param)
+    return _case(folders, request.param)
 
 
 PROMPTS = [
@@ -73,7 +90,7 @@ PROMPTS = [
 
 @pytest.mark.parametrize("batched", [True, False], ids=["slots", "serial"])
 def test_greedy_is_generates_greedy(tiny: Tiny, batched: bool) -> None:
-    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4, batched=batched)
+    engine = tiny.engine(max_batch=4, batched=batched)
     assert supports_slots(tiny.model)  # all three tiny models are transformers-native
     for text in PROMPTS:
         prompt = tiny.prompt(text)
@@ -104,7 +121,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_tokens(tiny: Tiny
     prompts = [tiny.prompt(t) for t in PROMPTS]
     alone = [tiny.reference(p, 30) for p in prompts]
     seeded = Sampling(temperature=0.9, top_p=0.95, top_k=50, seed=3)
-    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4)
+    engine = tiny.engine(max_batch=4)
     sampled_alone = list(engine.submit(prompts[0], max_new_tokens=30, sampling=seeded))
     with engine.hold():  # all four join the same step
         streams = [engine.submit(p, max_new_tokens=30) for p in prompts]
@@ -118,7 +135,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_tokens(tiny: Tiny
 def test_requests_join_and_leave_between_steps(tiny: Tiny) -> None:
     a, b, c = (tiny.prompt(t) for t in PROMPTS)
     ref_a, ref_b, ref_c = tiny.reference(a, 50), tiny.reference(b, 50), tiny.reference(c, 20)
-    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4)
+    engine = tiny.engine(max_batch=4)
     first = engine.submit(a, max_new_tokens=50)
     got_a = [next(first) for _ in range(5)]
     second = engine.submit(b, max_new_tokens=50)  # joins a running batch
@@ -143,13 +160,16 @@ def test_more_requests_than_slots_wait_for_one(folders: dict[str, Path]) -> None
     assert engine.stats.most_rows == 2
 
 
-def test_padded_graph_buckets_give_the_same_tokens(folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", ["moss", "llama-fused"])
+def test_padded_graph_buckets_give_the_same_tokens(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
     """On a GPU each step replays a graph captured for (rows rounded up to a power of two, columns rounded up to
     LENGTH_BUCKET). Here a stand-in "graph" replays the same step on the CPU: the padding rows and columns must
     not change a token, and a bucket is captured once."""
-    tiny = _load(folders["moss"], "moss")
+    tiny = _case(folders, case)
     monkeypatch.setattr(decode, "LENGTH_BUCKET", 16)
-    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=4)
+    engine = tiny.engine(max_batch=4)
     runner: Any = engine._make_runner()
     engine._runner = runner
     runner.use_graphs = True
@@ -253,16 +273,16 @@ def test_detokenize_never_splits_a_character(folders: dict[str, Path]) -> None:
     assert list(detokenize([], llama)) == []
 
 
-@pytest.mark.parametrize("name", ["llama", "moss"])
-def test_the_decode_step_traces_as_one_graph(folders: dict[str, Path], name: str) -> None:
+@pytest.mark.parametrize("case", ["llama", "moss", "llama-fused"])
+def test_the_decode_step_traces_as_one_graph(folders: dict[str, Path], case: str) -> None:
     """What a CUDA graph captures must be pure tensor work: no host sync (.item(), .tolist()), no branch on a
     tensor's value. torch.compile(fullgraph=True) refuses exactly those, so tracing the step on the CPU guards
     the GPU path (repetition penalty on, so its branch is traced too)."""
     import torch
 
-    tiny = _load(folders[name], name)
+    tiny = _case(folders, case)
     tiny.model.generation_config.repetition_penalty = 1.2
-    engine = DecodeEngine(tiny.model, window=tiny.window, max_batch=2)
+    engine = tiny.engine(max_batch=2)
     runner: Any = engine._make_runner()
     with torch.inference_mode():
         runner.admit(decode._Request(tiny.prompt(PROMPTS[0]), 8, (), Sampling()), 0)
@@ -270,3 +290,36 @@ def test_the_decode_step_traces_as_one_graph(folders: dict[str, Path], name: str
         eager = runner.logits[:2].clone()
         torch.compile(runner._forward, fullgraph=True, backend="eager", dynamic=False)(2, 32)
         assert torch.equal(runner.logits[:2], eager)  # the step is idempotent: same inputs, same writes
+
+
+def test_the_fused_step_shares_the_models_weights_and_refuses_other_models(folders: dict[str, Path]) -> None:
+    import torch
+
+    from llms.llama_step import LlamaDecodeStep
+
+    tiny = _load(folders["llama"], "llama")
+    layer = tiny.model.model.layers[0]
+    before = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])
+    params = sum(p.numel() for p in tiny.model.parameters())
+    step = LlamaDecodeStep(tiny.model)
+    assert torch.equal(step.qkv[0], before)
+    # the model's projections now read the fused matrix: one copy of the weights, not two
+    assert layer.self_attn.q_proj.weight.data_ptr() == step.qkv[0].data_ptr()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == step.gate_up[0].untyped_storage().data_ptr()
+    assert sum(p.numel() for p in tiny.model.parameters()) == params
+
+    # a step's logits: the fused step's equal the model's forward over the same cache (greedy tokens alone would
+    # hide a small error, e.g. in the rotary embedding, on a tiny random model)
+    logits = []
+    for fused in (False, True):
+        runner: Any = tiny.engine(max_batch=2, fused_step=fused)._make_runner()
+        with torch.inference_mode():
+            for slot, text in enumerate(PROMPTS[:2]):
+                runner.admit(decode._Request(tiny.prompt(text), 8, (), Sampling()), slot)
+            runner._forward(2, 64)
+        logits.append(runner.logits[:2].clone())
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)  # logits ~0.4; sin x 0.9 moves them 6e-5
+
+    moss = _load(folders["moss"], "moss")
+    with pytest.raises(ValueError, match="not LlamaForCausalLM"):
+        DecodeEngine(moss.model, window=moss.window, fused_step=True)._make_runner()

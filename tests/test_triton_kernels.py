@@ -1,0 +1,29 @@
+"""The Triton kernels of the CUDA paths, run on the CPU by Triton's interpreter (tests/triton_interpreted.py):
+the packed embedder's add + LayerNorm, and the fused decode step's rotary + cache write, add + RMSNorm and
+SiLU x up, each against the torch operations it replaces. On the GPU, bench/README.md records the same checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+pytest.importorskip("triton", reason="requirements-dev.txt installs Triton (its interpreter runs on a CPU)")
+
+
+def test_triton_kernels_match_the_torch_operations_they_replace() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.triton_interpreted"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

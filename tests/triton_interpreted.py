@@ -1,0 +1,77 @@
+"""The Triton kernels (knowledge/triton_kernels.py, llms/triton_decode.py) run by Triton's interpreter on the CPU
+against the torch operations they replace. Run by tests/test_triton_kernels.py in a subprocess, with
+TRITON_INTERPRET=1 set before Triton is imported; exits non-zero (an AssertionError) on a mismatch."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def check_add_layer_norm() -> None:
+    import torch
+
+    from knowledge.triton_kernels import add_layer_norm
+
+    torch.manual_seed(0)
+    x, r = torch.randn(5, 48), torch.randn(5, 48)  # 48: not a power of two, the block's tail is masked
+    w, b = torch.randn(48), torch.randn(48)
+    expected = torch.nn.functional.layer_norm(x + r, (48,), w, b, 1e-12)
+    torch.testing.assert_close(add_layer_norm(x, r, w, b, 1e-12), expected, rtol=1e-5, atol=1e-5)
+
+
+def check_decode_kernels() -> None:
+    import torch
+
+    from llms.triton_decode import add_rms_norm, silu_mul
+
+    torch.manual_seed(0)
+    x, delta, w = torch.randn(3, 1, 40), torch.randn(3, 1, 40), torch.randn(40)
+    total, normed = add_rms_norm(x, delta, w, 1e-6)
+    torch.testing.assert_close(total, x + delta)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(x + delta, (40,), w, 1e-6), rtol=1e-5, atol=1e-5)
+    gate_up = torch.randn(3, 1, 2 * 1500)  # more than one block of 1,024, the last one partly masked
+    gate, up = gate_up.split(1500, dim=-1)
+    torch.testing.assert_close(silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+def check_fused_step_with_kernels() -> None:
+    """One decode step of 3 rows: logits and the cache rows written equal the model's forward (rope_and_cache
+    writes k and v at each row's own position)."""
+    import torch
+
+    from llms import decode
+    from llms.llama_step import LlamaDecodeStep
+    from tests.test_decode import PROMPTS, _load
+    from tests.tiny_models import tiny_llama
+
+    tiny = _load(tiny_llama(Path(tempfile.mkdtemp())), "llama")
+    results = []
+    for kernels in (None, True):  # None: no fused step (the model's forward); True: fused, Triton kernels
+        runner = decode.DecodeEngine(tiny.model, window=256, max_batch=3, fused_step=kernels)._make_runner()
+        if kernels:
+            runner.step_fn = LlamaDecodeStep(tiny.model, kernels=True)
+            assert runner.step_fn.kernels is not None
+        with torch.inference_mode():
+            for slot, text in enumerate(PROMPTS):
+                runner.admit(decode._Request(tiny.prompt(text), 8, (), decode.Sampling()), slot)
+            runner._forward(3, 64)
+        layer = runner.cache.layers[1]
+        results.append((runner.logits[:3].clone(), layer.keys[:3, :, :64].clone(), layer.values[:3, :, :64].clone()))
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before Triton is imported"
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    check_add_layer_norm()
+    check_decode_kernels()
+    check_fused_step_with_kernels()
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,10 +25,6 @@ if TYPE_CHECKING:
     import torch
 
 
-# whether kernels=None takes the Triton kernels on CUDA
-TRITON_BY_DEFAULT = False
-
-
 def fused_step_unsupported(model: Any) -> str | None:
     """Why :class:`LlamaDecodeStep` cannot run ``model`` (None when it can)."""
     if type(model).__name__ != "LlamaForCausalLM":
@@ -81,7 +77,7 @@ class LlamaDecodeStep:
         self.norms.append(model.model.norm)
         self.kernels: Any = None
         power_of_two = self.head_dim & (self.head_dim - 1) == 0
-        if kernels or (kernels is None and TRITON_BY_DEFAULT and model.device.type == "cuda" and power_of_two):
+        if kernels or (kernels is None and model.device.type == "cuda" and power_of_two):
             try:
                 from llms import triton_decode
             except ImportError:

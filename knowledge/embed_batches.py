@@ -354,7 +354,7 @@ class BatchedEncoder:
             torch.from_numpy(positions),
             torch.from_numpy(segment),
             torch.from_numpy(cu),
-            torch.from_numpy(rows.astype(np.float32)),
+            torch.from_numpy(np.maximum(rows, 1).astype(np.float32)),  # as the padded path clamps
             torch.from_numpy(np.ascontiguousarray(owners[idx], dtype=np.int64)),
             torch.from_numpy(np.ascontiguousarray(tok.weight[idx], dtype=np.float32)),
         ]

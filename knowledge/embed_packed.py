@@ -45,7 +45,9 @@ def packed_bert_unsupported(model: Any, device: str) -> str | None:
     config = model.config
     checks = {
         "position_embedding_type": getattr(config, "position_embedding_type", "absolute") != "absolute",
-        "hidden_act": config.hidden_act != "gelu",
+        # the epilogue computes tanh-approximated GELU: exact for the tanh variants, ~1e-3 off erf GELU ("gelu",
+        # m3e-base's), which the load-time probe texts check against sentence-transformers' vectors
+        "hidden_act": config.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"),
         "is_decoder": bool(getattr(config, "is_decoder", False)),
     }
     if any(checks.values()):

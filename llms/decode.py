@@ -622,7 +622,12 @@ class _SlotRunner:
 
             reason = fused_step_unsupported(model)
             if reason is None:
-                self.step_fn = LlamaDecodeStep(model)  # makes q/k/v and gate/up views into fused weights
+                try:
+                    self.step_fn = LlamaDecodeStep(model)  # makes q/k/v and gate/up views into fused weights
+                except (RuntimeError, ValueError) as exc:  # e.g. out of memory for one layer's fused copy
+                    if fused_step:
+                        raise
+                    log.warning("%s: decode steps through the model's forward (fused step: %s)", name, exc)
             elif fused_step:
                 raise ValueError(f"{name}: the fused decode step cannot run this model: {reason}")
             else:
@@ -724,6 +729,8 @@ class _SlotRunner:
         assert self.ids is not None and self.pos is not None
         rows = max(r.slot for r in reqs) + 1
         longest = max(r.position for r in reqs) + 1
+        if self.step_fn is not None and not self.step_fn.kernels_checked:
+            self._first_fused_step(rows, longest)
         if self.use_graphs:
             rows = min(len(self.slots), 1 << (rows - 1).bit_length())
             length = min(self.window, -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
@@ -781,6 +788,20 @@ class _SlotRunner:
             logits = _penalize(logits, self.seen[:rows], self.penalty)
         self.logits[:rows].copy_(logits)
         self.next[:rows].copy_(logits.argmax(dim=-1))
+
+    def _first_fused_step(self, rows: int, length: int) -> None:
+        """Run the first fused step eagerly: Triton kernels chosen by default that fail to build or run here are
+        dropped (the step then uses torch operations) instead of failing every chat. The step writes the same
+        cache entries again when it runs for real."""
+        assert self.step_fn is not None
+        try:
+            self._forward(rows, length)
+        except Exception as exc:  # Triton's build errors share no base class but Exception
+            if not self.step_fn.first_step_failed(exc):
+                raise
+            log.warning("%s: the fused step's Triton kernels failed (%s); using torch operations", self.name, exc)
+        else:
+            self.step_fn.kernels_checked = True
 
     def _replay(self, rows: int, length: int) -> None:
         import torch

@@ -66,7 +66,9 @@ class LlamaDecodeStep:
         self.layers = list(model.model.layers)
         self.qkv: list[torch.Tensor] = []
         self.gate_up: list[torch.Tensor] = []
-        with torch.no_grad():
+        # normal tensors even when built on the decode worker (inside inference_mode): the model's parameters
+        # become views into them, and must stay usable for loading weights or a forward with gradients
+        with torch.inference_mode(False), torch.no_grad():
             for layer in self.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 self.qkv.append(_fuse(attn.q_proj, attn.k_proj, attn.v_proj))
@@ -85,6 +87,16 @@ class LlamaDecodeStep:
                     raise
             else:
                 self.kernels = triton_decode
+        self.kernels_checked = kernels is not None  # chosen by default: the first step may fall back
+
+    def first_step_failed(self, error: BaseException) -> bool:
+        """After the first step raised ``error``: whether the step can run again without the Triton kernels
+        (they were chosen by default and may not build on this GPU or driver)."""
+        if self.kernels is None or self.kernels_checked:
+            return False
+        self.kernels = None
+        self.kernels_checked = True
+        return True
 
     def __call__(
         self,
@@ -173,13 +185,20 @@ class LlamaDecodeStep:
 
 
 def _fuse(*linears: Any) -> torch.Tensor:
-    """One matrix of the linears' weights stacked by rows; each linear's weight becomes a view into it."""
+    """One matrix of the linears' weights stacked by rows; each linear's weight becomes a view into it.
+
+    Done once per model: a second step (a new engine over the same model) finds the matrix and reuses it, so
+    there is never a second copy, and graphs captured by the first still read live memory."""
     import torch
 
+    fused: torch.Tensor | None = getattr(linears[0], "zhiku_fused", None)
+    if fused is not None and linears[0].weight.data_ptr() == fused.data_ptr():
+        return fused
     fused = torch.cat([linear.weight for linear in linears]).contiguous()
     start = 0
     for linear in linears:
         n = linear.weight.shape[0]
         linear.weight = torch.nn.Parameter(fused[start : start + n], requires_grad=False)
         start += n
+    linears[0].zhiku_fused = fused  # a plain attribute: not a parameter, buffer or state_dict entry
     return fused

@@ -13,7 +13,7 @@ import pytest
 
 from llms import decode
 from llms.decode import DecodeEngine, Sampling, detokenize, supports_slots
-from tests.tiny_models import tiny_baichuan, tiny_llama, tiny_moss
+from tests.tiny_models import tiny_baichuan, tiny_llama, tiny_llama_gqa, tiny_moss
 
 NAMES = ["moss", "llama", "baichuan"]
 # the Llama-shaped models also run the fused decode step (llms/llama_step.py; on a GPU, the default)
@@ -292,6 +292,54 @@ def test_the_decode_step_traces_as_one_graph(folders: dict[str, Path], case: str
         assert torch.equal(runner.logits[:2], eager)  # the step is idempotent: same inputs, same writes
 
 
+def one_step(model: Any, prompts: list[list[int]], fused: bool, kernels: bool | None = None) -> tuple[Any, Any, Any]:
+    """One decode step of len(prompts) rows after their prefills: (logits, layer 1's keys, its values) as the
+    slot runner computes them, through the model's forward or the fused step (with or without its kernels)."""
+    import torch
+
+    from llms.llama_step import LlamaDecodeStep
+
+    runner: Any = DecodeEngine(model, window=256, max_batch=len(prompts), fused_step=fused)._make_runner()
+    if fused:
+        runner.step_fn = LlamaDecodeStep(model, kernels=kernels)
+        assert (runner.step_fn.kernels is not None) == bool(kernels)
+    with torch.inference_mode():
+        for slot, prompt in enumerate(prompts):
+            runner.admit(decode._Request(prompt, 8, (), Sampling()), slot)
+        runner._forward(len(prompts), 64)
+    layer = runner.cache.layers[1]
+    rows = len(prompts)
+    return runner.logits[:rows].clone(), layer.keys[:rows, :, :64].clone(), layer.values[:rows, :, :64].clone()
+
+
+def test_the_fused_step_keeps_grouped_kv_heads_and_scaled_rope() -> None:
+    import torch
+
+    model = tiny_llama_gqa()
+    prompts = [[5, 17, 99, 42] * 5, [7, 8, 9], list(range(3, 45))]
+    for expected, got in zip(one_step(model, prompts, False), one_step(model, prompts, True), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_kernels_chosen_by_default_that_fail_fall_back_to_torch_operations(
+    folders: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a GPU whose Triton cannot build the kernels, the first step drops them: every chat still decodes."""
+    tiny = _load(folders["llama"], "llama")
+    engine = tiny.engine(fused_step=True)
+    runner: Any = engine._make_runner()
+    engine._runner = runner
+
+    class Broken:
+        def rope_and_cache(self, *args: Any) -> Any:
+            raise RuntimeError("PTXASError: ptxas fatal")
+
+    runner.step_fn.kernels, runner.step_fn.kernels_checked = Broken(), False  # as chosen by default on CUDA
+    prompt = tiny.prompt(PROMPTS[0])
+    assert list(engine.submit(prompt, max_new_tokens=20)) == tiny.reference(prompt, 20)
+    assert runner.step_fn.kernels is None and "ptxas fatal" in caplog.text
+
+
 def test_the_fused_step_shares_the_models_weights_and_refuses_other_models(folders: dict[str, Path]) -> None:
     import torch
 
@@ -301,7 +349,8 @@ def test_the_fused_step_shares_the_models_weights_and_refuses_other_models(folde
     layer = tiny.model.model.layers[0]
     before = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])
     params = sum(p.numel() for p in tiny.model.parameters())
-    step = LlamaDecodeStep(tiny.model)
+    with torch.inference_mode():  # as the decode worker builds it
+        step = LlamaDecodeStep(tiny.model)
     assert torch.equal(step.qkv[0], before)
     # the model's projections now read the fused matrix: one copy of the weights, not two
     assert layer.self_attn.q_proj.weight.data_ptr() == step.qkv[0].data_ptr()
@@ -310,15 +359,16 @@ def test_the_fused_step_shares_the_models_weights_and_refuses_other_models(folde
 
     # a step's logits: the fused step's equal the model's forward over the same cache (greedy tokens alone would
     # hide a small error, e.g. in the rotary embedding, on a tiny random model)
-    logits = []
-    for fused in (False, True):
-        runner: Any = tiny.engine(max_batch=2, fused_step=fused)._make_runner()
-        with torch.inference_mode():
-            for slot, text in enumerate(PROMPTS[:2]):
-                runner.admit(decode._Request(tiny.prompt(text), 8, (), Sampling()), slot)
-            runner._forward(2, 64)
-        logits.append(runner.logits[:2].clone())
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)  # logits ~0.4; sin x 0.9 moves them 6e-5
+    prompts = [tiny.prompt(text) for text in PROMPTS]
+    for expected, got in zip(one_step(tiny.model, prompts, False), one_step(tiny.model, prompts, True), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # logits ~0.4; sin x 0.9 moves them 6e-5
+
+    # a second engine over the same model reuses the fused matrices; they are normal tensors although built
+    # inside inference_mode, so the model still loads weights and runs with gradients
+    again = LlamaDecodeStep(tiny.model)
+    assert again.qkv[0] is step.qkv[0] and again.gate_up[1] is step.gate_up[1]
+    assert not layer.self_attn.q_proj.weight.is_inference()
+    tiny.model.load_state_dict(tiny.model.state_dict())
 
     moss = _load(folders["moss"], "moss")
     with pytest.raises(ValueError, match="not LlamaForCausalLM"):

@@ -88,6 +88,33 @@ def _llama_shaped(folder: Path, tokenizer: Any, generation: dict[str, Any]) -> P
     return folder
 
 
+def tiny_llama_gqa() -> Any:
+    """A random LlamaForCausalLM in memory with grouped kv heads (4 query heads share 2) and llama3-scaled rope:
+    the shapes Llama-3-style checkpoints have, which the fused decode step must index right."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _seed()
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters=rope,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_llama(folder: Path) -> Path:
     """A Llama-2-chat-shaped model: ``<s>``/``</s>`` as BOS/EOS ids, ``<unk>``, ``<pad>``."""
     from transformers import PreTrainedTokenizerFast

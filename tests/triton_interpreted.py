@@ -39,29 +39,21 @@ def check_decode_kernels() -> None:
 
 def check_fused_step_with_kernels() -> None:
     """One decode step of 3 rows: logits and the cache rows written equal the model's forward (rope_and_cache
-    writes k and v at each row's own position)."""
+    writes k and v at each row's own position), also with grouped kv heads and llama3-scaled rope."""
     import torch
 
-    from llms import decode
-    from llms.llama_step import LlamaDecodeStep
-    from tests.test_decode import PROMPTS, _load
-    from tests.tiny_models import tiny_llama
+    from tests.test_decode import PROMPTS, _load, one_step
+    from tests.tiny_models import tiny_llama, tiny_llama_gqa
 
     tiny = _load(tiny_llama(Path(tempfile.mkdtemp())), "llama")
-    results = []
-    for kernels in (None, True):  # None: no fused step (the model's forward); True: fused, Triton kernels
-        runner = decode.DecodeEngine(tiny.model, window=256, max_batch=3, fused_step=kernels)._make_runner()
-        if kernels:
-            runner.step_fn = LlamaDecodeStep(tiny.model, kernels=True)
-            assert runner.step_fn.kernels is not None
-        with torch.inference_mode():
-            for slot, text in enumerate(PROMPTS):
-                runner.admit(decode._Request(tiny.prompt(text), 8, (), decode.Sampling()), slot)
-            runner._forward(3, 64)
-        layer = runner.cache.layers[1]
-        results.append((runner.logits[:3].clone(), layer.keys[:3, :, :64].clone(), layer.values[:3, :, :64].clone()))
-    for expected, got in zip(*results, strict=True):
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    gqa = tiny_llama_gqa()
+    for model, prompts in [
+        (tiny.model, [tiny.prompt(text) for text in PROMPTS]),
+        (gqa, [[5, 17, 99, 42] * 5, [7, 8, 9], list(range(3, 45))]),
+    ]:
+        expected = one_step(model, prompts, False)
+        for want, got in zip(expected, one_step(model, prompts, True, kernels=True), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def main() -> None:

@@ -182,7 +182,8 @@ def fast_path(
 ) -> FastSentenceTransformer | str:
     """The fast path for ``st_model`` when it reproduces sentence-transformers' vectors, else the reason.
 
-    With ``packed=None`` a packed path that fails the probes (an attention kernel this GPU lacks, say) falls
+    A packed path whose Triton attention fails the probes runs torch's attention kernel instead. With
+    ``packed=None`` a packed path that fails the probes anyway (an attention kernel this GPU lacks, say) falls
     back to padded batches, logged; only a padded path that fails too means ``encode``.
     """
     found = plain_encoder(st_model)
@@ -191,6 +192,10 @@ def fast_path(
     transformer, pooling = found
     fast = FastSentenceTransformer(st_model, transformer, pooling, device, token_budget, packed)
     problem = _probe(fast, dim)
+    if problem and fast.packed is not None and fast.packed.attention == "triton":
+        _log.warning("embedding: Triton attention fails the probe texts, using torch's kernel: %s", problem)
+        fast.packed.attention = "torch"
+        problem = _probe(fast, dim)
     if problem and packed is None and fast.packed is not None:
         _log.warning("embedding: packed batches fail the probe texts, running padded ones: %s", problem)
         fast = FastSentenceTransformer(st_model, transformer, pooling, device, token_budget, packed=False)

@@ -1,7 +1,8 @@
 """A BERT encoder (m3e-base's architecture) run over packed sequences: no padding, fewer kernels.
 
 The texts of a batch are laid end to end as one (tokens, hidden) matrix; attention keeps them apart with
-cumulative sequence offsets (flash attention's variable-length kernel, ``torch.nn.attention.varlen``).
+cumulative sequence offsets (a Triton kernel, :func:`knowledge.triton_kernels.varlen_attention`, or flash
+attention's variable-length kernel, ``torch.nn.attention.varlen``).
 Nothing is spent on padding, and the small kernels between the matrix products are fused:
 
 - q, k and v are one matrix product (their weights concatenated once, at load);
@@ -94,6 +95,14 @@ class PackedBert:
             self.position = embeddings.position_embeddings.weight + embeddings.token_type_embeddings.weight[0]
             self.layers = [_fused_layer(layer) for layer in model.encoder.layer]
         self._add_norm = _triton_add_norm() if self.on_cuda else None
+        self.attention = self.default_attention()
+
+    def default_attention(self) -> str:
+        """The attention kernel: "triton" (knowledge.triton_kernels.varlen_attention, 1.75x torch's kernel on an
+        H200 at head size 64: bench/README.md) on CUDA with Triton; else "torch" (flash attention's variable-length
+        kernel on CUDA, one SDPA per sequence on a CPU). knowledge.embed_fast.fast_path sets "torch" when the
+        Triton kernel fails the probe texts."""
+        return "triton" if self._add_norm is not None else "torch"
 
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int
@@ -130,6 +139,10 @@ class PackedBert:
         """(tokens, heads, head_dim): each sequence attends only to itself."""
         import torch
 
+        if self.attention == "triton":
+            from knowledge.triton_kernels import varlen_attention
+
+            return varlen_attention(q, k, v, cu_seqlens, max_length, 1.0 / math.sqrt(self.head_dim))
         if self.on_cuda:
             from torch.nn.attention.varlen import varlen_attn
 

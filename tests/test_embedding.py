@@ -4,6 +4,8 @@ path and encode) on a tiny local BERT."""
 from __future__ import annotations
 
 import random
+import sys
+import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -314,6 +316,30 @@ def test_a_packed_path_that_fails_its_probes_falls_back_to_padded_batches(
     emb = SentenceTransformerEmbedder(str(bert_dir), device="cpu", max_seq_length=64)
     assert emb.fast and not emb.packed
     assert "no kernel image" in caplog.text
+    texts = varied_texts(10)
+    reference = fp32_reference.encode_document(texts, normalize_embeddings=True, show_progress_bar=False)
+    assert float((emb.embed_documents(texts) * reference).sum(axis=1).min()) >= 0.999
+
+
+def test_a_triton_attention_that_fails_its_probes_gives_way_to_torchs(
+    bert_dir: Path, fp32_reference: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The packed path stays (its other kernels pass), with torch's attention instead of the Triton kernel."""
+    import knowledge.embed_fast
+    from knowledge.embed_packed import PackedBert
+
+    calls = []
+
+    def no_kernel(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        raise RuntimeError("triton: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(knowledge.embed_fast, "packed_by_default", lambda device: True)  # as on CUDA
+    monkeypatch.setattr(PackedBert, "default_attention", lambda self: "triton")
+    monkeypatch.setitem(sys.modules, "knowledge.triton_kernels", types.SimpleNamespace(varlen_attention=no_kernel))
+    emb = SentenceTransformerEmbedder(str(bert_dir), device="cpu", max_seq_length=64)
+    assert calls and emb.packed and "Triton attention fails" in caplog.text
+    assert emb._fast.packed.attention == "torch"
     texts = varied_texts(10)
     reference = fp32_reference.encode_document(texts, normalize_embeddings=True, show_progress_bar=False)
     assert float((emb.embed_documents(texts) * reference).sum(axis=1).min()) >= 0.999

@@ -22,6 +22,26 @@ def check_add_layer_norm() -> None:
     torch.testing.assert_close(add_layer_norm(x, r, w, b, 1e-12), expected, rtol=1e-5, atol=1e-5)
 
 
+def check_varlen_attention() -> None:
+    """Packed sequences (lengths 1, 40, 130: one block, several, a partial last block) from views into one q/k/v
+    product, against SDPA per sequence."""
+    import torch
+    import torch.nn.functional as F
+
+    from knowledge.triton_kernels import varlen_attention
+
+    torch.manual_seed(0)
+    lengths, heads, d = [1, 40, 130], 3, 16
+    qkv = torch.randn(sum(lengths), 3, heads, d)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    got = varlen_attention(q, k, v, cu, max(lengths), 0.25, block_m=32, block_n=16)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        want = F.scaled_dot_product_attention(qs, ks, vs, scale=0.25).transpose(0, 1)
+        torch.testing.assert_close(got[start:end], want, rtol=1e-5, atol=1e-5)
+
+
 def check_decode_kernels() -> None:
     import torch
 
@@ -60,6 +80,7 @@ def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before Triton is imported"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     check_add_layer_norm()
+    check_varlen_attention()
     check_decode_kernels()
     check_fused_step_with_kernels()
     print("ok")

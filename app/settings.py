@@ -39,7 +39,9 @@ class _Section(BaseModel):
 
 
 class IngestSettings(_Section):
-    workers: int = Field(0, ge=0, description="parser processes; 0 = one per CPU core")
+    workers: int = Field(
+        0, ge=0, description="parser processes; 0 = one per CPU core, less a quarter of them from 4 cores up"
+    )
     max_file_mb: float = Field(200.0, gt=0, description="larger files are reported and skipped")
     max_file_seconds: float = Field(120.0, ge=0, description="a file whose parsing takes longer fails; 0 = no limit")
     commit_every: int = Field(64, ge=1, description="files per checkpoint: an interrupted ingest keeps these")

@@ -278,6 +278,15 @@ def _parse_safely(path: str, registry: LoaderRegistry, size: int, overlap: int) 
         return FileOutcome(path, "failed", reason=f"{Path(path).name}: {type(err).__name__}: {err}".splitlines()[0])
 
 
+def default_workers(cores: int | None = None) -> int:
+    """Parser processes when ``ingest.workers`` is 0: one per core, less a quarter of the cores from 4 up. The
+    ingesting process needs those: its threads receive the parsed files, tokenise and embed (the tokenizer's
+    own threads too) and commit (H200 box, 16 cores, 22,695 chunks: 12 parsers ingest in 7.7 s, 16 in 9.1 s,
+    where each file took 1.6x as long to parse as with the cores to themselves)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - cores // 4)
+
+
 def _warm_up() -> None:
     """Run once in each parser process before it takes files: the first tokenisation builds jieba's
     dictionary (seconds on a busy machine), which is not the first file's parsing time."""
@@ -762,7 +771,7 @@ class Ingestor:
         self.registry = registry
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
-        self.workers = workers or (os.cpu_count() or 1)
+        self.workers = workers or default_workers()
         self.commit_every = commit_every
         self.max_bytes = int(max_file_mb * 1024 * 1024)
         self.max_seconds = max_file_seconds  # 0: no limit (and single-process parsing stays in-process)
@@ -887,7 +896,9 @@ class Ingestor:
                 yield task, parse(task)
             return
         workers = min(self.workers, len(tasks))
-        runs = run_in_workers(parse, tasks, workers=workers, time_limit=self.max_seconds, initializer=_warm_up)
+        runs = run_in_workers(
+            parse, tasks, workers=workers, time_limit=self.max_seconds, initializer=_warm_up, preload=[__name__]
+        )
         for task, result in runs:
             yield task, self._worker_failed(task.path, result) if isinstance(result, WorkerFailure) else result
 

@@ -190,6 +190,67 @@ def test_a_worker_that_cannot_start_is_an_error_not_a_hang() -> None:
         list(run_in_workers(ExitWhenLoaded(), [1, 2], workers=1))
 
 
+def preloaded(_: int) -> bool:
+    return "json.tool" in sys.modules  # imported by nothing here: only the fork server's preload brings it
+
+
+PRELOADING = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from knowledge.workers import run_in_workers
+from tests.test_ingest_hostile import preloaded
+if __name__ == "__main__":
+    for _ in range(2):  # the second run's workers fork from the same server
+        print(sorted(set(dict(run_in_workers(preloaded, range(4), workers=2, preload=["json.tool"])).values())))
+"""
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="spawn: nothing preloads")
+def test_workers_fork_from_a_server_that_imported_the_preload_modules_once(tmp_path: Path) -> None:
+    """In a fresh process: the server is the process's own, started with the first call's preload list."""
+    script = tmp_path / "preloading.py"
+    script.write_text(PRELOADING, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), str(REPO)], capture_output=True, text=True, env=ENV, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["[True]", "[True]"]
+
+
+ORPHAN = """
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from knowledge.workers import run_in_workers
+from tests.test_ingest_hostile import act
+if __name__ == "__main__":
+    list(run_in_workers(act, [("hang", sys.argv[1])], workers=1))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_stuck_in_a_parse_dies_with_its_sigkilled_parent(tmp_path: Path) -> None:
+    """Only the parent is killed, not its process group: the worker (a child of the fork server) must not
+    run on. The fork server ends with its parent, and the worker with the fork server."""
+    script = tmp_path / "parent.py"
+    script.write_text(ORPHAN, encoding="utf-8")
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(REPO)], env=ENV, cwd=tmp_path)
+    pid_file = tmp_path / "hang.pid"
+    while not pid_file.exists() or not pid_file.read_text(encoding="utf-8"):
+        assert parent.poll() is None, "the parent ended before its worker took the item"
+        threading.Event().wait(0.05)
+    worker = os.pidfd_open(int(pid_file.read_text(encoding="utf-8"))) if hasattr(os, "pidfd_open") else None
+    parent.kill()
+    parent.wait()
+    if worker is None:
+        pytest.skip("needs os.pidfd_open (Linux 5.3+) to wait for the worker")
+    try:
+        select.select([worker], [], [])  # readable once the worker has ended: a worker left running hangs here
+    finally:
+        os.close(worker)
+
+
 # ----- ingest: helpers --------------------------------------------------------------------------------
 
 

@@ -435,3 +435,9 @@ def test_the_parallel_pipeline_stores_what_a_serial_run_stores(app: Zhiku, tmp_p
     with app.open_kb("serial") as a, app.open_kb("parallel") as b:
         assert a.counts() == b.counts() and b.check() == []
         assert {f.path: f.chunks for f in a.files()} == {f.path: f.chunks for f in b.files()}
+
+
+def test_parser_processes_leave_a_quarter_of_the_cores_to_the_ingesting_process() -> None:
+    from knowledge.ingest import default_workers
+
+    assert [default_workers(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 3, 3, 6, 12, 48]

@@ -100,9 +100,10 @@ class PackedBert:
     def default_attention(self) -> str:
         """The attention kernel: "triton" (knowledge.triton_kernels.varlen_attention, 1.75x torch's kernel on an
         H200 at head size 64: bench/README.md) on CUDA with Triton; else "torch" (flash attention's variable-length
-        kernel on CUDA, one SDPA per sequence on a CPU). knowledge.embed_fast.fast_path sets "torch" when the
-        Triton kernel fails the probe texts."""
-        return "triton" if self._add_norm is not None else "torch"
+        kernel on CUDA, one SDPA per sequence on a CPU). The Triton kernel takes head sizes that are powers of two
+        from 16; knowledge.embed_fast.fast_path sets "torch" when it fails the probe texts."""
+        fits = self.head_dim >= 16 and self.head_dim & (self.head_dim - 1) == 0
+        return "triton" if self._add_norm is not None and fits else "torch"
 
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int

@@ -53,7 +53,7 @@ def _varlen_attention_kernel(  # type: ignore[no-untyped-def]
     seq = tl.program_id(0)
     block = tl.program_id(1)
     h = tl.program_id(2)
-    start = tl.load(CU + seq)
+    start = tl.load(CU + seq).to(tl.int64)  # offsets in int64: a large token budget times the row stride
     length = tl.load(CU + seq + 1) - start
     if block * BLOCK_M >= length:  # the grid covers the longest sequence of the batch
         return

@@ -345,6 +345,19 @@ def test_a_triton_attention_that_fails_its_probes_gives_way_to_torchs(
     assert float((emb.embed_documents(texts) * reference).sum(axis=1).min()) >= 0.999
 
 
+def test_the_triton_attention_is_chosen_only_where_triton_runs_and_the_head_size_fits(bert_dir: Path) -> None:
+    from transformers import BertModel
+
+    from knowledge.embed_packed import PackedBert
+
+    packed = PackedBert(BertModel.from_pretrained(str(bert_dir)))
+    assert packed.attention == "torch"  # a CPU: no Triton kernels
+    packed._add_norm = lambda *args: None  # as on CUDA with Triton
+    for head_dim, kernel in [(64, "triton"), (16, "triton"), (96, "torch"), (8, "torch")]:
+        packed.head_dim = head_dim
+        assert packed.default_attention() == kernel, head_dim
+
+
 def _st_with(model: Any, bert_dir: Path) -> Any:
     from sentence_transformers import SentenceTransformer
 

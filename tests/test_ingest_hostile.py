@@ -7,6 +7,7 @@ while it is parsed is rewritten by the loader itself. The time limits below only
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -218,8 +219,7 @@ def test_workers_fork_from_a_server_that_imported_the_preload_modules_once(tmp_p
 
 
 ORPHAN = """
-import sys, threading
-from pathlib import Path
+import sys
 sys.path.insert(0, sys.argv[2])
 from knowledge.workers import run_in_workers
 from tests.test_ingest_hostile import act
@@ -233,6 +233,8 @@ if __name__ == "__main__":
 def test_a_worker_stuck_in_a_parse_dies_with_its_sigkilled_parent(tmp_path: Path) -> None:
     """Only the parent is killed, not its process group: the worker (a child of the fork server) must not
     run on. The fork server ends with its parent, and the worker with the fork server."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("needs os.pidfd_open (Linux 5.3+) to wait for the worker")
     script = tmp_path / "parent.py"
     script.write_text(ORPHAN, encoding="utf-8")
     parent = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(REPO)], env=ENV, cwd=tmp_path)
@@ -240,14 +242,14 @@ def test_a_worker_stuck_in_a_parse_dies_with_its_sigkilled_parent(tmp_path: Path
     while not pid_file.exists() or not pid_file.read_text(encoding="utf-8"):
         assert parent.poll() is None, "the parent ended before its worker took the item"
         threading.Event().wait(0.05)
-    worker = os.pidfd_open(int(pid_file.read_text(encoding="utf-8"))) if hasattr(os, "pidfd_open") else None
+    worker = os.pidfd_open(int(pid_file.read_text(encoding="utf-8")))
     parent.kill()
     parent.wait()
-    if worker is None:
-        pytest.skip("needs os.pidfd_open (Linux 5.3+) to wait for the worker")
     try:
         select.select([worker], [], [])  # readable once the worker has ended: a worker left running hangs here
     finally:
+        with contextlib.suppress(ProcessLookupError):  # a failed run leaves no stuck process behind
+            signal.pidfd_send_signal(worker, signal.SIGKILL)  # this very process, even if its pid were reused
         os.close(worker)
 
 

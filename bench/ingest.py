@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from knowledge.ingest import ParsedFile, default_workers, scan  # noqa: E402
+from knowledge.ingest import PARSER_MODULES, ParsedFile, scan  # noqa: E402
 from knowledge.workers import run_in_workers  # noqa: E402
 from plugins.hookspecs import RegisterEmbedder, hookimpl  # noqa: E402
 
@@ -114,14 +114,14 @@ def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path) -> dict[s
     if workers:
         app.settings.ingest.workers = workers
     embedder = app.embedder()
-    processes = app.settings.ingest.workers or default_workers()
-    out: dict[str, Any] = {"embedder": embedder.model_id, "processes": processes}
+    out: dict[str, Any] = {"embedder": embedder.model_id}
 
     # the parsers' fork server (knowledge/workers.py) starts once per process: before both timed runs, as in a
     # server that ingests uploads; a single CLI ingest pays it once (importing knowledge.ingest, ~0.5 s)
-    list(run_in_workers(len, [""], workers=1, preload=["knowledge.ingest"]))
+    list(run_in_workers(len, [""], workers=1, preload=PARSER_MODULES))
     with app.open_kb("parse", create=True) as kb:
         ingestor = app.ingestor(kb)
+        out["processes"] = ingestor.workers
         files, _, _ = scan(folders, app.loaders.extensions)
         started = time.perf_counter()
         parsed = [r for r in ingestor.parse(files) if isinstance(r, ParsedFile)]

@@ -49,6 +49,8 @@ from knowledge.workers import WorkerFailure, run_in_workers
 Status = Literal["added", "updated", "unchanged", "failed", "removed"]
 
 _READ_ATTEMPTS = 3  # a file still changing after this many reads is reported: "run ingest again"
+# what the parser processes' fork server imports once for all of them (knowledge/workers.py)
+PARSER_MODULES = (__name__,)
 _OLD_VERSION_REMOVED = "its old version was removed from the knowledge base"
 # names from Windows zips and old Chinese systems are usually GBK
 _RENAME_FIX = "rename it (e.g. `convmv -f gbk -t utf-8 --notest -r FOLDER`)"
@@ -897,7 +899,7 @@ class Ingestor:
             return
         workers = min(self.workers, len(tasks))
         runs = run_in_workers(
-            parse, tasks, workers=workers, time_limit=self.max_seconds, initializer=_warm_up, preload=[__name__]
+            parse, tasks, workers=workers, time_limit=self.max_seconds, initializer=_warm_up, preload=PARSER_MODULES
         )
         for task, result in runs:
             yield task, self._worker_failed(task.path, result) if isinstance(result, WorkerFailure) else result

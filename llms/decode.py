@@ -13,6 +13,11 @@ mask that hides the cache columns a row has not written. On a CUDA GPU the step 
 (rows, cache length) bucket and replayed, so a token costs one graph launch instead of hundreds of kernel
 launches. Greedy rows take the argmax inside that step; sampling rows draw from their own seeded generator.
 
+The loop is pipelined: the worker sends step n+1 before it reads step n's tokens back (each step leaves the
+next input tokens on the device), so the GPU never waits while the worker delivers tokens, admits requests or
+launches the next graph. A request that ends with step n's token had step n+1 computed for nothing; its token
+is dropped.
+
 Tokens reach each request's queue as ids; the caller's thread turns them into text (:func:`detokenize`), so the
 worker never waits on string work. Models whose code the slot cache does not fit (remote code with tuple caches,
 sliding-window attention) run through a plain one-request-at-a-time loop over the model's own cache instead.
@@ -128,14 +133,31 @@ class _Request:
         self.released.set()
 
 
+@dataclass
+class _Launched:
+    """One decode step sent to the device: the requests it advanced (their slots then) and where its tokens
+    arrive. ``tokens`` is filled by the copy the step ends with; ``ready`` (a CUDA event) says it has landed."""
+
+    reqs: list[_Request]
+    slots: list[int]
+    tokens: Any
+    ready: Any = None
+
+
 class _Runner(Protocol):
-    """How the worker drives a model: prefill a request into a free slot, then step all active slots."""
+    """How the worker drives a model: prefill a request into a free slot, then step all active slots.
+    ``launch`` sends a step, ``collect`` waits for its tokens. A ``pipelined`` runner takes the next launch before
+    the previous step's tokens are collected, so the device never waits for the worker's Python."""
+
+    pipelined: bool
 
     def free_slot(self) -> int | None: ...
 
     def admit(self, req: _Request, slot: int) -> int: ...
 
-    def step(self, reqs: Sequence[_Request]) -> list[int]: ...
+    def launch(self, reqs: Sequence[_Request]) -> _Launched: ...
+
+    def collect(self, launched: _Launched) -> list[int]: ...
 
     def release(self, req: _Request) -> None: ...
 
@@ -236,6 +258,7 @@ class DecodeEngine:
         self._active: list[_Request] = []
         self._worker: threading.Thread | None = None
         self._runner: _Runner | None = None
+        self._inflight: _Launched | None = None  # a step sent to the device whose tokens are not delivered yet
         self._hold = threading.Lock()  # held by the worker during each iteration; hold() pauses it
         _warn_ignored_generation_config(model, name)
 
@@ -287,7 +310,7 @@ class DecodeEngine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._pending and not self._active:
+                    while not self._pending and not self._active and self._inflight is None:
                         if not self._cv.wait(IDLE_EXIT_S) and not self._pending:
                             self._worker = None
                             return
@@ -299,6 +322,7 @@ class DecodeEngine:
                         with self._cv:
                             waiting = list(self._pending)
                             self._pending.clear()
+                        self._inflight = None
                         self._fail([*self._active, *waiting], self._runner, exc)
 
     def _iterate(self) -> None:
@@ -325,17 +349,33 @@ class DecodeEngine:
             self.stats.prefills += 1
             self._active.append(req)
             self._deliver(runner, req, first)
-        if not self._active:
+        launched = None
+        if self._active:
+            try:
+                launched = runner.launch(self._active)
+            except Exception as exc:  # noqa: BLE001 - every request in the batch re-raises it
+                log.warning("%s: decode step failed: %s", self.name, exc)
+                self._inflight = None
+                self._fail(list(self._active), runner, exc)
+                return
+            self.stats.steps += 1
+            self.stats.most_rows = max(self.stats.most_rows, len(self._active))
+        # pipelined: the step just sent runs while the one before it is delivered. A request that ends with the
+        # earlier step's token has had one step too many computed: its token is dropped, its slot freed after it
+        if runner.pipelined:
+            launched, self._inflight = self._inflight, launched
+        if launched is None:
             return
         try:
-            tokens = runner.step(self._active)
+            tokens = runner.collect(launched)
         except Exception as exc:  # noqa: BLE001 - every request in the batch re-raises it
             log.warning("%s: decode step failed: %s", self.name, exc)
+            self._inflight = None
             self._fail(list(self._active), runner, exc)
             return
-        self.stats.steps += 1
-        self.stats.most_rows = max(self.stats.most_rows, len(self._active))
-        for req, token in zip(list(self._active), tokens, strict=True):
+        for req, token in zip(launched.reqs, tokens, strict=True):
+            if req.released.is_set():
+                continue  # ended (or was dropped) after this step was sent
             if req.cancelled:  # the consumer is waiting for this: let go now, not after one more step
                 self._drop(runner, req)
             else:
@@ -417,15 +457,25 @@ def _new_generator(sampling: Sampling, device: torch.device) -> Any:
     return generator
 
 
+def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor on ``device`` without waiting for the device: ``torch.tensor(values, device=cuda)`` copies
+    from pageable memory and synchronises, which would stall a pipelined decode loop every step."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _sample(logits: torch.Tensor, samplings: Sequence[Sampling], generators: Sequence[Any]) -> torch.Tensor:
     """One token per row of ``logits`` (float32), as generate's warpers pick them (temperature, then top-k, then
     top-p), drawn with each row's own generator so a seeded request repeats whatever else is in the batch."""
     import torch
 
     device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([s.temperature for s in samplings], device=device)
-    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in samplings], device=device)
-    top_p = torch.tensor([s.top_p for s in samplings], device=device)
+    temperature = _to_device([s.temperature for s in samplings], torch.float32, device)
+    top_k = _to_device([s.top_k if 0 < s.top_k < vocab else vocab for s in samplings], torch.long, device)
+    top_p = _to_device([s.top_p for s in samplings], torch.float32, device)
     ordered, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)
     ordered = ordered.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
@@ -493,11 +543,20 @@ class _SerialRunner:
             self.seen[ids[0].to(self.seen.device)] = True
         return self._next(out.logits, req)
 
-    def step(self, reqs: Sequence[_Request]) -> list[int]:
+    pipelined = False  # each step waits for the one before: a token must be read to feed the next
+
+    def launch(self, reqs: Sequence[_Request]) -> _Launched:
         (req,) = reqs
         out = self.model(input_ids=self.last, attention_mask=self.mask, past_key_values=self.past, use_cache=True)
         self.past = out.past_key_values
-        return [self._next(out.logits, req)]
+        return _Launched([req], [0], [self._next(out.logits, req)])
+
+    def collect(self, launched: _Launched) -> list[int]:
+        tokens: list[int] = launched.tokens
+        return tokens
+
+    def step(self, reqs: Sequence[_Request]) -> list[int]:
+        return self.collect(self.launch(reqs))
 
     def release(self, req: _Request) -> None:
         self.busy = False
@@ -589,6 +648,9 @@ def _available_bytes(device: Any) -> int | None:
 class _SlotRunner:
     """Continuous batching over a static cache of ``slots`` rows; see the module docstring."""
 
+    # the next step reads its input tokens from the device, so it can be sent before this one's are read back
+    pipelined = True
+
     def __init__(
         self,
         model: Any,
@@ -638,6 +700,7 @@ class _SlotRunner:
         # per-step inputs and outputs live in fixed buffers, so a captured graph reads and writes the same memory
         self.ids: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
+        self.launches = 0
 
     # allocation
 
@@ -674,6 +737,8 @@ class _SlotRunner:
         self.zero = torch.zeros((), dtype=self.dtype, device=dev)
         self.neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=dev)
         self.seen = None if self.penalty is None else torch.zeros((slots, vocab), dtype=torch.bool, device=dev)
+        pinned = dev.type == "cuda"  # page-locked, so that the copy of a step's tokens does not wait for the step
+        self.host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
 
     # runner protocol
 
@@ -724,6 +789,11 @@ class _SlotRunner:
         req.slot = -1
 
     def step(self, reqs: Sequence[_Request]) -> list[int]:
+        return self.collect(self.launch(reqs))
+
+    def launch(self, reqs: Sequence[_Request]) -> _Launched:
+        """Send one step for ``reqs``; nothing here waits for the device. The step leaves each row's next input
+        token and position in the runner's buffers, so the next launch may follow before this one is collected."""
         import torch
 
         assert self.ids is not None and self.pos is not None
@@ -742,7 +812,7 @@ class _SlotRunner:
             for r in sampled:
                 if r.generator is None:
                     r.generator = _new_generator(r.sampling, self.device)
-            where = torch.tensor([r.slot for r in sampled], device=self.device)
+            where = _to_device([r.slot for r in sampled], torch.long, self.device)
             self.next[where] = _sample(
                 self.logits[where], [r.sampling for r in sampled], [r.generator for r in sampled]
             )
@@ -750,10 +820,23 @@ class _SlotRunner:
         self.pos[:rows].add_(self.active[:rows])
         if self.seen is not None:
             self.seen[self.rows[:rows], self.next[:rows]] = True
-        tokens = self.next[:rows].tolist()
+        # two host buffers in turn: the next launch writes one while this step's tokens wait in the other
+        tokens = self.host_tokens[self.launches % 2]
+        self.launches += 1
+        tokens[:rows].copy_(self.next[:rows], non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
         for r in reqs:
             r.position += 1
-        return [int(tokens[r.slot]) for r in reqs]
+        return _Launched(list(reqs), [r.slot for r in reqs], tokens[:rows], ready)
+
+    def collect(self, launched: _Launched) -> list[int]:
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens = launched.tokens.tolist()
+        return [int(tokens[slot]) for slot in launched.slots]
 
     # the step itself
 

@@ -160,6 +160,35 @@ def test_more_requests_than_slots_wait_for_one(folders: dict[str, Path]) -> None
     assert engine.stats.most_rows == 2
 
 
+@pytest.mark.parametrize("case", ["llama", "llama-fused"])
+def test_each_step_is_sent_before_the_previous_ones_tokens_are_read(folders: dict[str, Path], case: str) -> None:
+    """The pipelined loop: a reply that fills the window to its last column (the step sent after its last token
+    stays inside the cache) gives generate's tokens, and the next request in that slot does too."""
+    tiny = _case(folders, case)
+    engine = tiny.engine(max_batch=2)
+    runner: Any = engine._make_runner()
+    engine._runner = runner
+    sent, outstanding = [0], [0]
+    launch, collect = runner.launch, runner.collect
+
+    def counted_launch(reqs: Any) -> Any:
+        sent[0] += 1
+        outstanding[0] = max(outstanding[0], sent[0])
+        return launch(reqs)
+
+    def counted_collect(launched: Any) -> Any:
+        sent[0] -= 1
+        return collect(launched)
+
+    runner.launch, runner.collect = counted_launch, counted_collect
+    prompt = tiny.prompt(PROMPTS[0])
+    n = tiny.window - len(prompt)
+    assert list(engine.submit(prompt, max_new_tokens=n)) == tiny.reference(prompt, n)
+    other = tiny.prompt(PROMPTS[1])
+    assert list(engine.submit(other, max_new_tokens=20)) == tiny.reference(other, 20)
+    assert outstanding[0] == 2 and sent[0] == 0
+
+
 @pytest.mark.parametrize("case", ["moss", "llama-fused"])
 def test_padded_graph_buckets_give_the_same_tokens(
     folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch, case: str

@@ -145,6 +145,7 @@ def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path) -> dict[s
     out["whole_chunks"] = report.chunks_added
     out["new_vectors"] = report.new_vectors
     out["failed"] = len(report.failures)
+    out["stages"] = report.stages
     return out
 
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         f"whole ingest ({r['processes']} processes): {rate(r['whole_chunks'], r['whole_s'])}  ({r['whole_s']:.2f} s; "
         f"{r['whole_chunks']} chunks, {r['new_vectors']} new vectors, {r['failed']} files failed)"
     )
+    stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in r["stages"].items())
+    print(f"whole ingest, seconds per stage (each in its own thread; they overlap): {stages}")
     slowest = min(r["chunks"] / r["parse_s"], r["texts"] / r["embed_s"]) if r["parse_s"] and r["embed_s"] else 0
     if slowest and r["whole_s"]:
         print(f"whole / slower stage: {r['whole_chunks'] / r['whole_s'] / slowest:.2f}")

@@ -98,6 +98,12 @@ class IngestReport:
     new_vectors: int = 0
     pages: int = 0
     seconds: float = 0.0
+    # where the run's time went, for benchmarks and logs (not in the JSON): seconds per stage, each measured in
+    # the thread that does it (hash, parse, send_wait, embed, commit, finish, index); stages overlap
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
     def count(self, status: Status) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -568,11 +574,14 @@ class _Pipeline:
         embed.join(1.0)
 
     def _send(self, item: _Entry | _Checkpoint) -> None:
+        started = time.perf_counter()
         try:
             self._put(self.to_embed, item)
         except _Cancelled:
             self.check()
             raise
+        finally:  # time the parsed files wait for the embed stage to take them
+            self.report.timed("send_wait", time.perf_counter() - started)
 
     # ----- shared -----
     def _guard(self, stage: Callable[[], None]) -> None:
@@ -614,7 +623,9 @@ class _Pipeline:
             self.embed_bar.update(n)
 
         with self.embed_lock:
+            started = time.perf_counter()
             matrix = self.ingestor.embedder.embed_documents([texts[h] for h in hashes], progress=progress)
+            self.report.timed("embed", time.perf_counter() - started)
         return dict(zip(hashes, matrix, strict=True))
 
     # ----- the embed stage -----
@@ -705,7 +716,9 @@ class _Pipeline:
             if isinstance(item, _Entry):
                 pending.append(item)
                 continue
+            started = time.perf_counter()
             self._commit(pending)
+            self.report.timed("commit", time.perf_counter() - started)
             pending = []
             self.committed = item.number
             if item.last:
@@ -810,16 +823,21 @@ class Ingestor:
         pipeline = _Pipeline(self, report, record, embed_bar)
         try:
             # the index file is written on a timer and once at the end: the rows are the source of truth
-            with self.kb.deferred_index(self.index_interval):
+            index = self.kb.deferred_index(self.index_interval)
+            with index:
                 pipeline.start()
                 try:
                     self._feed(pipeline, found, record, bar)
+                    tail = time.perf_counter()
                     pipeline.finish()
+                    report.timed("finish", time.perf_counter() - tail)  # embedding and committing the last files
                 except BaseException:
                     pipeline.abort()
                     raise
                 if prune:
                     self._prune(roots, found, record)
+                closing = time.perf_counter()
+            report.timed("index", time.perf_counter() - closing)  # the index file written at the end
         finally:
             bar.close()
             embed_bar.close()
@@ -835,6 +853,7 @@ class Ingestor:
             else:
                 record(outcome)
 
+        hashing = time.perf_counter()
         for outcome in found.failed:
             failed(outcome, stale=outcome.path in found.gone and self.kb.file_record(outcome.path) is not None)
         had_version: set[str] = set()  # files to parse that have an older version in the base
@@ -859,6 +878,8 @@ class Ingestor:
         bar.total = len(todo)
         bar.refresh()
         parsed_chunks = 0
+        pipeline.report.timed("hash", time.perf_counter() - hashing)
+        parsing = time.perf_counter()
         # closed on any error: the parser processes end now, not when the traceback lets go of them
         with contextlib.closing(self._parse_all(todo)) as results:
             for task, result in results:
@@ -881,6 +902,7 @@ class Ingestor:
                 pipeline.report.pages += result.pages
                 parsed_chunks += len(result.chunks)
                 bar.set_postfix(chunks=parsed_chunks, refresh=False)
+        pipeline.report.timed("parse", time.perf_counter() - parsing)  # until the last file was parsed and sent
 
     def parse(self, paths: list[Path]) -> Iterator[ParsedFile | FileOutcome]:
         """Parse files (in parallel) without storing them: for benchmarks and dry runs."""

@@ -44,4 +44,9 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
         lines[3],
     )
     assert whole and int(whole.group(1)) == chunks and int(whole.group(2)) == texts, lines[3]
-    assert re.fullmatch(r"whole / slower stage: [\d.]+", lines[4]), lines[4]
+    stages = re.fullmatch(r"whole ingest, seconds per stage \(each in its own thread; they overlap\): (.*)", lines[4])
+    assert stages, lines[4]
+    named = dict(part.split(" ") for part in stages.group(1).split(", "))
+    assert set(named) == {"hash", "send_wait", "parse", "embed", "commit", "finish", "index"}, named
+    assert all(float(v) >= 0 for v in named.values()) and float(named["parse"]) > 0
+    assert re.fullmatch(r"whole / slower stage: [\d.]+", lines[5]), lines[5]

@@ -13,8 +13,9 @@ To keep one copy of the weights, the model's own ``q_proj``/``k_proj``/``v_proj`
 very same memory. The rotary angles, the attention scale and the LM head are the model's own (so scaled rope
 variants stay transformers'); each RMSNorm is one kernel over the model's weights. On CUDA the small operations
 between the products run as Triton kernels (:mod:`llms.triton_decode`: rotary + cache write, residual add +
-RMSNorm, SiLU x up); elsewhere as torch operations with transformers' arithmetic, which the tests compare
-against the model's forward. torch is imported inside functions.
+RMSNorm, SiLU x up), and so do the products themselves at up to 16 rows (:mod:`llms.triton_gemv`, which reads
+the weights faster than cuBLAS at a few rows); elsewhere torch operations with transformers' arithmetic, which
+the tests compare against the model's forward. torch is imported inside functions.
 """
 
 from __future__ import annotations
@@ -106,7 +107,6 @@ class LlamaDecodeStep:
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
-        import torch
         import torch.nn.functional as F
 
         inner = self.model.model
@@ -115,7 +115,7 @@ class LlamaDecodeStep:
         cos, sin = inner.rotary_emb(x, positions)  # (rows, 1, head_dim)
         normed = F.rms_norm(x, (x.shape[-1],), self.norms[0].weight, self.norms[0].variance_epsilon)
         for i, layer in enumerate(self.layers):
-            qkv = torch.matmul(normed, self.qkv[i].t())
+            qkv = self._linear(normed, self.qkv[i])
             q = self._rope_and_cache(qkv, cos, sin, positions, keys[i], values[i])
             attended = F.scaled_dot_product_attention(
                 q,
@@ -125,15 +125,25 @@ class LlamaDecodeStep:
                 scale=layer.self_attn.scaling,
                 enable_gqa=self.kv_heads != self.heads,
             )
-            x, normed = self._add_norm(
-                x, layer.self_attn.o_proj(attended.transpose(1, 2).reshape(rows, 1, -1)), 2 * i + 1
-            )
-            gate_up = torch.matmul(normed, self.gate_up[i].t())
-            x, normed = self._add_norm(x, layer.mlp.down_proj(self._silu_mul(gate_up)), 2 * i + 2)
-        logits: torch.Tensor = self.model.lm_head(normed)[:, -1, :]
+            attended = attended.transpose(1, 2).reshape(rows, 1, -1)
+            x, normed = self._add_norm(x, self._linear(attended, layer.self_attn.o_proj.weight), 2 * i + 1)
+            gate_up = self._linear(normed, self.gate_up[i])
+            x, normed = self._add_norm(x, self._linear(self._silu_mul(gate_up), layer.mlp.down_proj.weight), 2 * i + 2)
+        logits: torch.Tensor = self._linear(normed, self.model.lm_head.weight)[:, -1, :]
         return logits
 
     # the small operations: Triton kernels on CUDA, else torch's, the same arithmetic as transformers' modules
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` (the projections have no bias: fused_step_unsupported checks). With the kernels, up to
+        16 rows run Triton's matrix-vector product, which reads the weight faster than cuBLAS at a few rows."""
+        import torch
+
+        rows = x.numel() // x.shape[-1]
+        if self.kernels is not None and rows <= self.kernels.LINEAR_MAX_ROWS:
+            out: torch.Tensor = self.kernels.linear(x, weight)
+            return out
+        return torch.matmul(x, weight.t())
 
     def _rope_and_cache(
         self,

@@ -360,8 +360,12 @@ def test_kernels_chosen_by_default_that_fail_fall_back_to_torch_operations(
     engine._runner = runner
 
     class Broken:
-        def rope_and_cache(self, *args: Any) -> Any:
+        LINEAR_MAX_ROWS = 16
+
+        def linear(self, *args: Any) -> Any:  # the step's first kernel
             raise RuntimeError("PTXASError: ptxas fatal")
+
+        rope_and_cache = linear
 
     runner.step_fn.kernels, runner.step_fn.kernels_checked = Broken(), False  # as chosen by default on CUDA
     prompt = tiny.prompt(PROMPTS[0])

@@ -22,12 +22,14 @@ step (llms/llama_step.py), which runs where CUDA graphs do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,17 +213,38 @@ def transformers_bench(args: argparse.Namespace) -> None:
         f"{args.new_tokens} tokens in {total:.2f} s"
     )
 
-    # the model's own forward first: the fused step turns the model's q/k/v and gate/up weights into views
+    # the model's own forward first: the fused step turns the model's q/k/v and gate/up weights into views. On
+    # CUDA the fused step also runs once with cuBLAS's products instead of Triton's matrix-vector product
+    variants = [(False, True), *([(True, False)] if device.startswith("cuda") else []), (True, True)]
     replies = []
-    for fused in (False, True):
+    for fused, triton_products in variants:
         settings = settings.model_copy(update={"fused_step": fused})
         backend = TransformersBackend("llama", settings, fmt, loaded=LoadedModel(tokenizer, model, fmt))
-        z_rate = zhiku_runs(backend, args, options, msgs, f"fused_step: {str(fused).lower()}")
-        replies.append("".join(backend.stream(msgs, options)))
+        label = f"fused_step: {str(fused).lower()}" + ("" if triton_products else ", cuBLAS products")
+        with _products(triton_products):
+            z_rate = zhiku_runs(backend, args, options, msgs, label)
+            reply = "".join(backend.stream(msgs, options))
+        if triton_products:
+            replies.append(reply)
     same = next((i for i, (a, b) in enumerate(zip(*replies, strict=False)) if a != b), min(map(len, replies)))
     # one token per character; random weights give near-even logits, where a rounding difference can flip a tie
     print(f"greedy replies of both steps: the first {same} of {len(replies[0])} tokens identical")
     print(f"single stream: {z_rate / rate:.1f}x the anchor's decode tokens/s")
+
+
+@contextlib.contextmanager
+def _products(triton: bool) -> Iterator[None]:
+    """With ``triton`` False, the fused step's matrix products go to cuBLAS (steps captured meanwhile keep it)."""
+    if triton:
+        yield
+        return
+    from llms import triton_decode
+
+    kept, triton_decode.LINEAR_MAX_ROWS = triton_decode.LINEAR_MAX_ROWS, 0
+    try:
+        yield
+    finally:
+        triton_decode.LINEAR_MAX_ROWS = kept
 
 
 def zhiku_runs(

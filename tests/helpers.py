@@ -10,6 +10,23 @@ from pathlib import Path
 from tests.conftest import REPO
 
 
+def run_interpreted(module: str) -> str:
+    """Run ``python -m module`` with Triton's interpreter (CUDA kernels on the CPU; it must be set before Triton is
+    imported, hence a process of its own); fails the test unless it exits 0 and prints "ok" last."""
+    done = subprocess.run(
+        [sys.executable, "-m", module],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok"), done.stdout[-2000:]
+    return done.stdout
+
+
 def run_bench(script: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> list[str]:
     """``bench/<script> args`` on one CPU thread (no GPU); its stdout lines, after checking it exited 0."""
     done = subprocess.run(

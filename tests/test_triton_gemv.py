@@ -20,22 +20,12 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_interpreted
 
 
 def test_gemv_kernel_matches_torch_under_the_interpreter() -> None:
     pytest.importorskip("triton", reason="requirements-dev.txt installs Triton (its interpreter runs on a CPU)")
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.test_triton_gemv"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok"), done.stdout[-2000:]
+    run_interpreted("tests.test_triton_gemv")
 
 
 def test_importing_the_module_imports_neither_torch_nor_triton() -> None:

@@ -4,26 +4,12 @@ SiLU x up, each against the torch operations it replaces. On the GPU, bench/READ
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import run_interpreted
 
 pytest.importorskip("triton", reason="requirements-dev.txt installs Triton (its interpreter runs on a CPU)")
 
 
 def test_triton_kernels_match_the_torch_operations_they_replace() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.triton_interpreted"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    run_interpreted("tests.triton_interpreted")

@@ -70,6 +70,14 @@ class HashingPlugin:
         register("hashing", lambda settings: self.embedder)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a slow test first, each group in its usual order (a stable sort). pytest-xdist
+    (``-n 2 --dist loadfile`` in pyproject.toml) hands whole modules to its two workers in this order: a long
+    module handed out last would keep one worker busy while the other has nothing left to do."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     return write_config(tmp_path / "config.yml", tmp_path / "data")

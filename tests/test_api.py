@@ -300,6 +300,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return schema, keys.create("alice")[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_the_api_keeps_its_schema_whatever_it_is_sent(api_schema: Any, mode: str) -> None:
     """Generated requests to every route, valid ones and invalid ones: no server error, and every answer

@@ -185,6 +185,7 @@ def test_empty_question_is_refused(service: tuple[ChatService, EchoBackend]) -> 
         list(service[0].stream(ChatRequest("   ")))
 
 
+@pytest.mark.slow
 def test_chat_command_streams_an_answer_then_its_sources(python: str, tmp_path: Path) -> None:
     """The real CLI with the real embedded default model."""
     make_corpus(tmp_path / "docs")

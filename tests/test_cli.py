@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import REPO
 from tests.helpers import make_corpus
 
+pytestmark = pytest.mark.slow  # every test starts `python -m app` several times
+
 
 def run(python: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

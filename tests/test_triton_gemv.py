@@ -20,12 +20,25 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REPO, run_interpreted
+from tests.helpers import REPO, run_bench, run_interpreted
 
 
 def test_gemv_kernel_matches_torch_under_the_interpreter() -> None:
     pytest.importorskip("triton", reason="requirements-dev.txt installs Triton (its interpreter runs on a CPU)")
     run_interpreted("tests.test_triton_gemv")
+
+
+def test_the_gemv_bench_runs_tiny_on_a_cpu() -> None:
+    """bench/gemv.py --tiny: both row counts timed against torch's product, each config's output checked."""
+    pytest.importorskip("triton", reason="requirements-dev.txt installs Triton (its interpreter runs on a CPU)")
+    lines = run_bench("gemv.py", "--tiny")
+    assert lines[0].startswith("CPU, Triton's interpreter"), lines[0]
+    for rows in (1, 3):
+        ours = [line.split() for line in lines if line.split()[:3] == ["96x80", str(rows), "triton"]]
+        assert ours, lines
+        assert all(float(parts[-1]) < 1e-5 for parts in ours), ours  # max |err| against torch, float32
+    assert lines[-1].startswith("done in"), lines[-1]
+    assert sum(line.startswith("  (96x80, ") for line in lines) == 2, lines
 
 
 def test_importing_the_module_imports_neither_torch_nor_triton() -> None:

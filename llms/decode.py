@@ -504,6 +504,8 @@ class _SerialRunner:
     """One request at a time over the model's own cache, as ``generate`` drives it: for models whose code the
     slot cache does not fit. Concurrent requests wait in the engine's queue."""
 
+    pipelined = False  # each step waits for the one before: a token must be read to feed the next
+
     def __init__(self, model: Any) -> None:
         self.model = model
         self.penalty = _repetition_penalty(model)
@@ -543,8 +545,6 @@ class _SerialRunner:
             self.seen[ids[0].to(self.seen.device)] = True
         return self._next(out.logits, req)
 
-    pipelined = False  # each step waits for the one before: a token must be read to feed the next
-
     def launch(self, reqs: Sequence[_Request]) -> _Launched:
         (req,) = reqs
         out = self.model(input_ids=self.last, attention_mask=self.mask, past_key_values=self.past, use_cache=True)
@@ -554,9 +554,6 @@ class _SerialRunner:
     def collect(self, launched: _Launched) -> list[int]:
         tokens: list[int] = launched.tokens
         return tokens
-
-    def step(self, reqs: Sequence[_Request]) -> list[int]:
-        return self.collect(self.launch(reqs))
 
     def release(self, req: _Request) -> None:
         self.busy = False
@@ -787,9 +784,6 @@ class _SlotRunner:
         self.pos[req.slot] = 0
         self.ids[req.slot, 0] = 0
         req.slot = -1
-
-    def step(self, reqs: Sequence[_Request]) -> list[int]:
-        return self.collect(self.launch(reqs))
 
     def launch(self, reqs: Sequence[_Request]) -> _Launched:
         """Send one step for ``reqs``; nothing here waits for the device. The step leaves each row's next input

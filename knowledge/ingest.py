@@ -102,8 +102,14 @@ class IngestReport:
     # the thread that does it (hash, parse, send_wait, embed, commit, finish, index); stages overlap
     stages: dict[str, float] = field(default_factory=dict)
 
-    def timed(self, stage: str, seconds: float) -> None:
-        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        """Add the block's seconds to ``stage`` (also when it raises)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - started
 
     def count(self, status: Status) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -574,14 +580,12 @@ class _Pipeline:
         embed.join(1.0)
 
     def _send(self, item: _Entry | _Checkpoint) -> None:
-        started = time.perf_counter()
         try:
-            self._put(self.to_embed, item)
+            with self.report.timing("send_wait"):  # the parsed files waiting for the embed stage to take them
+                self._put(self.to_embed, item)
         except _Cancelled:
             self.check()
             raise
-        finally:  # time the parsed files wait for the embed stage to take them
-            self.report.timed("send_wait", time.perf_counter() - started)
 
     # ----- shared -----
     def _guard(self, stage: Callable[[], None]) -> None:
@@ -622,10 +626,8 @@ class _Pipeline:
                 raise _Cancelled  # leaves a long embedding call at its next batch
             self.embed_bar.update(n)
 
-        with self.embed_lock:
-            started = time.perf_counter()
+        with self.embed_lock, self.report.timing("embed"):
             matrix = self.ingestor.embedder.embed_documents([texts[h] for h in hashes], progress=progress)
-            self.report.timed("embed", time.perf_counter() - started)
         return dict(zip(hashes, matrix, strict=True))
 
     # ----- the embed stage -----
@@ -716,9 +718,8 @@ class _Pipeline:
             if isinstance(item, _Entry):
                 pending.append(item)
                 continue
-            started = time.perf_counter()
-            self._commit(pending)
-            self.report.timed("commit", time.perf_counter() - started)
+            with self.report.timing("commit"):
+                self._commit(pending)
             pending = []
             self.committed = item.number
             if item.last:
@@ -823,21 +824,19 @@ class Ingestor:
         pipeline = _Pipeline(self, report, record, embed_bar)
         try:
             # the index file is written on a timer and once at the end: the rows are the source of truth
-            index = self.kb.deferred_index(self.index_interval)
-            with index:
+            with self.kb.deferred_index(self.index_interval):
                 pipeline.start()
                 try:
                     self._feed(pipeline, found, record, bar)
-                    tail = time.perf_counter()
-                    pipeline.finish()
-                    report.timed("finish", time.perf_counter() - tail)  # embedding and committing the last files
+                    with report.timing("finish"):  # embedding and committing the last files
+                        pipeline.finish()
                 except BaseException:
                     pipeline.abort()
                     raise
                 if prune:
                     self._prune(roots, found, record)
                 closing = time.perf_counter()
-            report.timed("index", time.perf_counter() - closing)  # the index file written at the end
+            report.stages["index"] = time.perf_counter() - closing  # the index file written at the end
         finally:
             bar.close()
             embed_bar.close()
@@ -853,35 +852,34 @@ class Ingestor:
             else:
                 record(outcome)
 
-        hashing = time.perf_counter()
-        for outcome in found.failed:
-            failed(outcome, stale=outcome.path in found.gone and self.kb.file_record(outcome.path) is not None)
         had_version: set[str] = set()  # files to parse that have an older version in the base
         todo: list[ParseTask] = []
-        for path in found.files:
-            old = self.kb.file_record(str(path))
-            try:
-                state = read_state(path, self.max_bytes)
-            except LoadError as err:  # too big, no longer a regular file, still being written
-                failed(FileOutcome(str(path), "failed", reason=str(err)), stale=old is not None)
-                continue
-            except OSError as err:  # its content is unknown: an old version stays
-                record(FileOutcome(str(path), "failed", reason=_cannot_read(path, err)))
-                continue
-            if old is not None and old.sha256 == state.sha256:
-                record(FileOutcome(str(path), "unchanged", old.chunks))
-                continue
-            if old is not None:
-                had_version.add(str(path))
-            todo.append(ParseTask(str(path), state, self.max_bytes))
+        with pipeline.report.timing("hash"):
+            for outcome in found.failed:
+                failed(outcome, stale=outcome.path in found.gone and self.kb.file_record(outcome.path) is not None)
+            for path in found.files:
+                old = self.kb.file_record(str(path))
+                try:
+                    state = read_state(path, self.max_bytes)
+                except LoadError as err:  # too big, no longer a regular file, still being written
+                    failed(FileOutcome(str(path), "failed", reason=str(err)), stale=old is not None)
+                    continue
+                except OSError as err:  # its content is unknown: an old version stays
+                    record(FileOutcome(str(path), "failed", reason=_cannot_read(path, err)))
+                    continue
+                if old is not None and old.sha256 == state.sha256:
+                    record(FileOutcome(str(path), "unchanged", old.chunks))
+                    continue
+                if old is not None:
+                    had_version.add(str(path))
+                todo.append(ParseTask(str(path), state, self.max_bytes))
 
         bar.total = len(todo)
         bar.refresh()
         parsed_chunks = 0
-        pipeline.report.timed("hash", time.perf_counter() - hashing)
-        parsing = time.perf_counter()
-        # closed on any error: the parser processes end now, not when the traceback lets go of them
-        with contextlib.closing(self._parse_all(todo)) as results:
+        # until the last file was parsed and sent. Closed on any error: the parser processes end now, not when
+        # the traceback lets go of them
+        with pipeline.report.timing("parse"), contextlib.closing(self._parse_all(todo)) as results:
             for task, result in results:
                 pipeline.check()
                 bar.update(1)
@@ -902,7 +900,6 @@ class Ingestor:
                 pipeline.report.pages += result.pages
                 parsed_chunks += len(result.chunks)
                 bar.set_postfix(chunks=parsed_chunks, refresh=False)
-        pipeline.report.timed("parse", time.perf_counter() - parsing)  # until the last file was parsed and sent
 
     def parse(self, paths: list[Path]) -> Iterator[ParsedFile | FileOutcome]:
         """Parse files (in parallel) without storing them: for benchmarks and dry runs."""

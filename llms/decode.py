@@ -871,14 +871,16 @@ class _SlotRunner:
         dropped (the step then uses torch operations) instead of failing every chat. The step writes the same
         cache entries again when it runs for real."""
         assert self.step_fn is not None
-        try:
-            self._forward(rows, length)
-        except Exception as exc:  # Triton's build errors share no base class but Exception
-            if not self.step_fn.first_step_failed(exc):
-                raise
-            log.warning("%s: the fused step's Triton kernels failed (%s); using torch operations", self.name, exc)
-        else:
-            self.step_fn.kernels_checked = True
+        while not self.step_fn.kernels_checked:
+            try:
+                self._forward(rows, length)
+            except Exception as exc:  # Triton's build errors share no base class but Exception
+                if not self.step_fn.first_step_failed(exc):
+                    raise
+                instead = "without programmatic dependent launch" if self.step_fn.kernels else "torch operations"
+                log.warning("%s: the fused step's Triton kernels failed (%s); using %s", self.name, exc, instead)
+            else:
+                self.step_fn.kernels_checked = True
 
     def _replay(self, rows: int, length: int) -> None:
         import torch

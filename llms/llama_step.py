@@ -88,13 +88,19 @@ class LlamaDecodeStep:
                     raise
             else:
                 self.kernels = triton_decode
+        # the kernels launched with programmatic dependent launch where the GPU has it (Hopper and later)
+        self.pdl = self.kernels is not None and self.kernels.pdl_supported(model.device)
         self.kernels_checked = kernels is not None  # chosen by default: the first step may fall back
 
     def first_step_failed(self, error: BaseException) -> bool:
-        """After the first step raised ``error``: whether the step can run again without the Triton kernels
-        (they were chosen by default and may not build on this GPU or driver)."""
+        """After the first step raised ``error``: whether the step can run again with less (the kernels were
+        chosen by default and may not build on this GPU or driver): first without programmatic dependent launch,
+        then without the Triton kernels."""
         if self.kernels is None or self.kernels_checked:
             return False
+        if self.pdl:
+            self.pdl = False
+            return True
         self.kernels = None
         self.kernels_checked = True
         return True
@@ -141,7 +147,7 @@ class LlamaDecodeStep:
 
         rows = x.numel() // x.shape[-1]
         if self.kernels is not None and rows <= self.kernels.LINEAR_MAX_ROWS:
-            out: torch.Tensor = self.kernels.linear(x, weight)
+            out: torch.Tensor = self.kernels.linear(x, weight, self.pdl)
             return out
         return torch.matmul(x, weight.t())
 
@@ -159,9 +165,9 @@ class LlamaDecodeStep:
 
         rows, heads, kv_heads, d = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         if self.kernels is not None:
-            flat = qkv.view(rows, -1)
+            flat, cos, sin = qkv.view(rows, -1), cos.view(rows, d), sin.view(rows, d)
             q: torch.Tensor = self.kernels.rope_and_cache(
-                flat, cos.view(rows, d), sin.view(rows, d), positions.view(rows), keys, values, heads, kv_heads
+                flat, cos, sin, positions.view(rows), keys, values, heads, kv_heads, self.pdl
             )
             return q
         qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
@@ -179,7 +185,7 @@ class LlamaDecodeStep:
 
         weight, eps = self.norms[norm].weight, self.norms[norm].variance_epsilon
         if self.kernels is not None:
-            total, normed = self.kernels.add_rms_norm(x, delta, weight, eps)
+            total, normed = self.kernels.add_rms_norm(x, delta, weight, eps, self.pdl)
             return total, normed
         x = x + delta
         return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -188,7 +194,7 @@ class LlamaDecodeStep:
         import torch.nn.functional as F
 
         if self.kernels is not None:
-            out: torch.Tensor = self.kernels.silu_mul(gate_up)
+            out: torch.Tensor = self.kernels.silu_mul(gate_up, self.pdl)
             return out
         gate, up = gate_up.split(self.ffn, dim=-1)
         return F.silu(gate) * up

@@ -97,6 +97,7 @@ def default_config(rows: int, n: int, k: int) -> GemvConfig:
 def _gemv_kernel(  # type: ignore[no-untyped-def]
     X, W, OUT, PART, M, N, K, stride_x, stride_w, stride_o, k_per_split,
     SPLIT: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -107,6 +108,9 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     x_rows = X + rows[:, None] * stride_x
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * k_per_split
+    if PDL:  # started while the previous kernel finishes: wait for it, then let the next kernel start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):  # the last split may be shorter
         ks = k0 + tl.arange(0, BLOCK_K)
         k_in = ks < K
@@ -132,8 +136,11 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
 
 
 def _split_sum_kernel(  # type: ignore[no-untyped-def]
-    PART, OUT, M, N, stride_o, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+    PART, OUT, M, N, stride_o, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     m = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
@@ -162,13 +169,23 @@ def _next_power_of_2(v: int) -> int:
 
 
 def gemv(
-    x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None, config: GemvConfig | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T`` in ``x``'s dtype, shaped (..., N), for ``weight`` (N, K) and ``x`` (..., K).
 
     ``x``'s leading dimensions hold 1 to 16 rows; ``x`` and ``weight`` share a dtype and have a contiguous last
     dimension. ``out`` (..., N), contiguous: written and returned instead of a new tensor. ``config``: the
-    launch configuration, :func:`default_config` for the shape when left out."""
+    launch configuration, :func:`default_config` for the shape when left out.
+
+    ``pdl``: launch with programmatic dependent launch (CUDA, compute capability 9.0 or later, not Triton's
+    interpreter): the kernel's programs are set up while the previous kernel in the stream finishes, and wait
+    for it (``gdc_wait``) before they read or write anything. Every kernel launched so must wait like this, so
+    that a kernel that has waited has every earlier one finished."""
     import torch
 
     n, k = weight.shape
@@ -195,16 +212,17 @@ def gemv(
     k_per_split = _cdiv(_cdiv(k, max(1, cfg.split_k)), cfg.block_k) * cfg.block_k
     split = _cdiv(k, k_per_split)
     part = torch.empty((split, rows, n), dtype=torch.float32, device=x.device) if split > 1 else out2
+    launch = {"launch_pdl": True} if pdl else {}  # only named when used: Triton's interpreter has no such option
     gemv_kernel, split_sum_kernel = _kernels()
     gemv_kernel[(_cdiv(n, cfg.block_n), split)](
         x2, weight, out2, part, rows, n, k, x2.stride(0), weight.stride(0), out2.stride(0), k_per_split,
         SPLIT=split > 1, DOT=cfg.dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )  # fmt: skip
     if split > 1:
         block = 1024
         split_sum_kernel[(_cdiv(n, block), rows)](
-            part, out2, rows, n, out2.stride(0), SPLIT_K=split, BLOCK=block, num_warps=4
+            part, out2, rows, n, out2.stride(0), SPLIT_K=split, BLOCK=block, PDL=pdl, num_warps=4, **launch
         )  # fmt: skip
     return out
 

@@ -373,6 +373,73 @@ def test_kernels_chosen_by_default_that_fail_fall_back_to_torch_operations(
     assert runner.step_fn.kernels is None and "ptxas fatal" in caplog.text
 
 
+class _TorchKernels:
+    """llms.triton_decode's interface in torch, where every kernel raises when launched with PDL: a GPU whose
+    driver or Triton builds the kernels but not programmatic dependent launch."""
+
+    LINEAR_MAX_ROWS = 16
+
+    def __init__(self) -> None:
+        self.calls = {True: 0, False: 0}
+
+    def _launch(self, pdl: bool) -> None:
+        self.calls[pdl] += 1
+        if pdl:
+            raise RuntimeError("CUDA error: griddepcontrol not supported")
+
+    def linear(self, x: Any, weight: Any, pdl: bool) -> Any:
+        self._launch(pdl)
+        return x @ weight.t()
+
+    def rope_and_cache(
+        self, qkv: Any, cos: Any, sin: Any, positions: Any, keys: Any, values: Any, heads: int, kv: int, pdl: bool
+    ) -> Any:
+        import torch
+
+        self._launch(pdl)
+        rows, d = qkv.shape[0], keys.shape[-1]
+        qk = qkv[:, : (heads + kv) * d].reshape(rows, heads + kv, 1, d)
+        half = torch.cat([-qk[..., d // 2 :], qk[..., : d // 2]], dim=-1)
+        qk = qk * cos.view(rows, 1, 1, d) + half * sin.view(rows, 1, 1, d)
+        v = qkv[:, (heads + kv) * d :].reshape(rows, kv, d)
+        for r in range(rows):
+            keys[r, :, positions[r]] = qk[r, heads:, 0].to(keys.dtype)
+            values[r, :, positions[r]] = v[r].to(values.dtype)
+        return qk[:, :heads]
+
+    def add_rms_norm(self, x: Any, delta: Any, weight: Any, eps: float, pdl: bool) -> Any:
+        import torch.nn.functional as F
+
+        self._launch(pdl)
+        total = x + delta
+        return total, F.rms_norm(total, (total.shape[-1],), weight, eps)
+
+    def silu_mul(self, gate_up: Any, pdl: bool) -> Any:
+        import torch.nn.functional as F
+
+        self._launch(pdl)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def test_kernels_that_fail_with_programmatic_dependent_launch_run_without_it(
+    folders: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Launched with PDL (Hopper and later) by default: where that fails, the first step keeps the kernels
+    without it, rather than dropping them."""
+    tiny = _load(folders["llama"], "llama")
+    engine = tiny.engine(fused_step=True)
+    runner: Any = engine._make_runner()
+    engine._runner = runner
+    kernels = _TorchKernels()
+    runner.step_fn.kernels, runner.step_fn.pdl, runner.step_fn.kernels_checked = kernels, True, False
+    prompt = tiny.prompt(PROMPTS[0])
+    assert list(engine.submit(prompt, max_new_tokens=20)) == tiny.reference(prompt, 20)
+    assert runner.step_fn.kernels is kernels and not runner.step_fn.pdl
+    assert kernels.calls[True] == 1 and kernels.calls[False] > 20  # one failed launch, then every step's kernels
+    assert "griddepcontrol" in caplog.text and "without programmatic dependent launch" in caplog.text
+
+
 def test_the_fused_step_shares_the_models_weights_and_refuses_other_models(folders: dict[str, Path]) -> None:
     import torch
 

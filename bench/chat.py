@@ -15,8 +15,13 @@ Printed, in order:
 - zhiku, 1 chat: ``TransformersBackend.stream()`` as the chat service calls it (text pieces, stop strings):
   time to the first piece, decode tokens/s after it (median of ``--runs`` after a warm-up that captures graphs);
 - zhiku, N concurrent chats: N threads streaming different prompts at once, aggregate tokens/s;
-both zhiku lines twice: with ``fused_step: false`` (each step through the model's forward), then with the fused
-step (llms/llama_step.py), which runs where CUDA graphs do.
+both zhiku lines for ``fused_step: false`` (each step through the model's forward), then for the fused step
+(llms/llama_step.py), which runs where CUDA graphs do. On CUDA the fused step runs three times, so that each
+change to it is measured in the same run: with cuBLAS's matrix products and no programmatic dependent launch (PDL),
+with Triton's products and no PDL, then as configured (Triton's products, PDL on Hopper and later);
+- on CUDA, last, the fused step alone per variant: its CUDA graph replayed back to back at 1 and ``--chats`` rows
+  over a 1,792-column cache (ms per step), and whether its logits are bitwise equal with and without PDL under
+  a deterministic attention backend (memory-efficient SDPA; cuDNN's is not deterministic run to run).
 """
 
 from __future__ import annotations
@@ -214,37 +219,124 @@ def transformers_bench(args: argparse.Namespace) -> None:
     )
 
     # the model's own forward first: the fused step turns the model's q/k/v and gate/up weights into views. On
-    # CUDA the fused step also runs once with cuBLAS's products instead of Triton's matrix-vector product
-    variants = [(False, True), *([(True, False)] if device.startswith("cuda") else []), (True, True)]
+    # CUDA the fused step also runs with cuBLAS's products instead of Triton's matrix-vector product, and with
+    # Triton's products but no programmatic dependent launch (both were the step before each change)
+    variants = [(False, True, True)]
+    if device.startswith("cuda"):
+        variants += [(True, False, False), (True, True, False)]
+    variants.append((True, True, True))
     replies = []
-    for fused, triton_products in variants:
+    for fused, triton_products, pdl in variants:
         settings = settings.model_copy(update={"fused_step": fused})
         backend = TransformersBackend("llama", settings, fmt, loaded=LoadedModel(tokenizer, model, fmt))
-        label = f"fused_step: {str(fused).lower()}" + ("" if triton_products else ", cuBLAS products")
-        with _products(triton_products):
+        label = f"fused_step: {str(fused).lower()}"
+        label += ("" if triton_products else ", cuBLAS products") + ("" if pdl else ", no PDL")
+        with _kernels(triton_products, pdl):
             z_rate = zhiku_runs(backend, args, options, msgs, label)
             reply = "".join(backend.stream(msgs, options))
-        if triton_products:
+        if triton_products and pdl:
             replies.append(reply)
     same = next((i for i, (a, b) in enumerate(zip(*replies, strict=False)) if a != b), min(map(len, replies)))
     # one token per character; random weights give near-even logits, where a rounding difference can flip a tie
     print(f"greedy replies of both steps: the first {same} of {len(replies[0])} tokens identical")
     print(f"single stream: {z_rate / rate:.1f}x the anchor's decode tokens/s")
+    if device.startswith("cuda"):
+        step_replays(model, rows_list=(1, args.chats), columns=1792)
+
+
+def step_replays(model: Any, rows_list: tuple[int, ...], columns: int, repeat: int = 200) -> None:
+    """The fused step alone, per variant: its CUDA graph replayed ``repeat`` times back to back over a cache of
+    ``columns`` columns (ms per step); then, with a deterministic attention backend (cuDNN's is not), whether
+    launching with PDL changes any logit."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llms.llama_step import LlamaDecodeStep
+
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape = (kv_heads, columns, config.hidden_size // config.num_attention_heads)
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    with torch.inference_mode():
+        step = LlamaDecodeStep(model)
+        variants = [("cuBLAS products, no PDL", False, False), ("Triton products, no PDL", True, False)]
+        variants += [("Triton products, PDL", True, True)] if step.pdl else []
+        for rows in rows_list:
+            cache = [
+                torch.randn((rows, *shape), device=model.device, dtype=model.dtype, generator=gen)
+                for _ in range(2 * config.num_hidden_layers)
+            ]
+            ids = torch.randint(0, config.vocab_size, (rows, 1), device=model.device, generator=gen)
+            pos = torch.arange(columns - 256, columns - 256 + rows, device=model.device).view(rows, 1)
+            cols = torch.arange(columns, device=model.device)
+            mask = torch.where(cols[None, :] <= pos, 0.0, float("-inf")).to(model.dtype).view(rows, 1, 1, columns)
+            inputs = (ids, pos, mask, cache[0::2], cache[1::2])
+            for label, products, pdl in variants:
+                graph, _ = _captured(step, inputs, products, pdl)
+                for _ in range(20):
+                    graph.replay()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeat):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end) / repeat
+                print(
+                    f"fused step alone ({label}), {rows} row(s), {columns}-column cache: {ms:.3f} ms per step, "
+                    f"{rows / ms * 1e3:.1f} tokens/s ({repeat} CUDA graph replays back to back)"
+                )
+            if len(variants) < 3:
+                continue
+            logits: list[list[Any]] = []
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                for pdl in (False, True):
+                    graph, out = _captured(step, inputs, True, pdl)
+                    logits.append([])
+                    for _ in range(10):
+                        graph.replay()
+                        logits[-1].append(out["logits"].clone())
+            repeatable = all(torch.equal(x, runs[0]) for runs in logits for x in runs)
+            print(
+                f"fused step, {rows} row(s), memory-efficient attention: logits with and without PDL bitwise "
+                f"equal: {torch.equal(logits[0][0], logits[1][0])}; 10 replays of each bitwise equal: {repeatable}"
+            )
+
+
+def _captured(step: Any, inputs: tuple[Any, ...], products: bool, pdl: bool) -> tuple[Any, dict[str, Any]]:
+    """``step(*inputs)`` captured as a CUDA graph, and the dict whose "logits" each replay rewrites."""
+    import torch
+
+    out: dict[str, Any] = {}
+    step.pdl = pdl
+    with _kernels(products, pdl):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # once eagerly outside the capture: compiles kernels, plans cuDNN's
+            step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out["logits"] = step(*inputs)
+    return graph, out
 
 
 @contextlib.contextmanager
-def _products(triton: bool) -> Iterator[None]:
-    """With ``triton`` False, the fused step's matrix products go to cuBLAS (steps captured meanwhile keep it)."""
-    if triton:
+def _kernels(triton_products: bool, pdl: bool) -> Iterator[None]:
+    """With ``triton_products`` False, the fused step's matrix products go to cuBLAS; with ``pdl`` False, its
+    Triton kernels launch without programmatic dependent launch (steps built meanwhile keep both)."""
+    if triton_products and pdl:
         yield
         return
     from llms import triton_decode
 
-    kept, triton_decode.LINEAR_MAX_ROWS = triton_decode.LINEAR_MAX_ROWS, 0
+    kept = triton_decode.LINEAR_MAX_ROWS, triton_decode.PDL
+    triton_decode.LINEAR_MAX_ROWS = triton_decode.LINEAR_MAX_ROWS if triton_products else 0
+    triton_decode.PDL = pdl
     try:
         yield
     finally:
-        triton_decode.LINEAR_MAX_ROWS = kept
+        triton_decode.LINEAR_MAX_ROWS, triton_decode.PDL = kept
 
 
 def zhiku_runs(

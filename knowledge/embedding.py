@@ -248,6 +248,26 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def missing_model(model: str) -> str | None:
+    """Why sentence-transformers could not load ``model`` (a local folder or a hub id) here, found without
+    importing it or torch (5-10 s, only to fail); None when it may load.
+
+    Missing for certain: a path that is no hub id (absolute, ``./``, ``~``, more than ORG/NAME) and no folder;
+    or, with ``HF_HUB_OFFLINE`` set, a hub id that is not in the Hugging Face cache."""
+    import os
+
+    if Path(model).expanduser().exists():
+        return None
+    if Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model:
+        return f"no folder {model}"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return f"{model} is not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+    return None
+
+
 class SentenceTransformerEmbedder:
     """Any sentence-transformers model (hub id or local path), on CUDA when asked and available.
 
@@ -272,6 +292,9 @@ class SentenceTransformerEmbedder:
         warm_up: bool | None = None,
         packed: bool | None = None,
     ) -> None:
+        missing = missing_model(model)
+        if missing:
+            raise OSError(missing)
         import torch
         from sentence_transformers import SentenceTransformer
 

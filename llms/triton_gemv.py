@@ -182,10 +182,10 @@ def gemv(
     dimension. ``out`` (..., N), contiguous: written and returned instead of a new tensor. ``config``: the
     launch configuration, :func:`default_config` for the shape when left out.
 
-    ``pdl``: launch with programmatic dependent launch (CUDA, compute capability 9.0 or later, not Triton's
-    interpreter): the kernel's programs are set up while the previous kernel in the stream finishes, and wait
-    for it (``gdc_wait``) before they read or write anything. Every kernel launched so must wait like this, so
-    that a kernel that has waited has every earlier one finished."""
+    ``pdl``: launch with programmatic dependent launch (CUDA, compute capability 9.0 or later; Triton's
+    interpreter cannot run it): the kernel's programs are set up while the previous kernel in the stream
+    finishes, and wait for it (``gdc_wait``) before they read or write anything. Every kernel launched so must
+    wait like this, so that a kernel that has waited has every earlier one finished."""
     import torch
 
     n, k = weight.shape
@@ -212,7 +212,7 @@ def gemv(
     k_per_split = _cdiv(_cdiv(k, max(1, cfg.split_k)), cfg.block_k) * cfg.block_k
     split = _cdiv(k, k_per_split)
     part = torch.empty((split, rows, n), dtype=torch.float32, device=x.device) if split > 1 else out2
-    launch = {"launch_pdl": True} if pdl else {}  # only named when used: Triton's interpreter has no such option
+    launch = {"launch_pdl": True} if pdl else {}  # the option named only where it is used
     gemv_kernel, split_sum_kernel = _kernels()
     gemv_kernel[(_cdiv(n, cfg.block_n), split)](
         x2, weight, out2, part, rows, n, k, x2.stride(0), weight.stride(0), out2.stride(0), k_per_split,

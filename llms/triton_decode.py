@@ -17,7 +17,7 @@ With ``pdl`` (:func:`pdl_supported`: compute capability 9.0 or later) each kerne
 dependent launch: its programs are launched and set up while the kernel before it finishes, and wait for that
 kernel (``gdc_wait``) before they read or write anything it could touch. Every kernel launched so waits, which
 keeps the order transitive: a kernel that has waited has every earlier kernel finished. On an H200 this took a
-7B step's CUDA graph from 4.141 to 3.985 ms at one row (bench/README.md).
+7B step's CUDA graph from 4.095 to 3.935 ms at one row (bench/chat.py, bench/README.md).
 
 Each computes in float32 and rounds once, where torch's separate kernels round after each step: the results
 differ from the torch path by bf16 rounding, which the device check in bench/README.md measures.

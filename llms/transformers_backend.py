@@ -75,7 +75,8 @@ class TransformersSettings(BaseModel):
         True,
         description="with CUDA graphs, a LlamaForCausalLM model decodes through one fused step (q/k/v and "
         "gate/up each one matrix product, Triton kernels for the small work and for the products at up to 16 "
-        "rows; llms/llama_step.py); false: through the model's own forward",
+        "rows, launched with programmatic dependent launch on Hopper GPUs and later; llms/llama_step.py); false: "
+        "through the model's own forward",
     )
 
     @model_validator(mode="after")

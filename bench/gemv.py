@@ -83,6 +83,7 @@ QUICK = 5  # --quick: the first five of each list
 
 
 def _time_us(calls: list[Callable[[], object]], repeat: int) -> float:
+    """Microseconds per call: ``calls`` captured in one CUDA graph, replayed ``repeat`` times between events."""
     if not _on_cuda():  # --tiny: Triton's interpreter on the CPU, timed eagerly (its figures mean nothing)
         for call in calls:
             call()
@@ -91,7 +92,6 @@ def _time_us(calls: list[Callable[[], object]], repeat: int) -> float:
             for call in calls:
                 call()
         return (time.perf_counter() - started) * 1e6 / (repeat * len(calls))
-    """Microseconds per call: ``calls`` captured in one CUDA graph, replayed ``repeat`` times between events."""
     import torch
 
     side = torch.cuda.Stream()

@@ -867,9 +867,9 @@ class _SlotRunner:
         self.next[:rows].copy_(logits.argmax(dim=-1))
 
     def _first_fused_step(self, rows: int, length: int) -> None:
-        """Run the first fused step eagerly: Triton kernels chosen by default that fail to build or run here are
-        dropped (the step then uses torch operations) instead of failing every chat. The step writes the same
-        cache entries again when it runs for real."""
+        """Run the first fused step eagerly: Triton kernels chosen by default that fail to build or run here run
+        again without programmatic dependent launch, then are dropped (the step then uses torch operations),
+        instead of failing every chat. The step writes the same cache entries again when it runs for real."""
         assert self.step_fn is not None
         while not self.step_fn.kernels_checked:
             try:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llms.triton_gemv import MAX_ROWS, gemv
+from llms.triton_gemv import MAX_ROWS, gemv, launch_options
 
 LINEAR_MAX_ROWS = MAX_ROWS  # more rows: a matrix product, for cuBLAS
 PDL = True  # programmatic dependent launch where pdl_supported(); bench/chat.py turns it off to compare
@@ -43,10 +43,6 @@ def pdl_supported(device: torch.device) -> bool:
     if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _launch(pdl: bool) -> dict[str, bool]:
-    return {"launch_pdl": True} if pdl else {}  # the option named only where it is used
 
 
 @triton.jit  # untyped: Triton reads parameter annotations as specialisation hints
@@ -99,7 +95,7 @@ def rope_and_cache(
     _rope_cache_kernel[(rows, heads + 2 * kv_heads)](
         qkv, cos, sin, positions, q, keys, values, qkv.stride(0), cos.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), H=heads, K=kv_heads, D=d, PDL=pdl, num_warps=1,
-        **_launch(pdl),
+        **launch_options(pdl),
     )  # fmt: skip
     return q
 
@@ -132,7 +128,7 @@ def add_rms_norm(
     block = triton.next_power_of_2(n)
     _add_rms_kernel[(rows,)](
         x, delta.contiguous(), weight, total, normed, n, eps, BLOCK=block, PDL=pdl,
-        num_warps=min(16, max(1, block // 256)), **_launch(pdl),
+        num_warps=min(16, max(1, block // 256)), **launch_options(pdl),
     )  # fmt: skip
     return total, normed
 
@@ -157,7 +153,7 @@ def silu_mul(gate_up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     out = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(f, block))](
-        gate_up.contiguous(), out, f, BLOCK=block, PDL=pdl, num_warps=4, **_launch(pdl)
+        gate_up.contiguous(), out, f, BLOCK=block, PDL=pdl, num_warps=4, **launch_options(pdl)
     )
     return out
 

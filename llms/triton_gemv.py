@@ -168,6 +168,12 @@ def _next_power_of_2(v: int) -> int:
     return 1 << max(0, v - 1).bit_length()
 
 
+def launch_options(pdl: bool) -> dict[str, bool]:
+    """The launch options of a kernel launched with programmatic dependent launch or not; the option is named
+    only where it is used."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -212,7 +218,7 @@ def gemv(
     k_per_split = _cdiv(_cdiv(k, max(1, cfg.split_k)), cfg.block_k) * cfg.block_k
     split = _cdiv(k, k_per_split)
     part = torch.empty((split, rows, n), dtype=torch.float32, device=x.device) if split > 1 else out2
-    launch = {"launch_pdl": True} if pdl else {}  # the option named only where it is used
+    launch = launch_options(pdl)
     gemv_kernel, split_sum_kernel = _kernels()
     gemv_kernel[(_cdiv(n, cfg.block_n), split)](
         x2, weight, out2, part, rows, n, k, x2.stride(0), weight.stride(0), out2.stride(0), k_per_split,

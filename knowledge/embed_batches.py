@@ -1,7 +1,8 @@
 """Run a transformer encoder over many texts fast: the batching and device side shared by the embedders.
 
 - Texts are tokenised a group at a time in a background thread (fast tokenizers release the GIL), so the
-  tokeniser works while the device runs the previous group; groups go shortest first.
+  tokeniser works while the device runs the previous group; groups go shortest first. Batches are cut
+  and built on the thread that runs them, just before they run.
 - Inside a group, sequences are sorted by token length and cut into batches whose padded size (rows x
   padded length) fits a token budget: little padding, and a GPU kept busy by large batches.
 - Padded lengths are rounded up to a multiple, so the batch shapes come from a small set that
@@ -12,13 +13,16 @@
 A text may be several sequences (windows of a long text): each sequence carries the index of its text
 and a weight, and a text's vector is the weighted sum of its sequences' pooled vectors, L2-normalised.
 
-With a ``packed`` forward (:mod:`knowledge.embed_packed`) a batch is not padded at all: its sequences are
-laid end to end, ``token_budget`` tokens in all, with their offsets; pooling runs over each segment.
+With a ``packed`` forward (:mod:`knowledge.embed_packed`) a batch is not padded per sequence: its sequences
+are laid end to end, ``token_budget`` tokens in all, with their offsets; pooling runs over each segment. On
+CUDA the batch's tokens are padded up to a multiple of ``token_multiple`` (tokens that belong to no
+sequence): the matrix products then see a few aligned shapes, all run by :meth:`BatchedEncoder.warm_up`.
 torch is imported inside functions: importing this module costs nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -50,16 +54,19 @@ def default_token_budget(device: str) -> int:
 class Tokenised:
     """The sequences of some texts: ``ids[k]`` belongs to text ``owner[k]`` with weight ``weight[k]``."""
 
-    ids: list[np.ndarray]
+    ids: Sequence[np.ndarray]
     owner: np.ndarray  # int64, index into the texts given to the tokeniser
     weight: np.ndarray  # float32
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(s) for s in self.ids), dtype=np.int64, count=len(self.ids))
 
 
 # texts -> their sequences (special tokens included, already truncated or windowed)
 Tokenise = Callable[[list[str]], Tokenised]
 
 
-def one_sequence_each(ids: list[np.ndarray]) -> Tokenised:
+def one_sequence_each(ids: Sequence[np.ndarray]) -> Tokenised:
     """The common case: one sequence per text, weight 1."""
     return Tokenised(ids, np.arange(len(ids), dtype=np.int64), np.ones(len(ids), dtype=np.float32))
 
@@ -130,9 +137,9 @@ class _Batch:
 
 @dataclass
 class _PackedBatch:
-    ids: torch.Tensor  # (tokens,) int64: the sequences end to end, pinned on CUDA
+    ids: torch.Tensor  # (tokens,) int64: the sequences end to end, then padding; pinned on CUDA
     positions: torch.Tensor  # (tokens,) int64: each token's position in its sequence
-    segment: torch.Tensor  # (tokens,) int64: the row (sequence) each token belongs to
+    segment: torch.Tensor  # (tokens,) int64: the row (sequence) each token belongs to; padding: rows
     cu_seqlens: torch.Tensor  # (rows + 1,) int32: where each sequence starts, then the total
     lengths: torch.Tensor  # (rows,) float32
     owner: torch.Tensor  # (rows,) int64, global text index
@@ -156,7 +163,9 @@ class BatchedEncoder:
     without padding (SDPA may then use its flash kernel). ``pooling`` is what the model's
     sentence-transformers config says (mean over the attention mask, or the first token). When ``packed``
     is given, ``packed(ids, positions, cu_seqlens, max_length) -> (tokens, hidden)`` runs instead, over
-    unpadded batches (``length_multiple`` is then unused).
+    unpadded batches (``length_multiple`` is then unused), their tokens padded up to a multiple of
+    ``token_multiple`` with tokens of no sequence (``cu_seqlens`` ends before them; their hidden states are
+    never read).
     """
 
     def __init__(
@@ -168,9 +177,10 @@ class BatchedEncoder:
         pooling: Pooling,
         token_budget: int,
         length_multiple: int = 1,
-        first_group: int = 128,
-        max_group: int = 2048,
+        first_group: int = 64,
+        max_group: int = 512,
         packed: Callable[[Any, Any, Any, int], Any] | None = None,
+        token_multiple: int = 1,
     ) -> None:
         self.forward = forward
         self.packed = packed
@@ -181,6 +191,7 @@ class BatchedEncoder:
         self.length_multiple = length_multiple
         self.first_group = first_group
         self.max_group = max_group
+        self.token_multiple = token_multiple
 
     @property
     def on_cuda(self) -> bool:
@@ -197,28 +208,29 @@ class BatchedEncoder:
             return np.zeros((0, dim), dtype=np.float32)
         out = torch.zeros((n, dim), dtype=torch.float32, device=self.device)
         stop = threading.Event()
-        batches: queue.Queue[object] = queue.Queue(maxsize=6)
+        groups: queue.Queue[object] = queue.Queue(maxsize=4)
         producer = threading.Thread(
-            target=self._produce, args=(texts, tokenise, batches, stop), name="zhiku-embed-tokenise", daemon=True
+            target=self._tokenise_groups,
+            args=(texts, tokenise, groups, stop),
+            name="zhiku-embed-tokenise",
+            daemon=True,
         )
         producer.start()
         reporter = _ProgressReporter(progress, self.on_cuda)
         try:
             with torch.inference_mode():
-                while True:
-                    item = batches.get()
-                    if item is _DONE:
-                        break
-                    if isinstance(item, _Failed):
-                        raise item.error
-                    assert isinstance(item, _Batch | _PackedBatch)
-                    self._run(item, out)
-                    reporter.launched(item.texts_done)
+                for batch in self._batches(_received(groups), n):
+                    self._run(batch, out)
+                    reporter.launched(batch.texts_done)
                 out = torch.nn.functional.normalize(out, dim=1)
-                result = out.cpu().numpy()
+                if self.on_cuda:  # through pinned memory: to pageable memory the copy took 9.8 ms of an H200 pass
+                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    result = host.copy_(out).numpy().copy()
+                else:
+                    result = out.numpy()
         finally:
             stop.set()
-            _drain(batches)
+            _drain(groups)
             producer.join()
         reporter.finish()
         return result
@@ -259,9 +271,10 @@ class BatchedEncoder:
         rows = lengths.shape[0]
         if self.pooling == "cls":
             pooled = hidden[cu_seqlens[:-1].long()].float()
-        else:  # the mean of each segment, summed in float32 as sentence-transformers does
-            summed = torch.zeros((rows, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-            pooled = summed.index_add_(0, segment, hidden.float()) / lengths[:, None]
+        else:  # the mean of each segment, summed in float32 as sentence-transformers does; padding sums into
+            # one more row, dropped
+            summed = torch.zeros((rows + 1, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+            pooled = summed.index_add_(0, segment, hidden.float())[:rows] / lengths[:, None]
         return owner, pooled * weight[:, None]
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -274,45 +287,69 @@ class BatchedEncoder:
         summed = (hidden * m).sum(dim=1, dtype=torch.float32)
         return summed / torch.clamp(mask.sum(dim=1, keepdim=True, dtype=torch.float32), min=1e-9)
 
-    # ---- producer thread: tokenise a group, cut it into batches, pin them ----
+    # ---- the tokenising thread, and the batches the device thread builds from its groups ----
 
-    def _produce(
+    def _tokenise_groups(
         self, texts: Sequence[str], tokenise: Tokenise, out: queue.Queue[object], stop: threading.Event
     ) -> None:
         try:
             for group in self._groups(texts):
-                tok = tokenise([texts[i] for i in group])
-                owners = group[tok.owner]
-                # a text is done when its last sequence is; count per batch for progress
-                last_seq_of = {int(o): k for k, o in enumerate(owners)}
-                lengths = np.fromiter((len(s) for s in tok.ids), dtype=np.int64, count=len(tok.ids))
-                plans = (
-                    plan_packed(lengths, self.token_budget)
-                    if self.packed
-                    else plan_batches(lengths, self.token_budget, self.length_multiple)
-                )
-                for idx in plans:
-                    done = sum(1 for k in idx if last_seq_of[int(owners[k])] == k)
-                    batch: _Batch | _PackedBatch = (
-                        self._build_packed(tok, idx, owners, lengths, done)
-                        if self.packed
-                        else self._build(tok, idx, owners, lengths, done)
-                    )
-                    if not _put(out, batch, stop):
-                        return
+                if not _put(out, (group, tokenise([texts[i] for i in group])), stop):
+                    return
             _put(out, _DONE, stop)
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, which re-raises it
             _put(out, _Failed(err), stop)
 
+    def _batches(self, groups: Iterator[tuple[np.ndarray, Tokenised]], n: int) -> Iterator[_Batch | _PackedBatch]:
+        """The batches of the tokenised groups, each built (and pinned) just before it runs.
+
+        A group's last batch, the one the budget may leave part empty, waits for the next group's sequences
+        (longer ones: groups come shortest first) and is planned again with them, so that batches are cut
+        where the budget cuts them, not where a group ends. It waits only behind another batch of its
+        group: the first small groups run at once, while the device would otherwise be idle.
+        """
+        remaining = np.zeros(n, dtype=np.int64)  # each text's sequences not yet in a batch
+        held = Tokenised([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))  # owners: text indices
+        for item in itertools.chain(groups, [None]):
+            if item is None:
+                pool = held
+            else:
+                group, tok = item
+                owners = group[tok.owner]
+                np.add.at(remaining, owners, 1)
+                pool = Tokenised(
+                    [*held.ids, *tok.ids],
+                    np.concatenate([held.owner, owners]),
+                    np.concatenate([held.weight, tok.weight]),
+                )
+            lengths = pool.lengths()
+            plans = (
+                plan_packed(lengths, self.token_budget)
+                if self.packed
+                else plan_batches(lengths, self.token_budget, self.length_multiple)
+            )
+            if item is not None and len(plans) > 1:  # never behind an idle device: only behind a batch that runs
+                keep = plans.pop()
+                held = Tokenised([pool.ids[int(k)] for k in keep], pool.owner[keep], pool.weight[keep])
+            for idx in plans:
+                np.subtract.at(remaining, pool.owner[idx], 1)
+                done = int(np.count_nonzero(remaining[np.unique(pool.owner[idx])] == 0))
+                if self.packed:
+                    yield self._build_packed(pool, idx, pool.owner, lengths, done)
+                else:
+                    yield self._build(pool, idx, pool.owner, lengths, done)
+
     def _groups(self, texts: Sequence[str]) -> Iterator[np.ndarray]:
         """Text indices shortest first (characters: known before tokenising), small groups first so the
-        device starts early, then larger ones."""
+        device starts early, then larger ones. They grow by half at a time: on an H200 tokenising took half
+        the GPU's time, so a group twice the size of the one running was not ready when the GPU needed it
+        (each such wait was 18-41 ms of an idle GPU)."""
         order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
         size, start = self.first_group, 0
         while start < len(order):
             yield order[start : start + size]
             start += size
-            size = min(size * 2, self.max_group)
+            size = min(size * 3 // 2, self.max_group)
 
     def _build(self, tok: Tokenised, idx: np.ndarray, owners: np.ndarray, lengths: np.ndarray, done: int) -> _Batch:
         import torch
@@ -343,12 +380,16 @@ class BatchedEncoder:
         import torch
 
         rows = lengths[idx]
-        ids = np.concatenate([tok.ids[k] for k in idx]).astype(np.int64, copy=False)
+        used = int(rows.sum())
+        tokens = _round_up(used, self.token_multiple)
+        ids = np.full(tokens, self.pad_id, dtype=np.int64)
+        np.concatenate([tok.ids[k] for k in idx], out=ids[:used], casting="unsafe")
         cu = np.zeros(len(idx) + 1, dtype=np.int32)
         np.cumsum(rows, out=cu[1:])
-        starts = np.repeat(cu[:-1].astype(np.int64), rows)
-        positions = np.arange(len(ids), dtype=np.int64) - starts
-        segment = np.repeat(np.arange(len(idx), dtype=np.int64), rows)
+        positions = np.zeros(tokens, dtype=np.int64)
+        positions[:used] = np.arange(used, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), rows)
+        segment = np.full(tokens, len(idx), dtype=np.int64)
+        segment[:used] = np.repeat(np.arange(len(idx), dtype=np.int64), rows)
         tensors = [
             torch.from_numpy(ids),
             torch.from_numpy(positions),
@@ -382,7 +423,7 @@ class BatchedEncoder:
         import torch
 
         if self.packed is not None:
-            return self._warm_up_packed(max_length)
+            return self._warm_up_packed(max_length, seconds)
         started = time.perf_counter()
         widths = list(range(_round_up(max_length, self.length_multiple), 0, -self.length_multiple))
         ran = 0
@@ -399,21 +440,30 @@ class BatchedEncoder:
                     break
         return ran
 
-    def _warm_up_packed(self, max_length: int) -> int:
-        """Packed batches have no fixed shapes to warm: one full batch of long sequences and one short one
-        compile the Triton kernel and settle cuBLAS and the allocator."""
+    def _warm_up_packed(self, max_length: int, seconds: float) -> int:
+        """Every padded token count (a multiple of ``token_multiple`` up to the budget's), largest first, filled
+        with sequences of ``max_length`` tokens; then a batch of short ones. Stops after ``seconds``."""
         import torch
 
+        started = time.perf_counter()
+        step = self.token_multiple
+        if step > 1:
+            totals = [min(total, self.token_budget) for total in range(_round_up(self.token_budget, step), 0, -step)]
+        else:  # unpadded: any count may come; one full batch and a short one settle the kernels
+            totals = [max(max_length, self.token_budget // max_length * max_length)]
         ran = 0
-        for length, rows in ((max_length, max(1, self.token_budget // max_length)), (16, 4)):
-            tok = one_sequence_each([np.full(length, self.pad_id, dtype=np.int64) for _ in range(rows)])
-            lengths = np.full(rows, length, dtype=np.int64)
-            batch = self._build_packed(tok, np.arange(rows), tok.owner, lengths, 0)
+        for total, length in [*((t, max_length) for t in totals), (min(64, self.token_budget), min(16, max_length))]:
+            lengths = np.full(total // length, length, dtype=np.int64)
+            if total % length:
+                lengths = np.append(lengths, total % length)
+            tok = one_sequence_each([np.full(n, self.pad_id, dtype=np.int64) for n in lengths])
             with torch.inference_mode():
-                self._pool_packed(batch)
+                self._pool_packed(self._build_packed(tok, np.arange(len(lengths)), tok.owner, lengths, 0))
             ran += 1
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)
+            if self.on_cuda:
+                torch.cuda.synchronize(self.device)
+            if time.perf_counter() - started > seconds:
+                break
         return ran
 
 
@@ -448,6 +498,18 @@ class _ProgressReporter:
                 if done:
                     self.progress(done)
         self.pending.clear()
+
+
+def _received(q: queue.Queue[object]) -> Iterator[tuple[np.ndarray, Tokenised]]:
+    """The tokenising thread's groups, until it is done; its error is raised here."""
+    while True:
+        item = q.get()
+        if item is _DONE:
+            return
+        if isinstance(item, _Failed):
+            raise item.error
+        assert isinstance(item, tuple)
+        yield item
 
 
 def _put(q: queue.Queue[object], item: object, stop: threading.Event) -> bool:

@@ -150,15 +150,15 @@ class PackedBert:
             out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length)
             assert not isinstance(out, tuple)  # a tuple only with return_aux
             return out
-        # CPU: one SDPA per sequence (the tests' path; a CPU keeps the transformers forward)
-        bounds = cu_seqlens.tolist()
-        parts = []
-        for start, end in itertools.pairwise(bounds):
+        # CPU: one SDPA per sequence (the tests' path; a CPU keeps the transformers forward); tokens after the
+        # last sequence (padding) stay zero
+        out = torch.zeros(q.shape, dtype=q.dtype)
+        for start, end in itertools.pairwise(cu_seqlens.tolist()):
             qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             scale = 1.0 / math.sqrt(self.head_dim)
             part = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale)
-            parts.append(part.squeeze(0).transpose(0, 1))
-        return torch.cat(parts)
+            out[start:end] = part.squeeze(0).transpose(0, 1)
+        return out
 
 
 def _fused_layer(layer: Any) -> _Layer:

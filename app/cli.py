@@ -445,6 +445,9 @@ def kb_delete(
 
 
 def main() -> None:
+    from common.threads import limit_tokenizer_threads
+
+    limit_tokenizer_threads()  # before anything tokenises: the pool is made then
     cli()
 
 

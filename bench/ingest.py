@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common.threads import limit_tokenizer_threads  # noqa: E402
 from knowledge.ingest import PARSER_MODULES, ParsedFile, scan  # noqa: E402
 from knowledge.workers import run_in_workers  # noqa: E402
 from plugins.hookspecs import RegisterEmbedder, hookimpl  # noqa: E402
@@ -180,4 +181,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    limit_tokenizer_threads()  # as python -m app does at start
     main()

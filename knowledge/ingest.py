@@ -37,6 +37,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import numpy as np
 
 from common.errors import BackendUnavailableError
+from common.threads import busy_cores
 from knowledge.chunking import ChineseTextSplitter
 from knowledge.cleaning import clean_pages
 from knowledge.embedding import Embedder
@@ -296,9 +297,8 @@ def default_workers(cores: int | None = None) -> int:
     """Parser processes when ``ingest.workers`` is 0: one per core, less a quarter of the cores from 4 up. The
     ingesting process needs those: its threads receive the parsed files, tokenise and embed (the tokenizer's
     own threads too) and commit (H200 box, 16 cores, 22,695 chunks: 12 parsers ingest in 7.7 s, 16 in 9.1 s,
-    where each file took 1.6x as long to parse as with the cores to themselves)."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores - cores // 4)
+    where each file took 1.6x as long to parse as with the cores to themselves); see common.threads."""
+    return busy_cores(cores)
 
 
 def _warm_up() -> None:

@@ -441,3 +441,17 @@ def test_parser_processes_leave_a_quarter_of_the_cores_to_the_ingesting_process(
     from knowledge.ingest import default_workers
 
     assert [default_workers(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 3, 3, 6, 12, 48]
+
+
+def test_the_tokenizers_thread_pool_leaves_a_quarter_of_the_cores_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import common.threads
+
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.setattr(common.threads.os, "cpu_count", lambda: 16)
+    common.threads.limit_tokenizer_threads()
+    assert os.environ["RAYON_NUM_THREADS"] == "12"
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")  # the user's choice stands
+    common.threads.limit_tokenizer_threads()
+    assert os.environ["RAYON_NUM_THREADS"] == "3"

@@ -341,9 +341,9 @@ class BatchedEncoder:
 
     def _groups(self, texts: Sequence[str]) -> Iterator[np.ndarray]:
         """Text indices shortest first (characters: known before tokenising), small groups first so the
-        device starts early, then larger ones. They grow by half at a time: on an H200 tokenising took half
-        the GPU's time, so a group twice the size of the one running was not ready when the GPU needed it
-        (each such wait was 18-41 ms of an idle GPU)."""
+        device starts early, then larger ones. They grow by half at a time, up to ``max_group``, so that the
+        next group is tokenised while the device runs the last (in a timeline of an H200 pass, the device
+        thread waited 2 ms for the first group and never after)."""
         order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
         size, start = self.first_group, 0
         while start < len(order):

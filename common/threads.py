@@ -8,12 +8,33 @@ tokenizer's 16 threads ran, and the GPU waited (bench/README.md, embedding).
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" for no quota
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota where one is set (a
+    container's ``--cpus``). ``os.cpu_count()`` counts the host's cores, which a pool sized from it would
+    oversubscribe."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or one this does not understand: the affinity stands
+        pass
+    return max(1, cores)
 
 
 def busy_cores(cores: int | None = None) -> int:
     """Threads or processes for a pool that should leave room: every core, less a quarter of them from 4 up."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     return max(1, cores - cores // 4)
 
 

@@ -443,15 +443,30 @@ def test_parser_processes_leave_a_quarter_of_the_cores_to_the_ingesting_process(
     assert [default_workers(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 3, 3, 6, 12, 48]
 
 
-def test_the_tokenizers_thread_pool_leaves_a_quarter_of_the_cores_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_tokenizers_thread_pool_leaves_a_quarter_of_the_cores_unless_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import os
 
     import common.threads
 
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
-    monkeypatch.setattr(common.threads.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(common.threads.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(common.threads, "CGROUP_CPU_MAX", tmp_path / "absent")
     common.threads.limit_tokenizer_threads()
     assert os.environ["RAYON_NUM_THREADS"] == "12"
     monkeypatch.setenv("RAYON_NUM_THREADS", "3")  # the user's choice stands
     common.threads.limit_tokenizer_threads()
     assert os.environ["RAYON_NUM_THREADS"] == "3"
+
+
+@pytest.mark.parametrize(("cpu_max", "cores"), [("max 100000", 16), ("400000 100000", 4), ("150000 100000", 2)])
+def test_a_containers_cpu_quota_caps_the_cores_a_pool_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_max: str, cores: int
+) -> None:
+    import common.threads
+
+    monkeypatch.setattr(common.threads.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr(common.threads, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert common.threads.usable_cores() == cores

@@ -20,7 +20,7 @@ from app.ui import launch
 from app.ui_handlers import NO_KB, STOPPED_MARK, ChatControls
 from llms.base import GenerationOptions, Message
 from plugins.hookspecs import hookimpl
-from tests.test_ui import _free_port, ask, browser, echo_app, echo_config, messages, wait_answered
+from tests.test_ui import TIMEOUT_MS, _free_port, ask, browser, echo_app, echo_config, messages, wait_answered
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
@@ -188,7 +188,7 @@ def config(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 def _page(browser: Any, url: str) -> tuple[Any, Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.wait_for_selector("#question textarea")
     return context, page
@@ -314,7 +314,7 @@ def test_the_phone_viewport_has_no_horizontal_overflow(browser: Any, config: tup
     data_dir, path = config
     context = browser.new_context(viewport={"width": 390, "height": 844}, locale="zh-CN")
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(TIMEOUT_MS)
     page.goto(_start(data_dir, path))
     page.wait_for_selector("#question textarea")
     # the sidebar starts closed on a phone: it would cover the chat (a click on Send would hit it)

@@ -4,7 +4,8 @@
   tokeniser works while the device runs the previous group; groups go shortest first. Batches are cut
   and built on the thread that runs them, just before they run.
 - Inside a group, sequences are sorted by token length and cut into batches whose padded size (rows x
-  padded length) fits a token budget: little padding, and a GPU kept busy by large batches.
+  padded length) fits a token budget: little padding, and a GPU kept busy by large batches. A group's last,
+  part-filled batch waits for the next group's sequences.
 - Padded lengths are rounded up to a multiple, so the batch shapes come from a small set that
   :meth:`BatchedEncoder.warm_up` can run once at load (the first pass is then as fast as the next).
 - Batches are built in pinned memory and copied with ``non_blocking=True``; pooling and the sum of a text's
@@ -54,7 +55,7 @@ def default_token_budget(device: str) -> int:
 class Tokenised:
     """The sequences of some texts: ``ids[k]`` belongs to text ``owner[k]`` with weight ``weight[k]``."""
 
-    ids: Sequence[np.ndarray]
+    ids: list[np.ndarray]
     owner: np.ndarray  # int64, index into the texts given to the tokeniser
     weight: np.ndarray  # float32
 
@@ -66,7 +67,7 @@ class Tokenised:
 Tokenise = Callable[[list[str]], Tokenised]
 
 
-def one_sequence_each(ids: Sequence[np.ndarray]) -> Tokenised:
+def one_sequence_each(ids: list[np.ndarray]) -> Tokenised:
     """The common case: one sequence per text, weight 1."""
     return Tokenised(ids, np.arange(len(ids), dtype=np.int64), np.ones(len(ids), dtype=np.float32))
 

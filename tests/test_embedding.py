@@ -258,10 +258,24 @@ def test_only_padded_batches_get_a_mask_and_warm_up_runs_each_bucket() -> None:
     assert [shape for shape, _ in calls] == [(2, 128), (2, 96), (4, 64), (8, 32)]
 
 
+def _packed_encoder(packed: Any, **options: Any) -> Any:
+    """A BatchedEncoder on the CPU running ``packed`` (mean pooling, pad id 0)."""
+    from knowledge.embed_batches import BatchedEncoder
+
+    return BatchedEncoder(lambda ids, mask: None, device="cpu", pad_id=0, pooling="mean", packed=packed, **options)
+
+
+def _id_states(ids: Any) -> Any:
+    """Hidden states (id, 1) per token: a segment's mean is (its mean id, 1)."""
+    import torch
+
+    return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+
+
 def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
     import torch
 
-    from knowledge.embed_batches import BatchedEncoder, Tokenised, plan_packed
+    from knowledge.embed_batches import Tokenised, plan_packed
 
     lengths = np.array([5, 100, 7, 30, 31, 2, 64, 64, 300])
     batches = plan_packed(lengths, token_budget=128)
@@ -273,8 +287,7 @@ def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
 
     def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
         seen.append((ids.tolist(), positions.tolist(), cu.tolist(), max_length))
-        # each token's hidden state is (its id, 1): a segment's mean is (mean id, 1)
-        return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+        return _id_states(ids)
 
     def tokenise(texts: list[str]) -> Tokenised:
         ids: list[np.ndarray] = []
@@ -289,9 +302,7 @@ def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
                 weight.append(w)
         return Tokenised(ids, np.array(owner), np.array(weight, dtype=np.float32))
 
-    encoder = BatchedEncoder(
-        lambda ids, mask: None, device="cpu", pad_id=0, pooling="mean", token_budget=5, packed=packed
-    )
+    encoder = _packed_encoder(packed, token_budget=5)
     texts = ["\x03\x03\x03", "\x01\x01\x05\x05\x05", "\x04"]
     vecs = encoder.encode(texts, tokenise, dim=2)
     # one batch of 4 tokens ("\x04", "\x01\x01" and "\x05\x05\x05" by length: 1, 2 -> 3 more would pass 5)
@@ -299,20 +310,6 @@ def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
     assert sorted(len(ids) for ids, *_ in seen) == [3, 3, 3]
     expected = np.array([[3.0, 1.0], [0.25 * 1 + 0.75 * 5, 1.0], [4.0, 1.0]])
     np.testing.assert_allclose(vecs, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-6)
-
-
-def _packed_encoder(packed: Any, **options: Any) -> Any:
-    """A BatchedEncoder on the CPU running ``packed`` (mean pooling, pad id 0)."""
-    from knowledge.embed_batches import BatchedEncoder
-
-    return BatchedEncoder(lambda ids, mask: None, device="cpu", pad_id=0, pooling="mean", packed=packed, **options)
-
-
-def _id_states(ids: Any) -> Any:
-    """Hidden states (id, 1) per token: a segment's mean is (its mean id, 1)."""
-    import torch
-
-    return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
 
 
 def test_packed_tokens_are_padded_to_the_multiple_and_the_padding_is_never_pooled() -> None:

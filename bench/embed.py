@@ -9,9 +9,9 @@ Default mode prints, in one run:
   (a) LangChain ``HuggingFaceEmbeddings`` with its defaults (float32, batch 32) when ``langchain_huggingface``
       is installed; otherwise the call it makes, ``SentenceTransformer.encode(batch_size=32)`` in float32;
   (b) Zhiku's ``SentenceTransformerEmbedder`` as config.yml builds it, then packed in bf16 and fp16,
-      padded (the path before packing), and packed with torch's flash attention instead of the Triton
-      kernel: for each the load (with its warm-up), the first pass and a warm pass over the same texts, and
-      the lowest cosine to (a)'s float32 vectors;
+      packed fp16 without CUDA graphs, padded (the path before packing), and packed with torch's flash
+      attention instead of the Triton kernel: for each the load (with its warm-up and graph captures), the
+      first pass and a warm pass over the same texts, and the lowest cosine to (a)'s float32 vectors;
   (c) Zhiku's embedder without the fast path (sentence-transformers' ``encode``, batches of 64), i.e. the
       path before issue 12.
 Tokens are the model tokenizer's, special tokens included, truncated to 512: counted once, not timed.
@@ -131,6 +131,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("zhiku", {}),  # as config.yml builds it
     ("zhiku packed bf16", {"dtype": "bfloat16", "packed": True}),
     ("zhiku packed fp16", {"dtype": "float16", "packed": True}),
+    # the packed path without CUDA graphs: each batch's ~150 kernels launched from Python (before)
+    ("zhiku packed fp16, no CUDA graphs", {"dtype": "float16", "packed": True, "graphs": False}),
     ("zhiku padded fp16 (before packing)", {"dtype": "float16", "packed": False}),
     # the packed path with torch's flash attention instead of knowledge/triton_kernels.py's (the default)
     ("zhiku packed fp16, torch's flash attention", {"dtype": "float16", "packed": True, "attention": "torch"}),
@@ -140,10 +142,13 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
 def load_variant(model: str, device: str, kwargs: dict[str, Any]) -> Any:
     kwargs = dict(kwargs)
     attention = kwargs.pop("attention", None)
+    graphs = kwargs.pop("graphs", True)
     emb = SentenceTransformerEmbedder(model, device=device, **kwargs)
-    if attention and emb.packed:
-        emb._fast.packed.attention = attention
-        emb.embed_documents(chinese_chunks(64))  # its first shapes: part of the load, as the warm-up is
+    if (attention or not graphs) and emb.packed:
+        if attention:
+            emb._fast.packed.attention = attention
+        emb._fast.encoder.runner.eager_only()  # torch's kernel has a per-batch grid: no graphs
+        emb._fast.encoder.warm_up(512, seconds=5.0)  # its shapes without graphs: part of the load
     return emb
 
 
@@ -160,7 +165,12 @@ def bench_gpu_path(model: str, device: str, n: int, skip_encode: bool) -> None:
 
     for label, kwargs in VARIANTS:
         emb, load = timed(device, functools.partial(load_variant, model, device, kwargs))
-        print(f"{label} load (fast path: {emb.fast}, packed: {emb.packed}, warm-up included): {load:.2f} s")
+        runner = emb._fast.encoder.runner if emb.packed else None
+        graphs = runner.graphs if runner else 0
+        print(
+            f"{label} load (fast path: {emb.fast}, packed: {emb.packed}, CUDA graphs: {graphs}, warm-up included):"
+            f" {load:.2f} s"
+        )
         first, seconds = timed(device, functools.partial(emb.embed_documents, texts))
         line(f"{label} first pass", tokens, seconds, f"{tokens / seconds / ref_rate:.1f}x")
         _, seconds = timed(device, functools.partial(emb.embed_documents, texts))

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from knowledge.packed_runner import PackedForward, PackedPlan, PackedRunner
+
 if TYPE_CHECKING:
     import torch
 
@@ -94,15 +96,16 @@ def plan_batches(lengths: np.ndarray, token_budget: int, multiple: int = 1) -> l
     return batches
 
 
-def plan_packed(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+def plan_packed(lengths: np.ndarray, token_budget: int, max_rows: int | None = None) -> list[np.ndarray]:
     """Indices of ``lengths`` sorted by length and cut so that each batch's tokens sum to <= ``token_budget``
-    (a sequence longer than the budget gets a batch of its own)."""
+    and it has at most ``max_rows`` sequences (a sequence longer than the budget gets a batch of its own)."""
     order = np.argsort(lengths, kind="stable")
     batches: list[np.ndarray] = []
     start, total = 0, 0
+    rows = max_rows or len(order)
     for end, k in enumerate(order):
         n = int(lengths[k])
-        if end > start and total + n > token_budget:
+        if end > start and (total + n > token_budget or end - start == rows):
             batches.append(order[start:end])
             start, total = end, 0
         total += n
@@ -136,19 +139,6 @@ class _Batch:
     padded: bool  # any row shorter than the batch: the forward needs the mask
 
 
-@dataclass
-class _PackedBatch:
-    ids: torch.Tensor  # (tokens,) int64: the sequences end to end, then padding; pinned on CUDA
-    positions: torch.Tensor  # (tokens,) int64: each token's position in its sequence
-    segment: torch.Tensor  # (tokens,) int64: the row (sequence) each token belongs to; padding: rows
-    cu_seqlens: torch.Tensor  # (rows + 1,) int32: where each sequence starts, then the total
-    lengths: torch.Tensor  # (rows,) float32
-    owner: torch.Tensor  # (rows,) int64, global text index
-    weight: torch.Tensor  # (rows,) float32
-    max_length: int
-    texts_done: int
-
-
 class _Failed:
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -163,10 +153,11 @@ class BatchedEncoder:
     ``forward`` returns the last hidden states, (rows, length, hidden); its mask is ``None`` for a batch
     without padding (SDPA may then use its flash kernel). ``pooling`` is what the model's
     sentence-transformers config says (mean over the attention mask, or the first token). When ``packed``
-    is given, ``packed(ids, positions, cu_seqlens, max_length) -> (tokens, hidden)`` runs instead, over
-    unpadded batches (``length_multiple`` is then unused), their tokens padded up to a multiple of
-    ``token_multiple`` with tokens of no sequence (``cu_seqlens`` ends before them; their hidden states are
-    never read).
+    is given, ``packed(ids, positions, cu_seqlens, max_length, blocks) -> (tokens, hidden)`` runs instead
+    (:class:`knowledge.packed_runner.PackedRunner`), over unpadded batches (``length_multiple`` is then
+    unused), their tokens padded up to a multiple of ``token_multiple`` with tokens of no sequence
+    (``cu_seqlens`` ends before them; their hidden states are never read). ``fixed_shapes``: each padded token
+    count has one layout, at most ``max_rows`` sequences, captured as a CUDA graph at warm-up on CUDA.
     """
 
     def __init__(
@@ -180,11 +171,27 @@ class BatchedEncoder:
         length_multiple: int = 1,
         first_group: int = 64,
         max_group: int = 512,
-        packed: Callable[[Any, Any, Any, int], Any] | None = None,
+        packed: PackedForward | None = None,
         token_multiple: int = 1,
+        fixed_shapes: bool = False,
+        max_rows: int | None = None,
     ) -> None:
         self.forward = forward
         self.packed = packed
+        self.runner = (
+            PackedRunner(
+                packed,
+                device=device,
+                pad_id=pad_id,
+                pooling=pooling,
+                token_budget=token_budget,
+                token_multiple=token_multiple,
+                fixed_shapes=fixed_shapes,
+                max_rows=max_rows,
+            )
+            if packed
+            else None
+        )
         self.device = device
         self.pad_id = pad_id
         self.pooling = pooling
@@ -236,9 +243,10 @@ class BatchedEncoder:
         reporter.finish()
         return result
 
-    def _run(self, batch: _Batch | _PackedBatch, out: torch.Tensor) -> None:
-        if isinstance(batch, _PackedBatch):
-            self._run_packed(batch, out)
+    def _run(self, batch: _Batch | PackedPlan, out: torch.Tensor) -> None:
+        if isinstance(batch, PackedPlan):
+            assert self.runner is not None
+            self.runner.run(batch, out)
             return
         ids = batch.ids.to(self.device, non_blocking=True)
         mask = batch.mask.to(self.device, non_blocking=True)
@@ -246,37 +254,6 @@ class BatchedEncoder:
         weight = batch.weight.to(self.device, non_blocking=True)
         pooled = self.pool(self.forward(ids, mask if batch.padded else None), mask)
         out.index_add_(0, owner, pooled * weight[:, None])
-
-    def _run_packed(self, batch: _PackedBatch, out: torch.Tensor) -> None:
-        owner, pooled = self._pool_packed(batch)
-        out.index_add_(0, owner, pooled)
-
-    def _pool_packed(self, batch: _PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the rows' text indices, their pooled vectors times their weights) on the device."""
-        import torch
-
-        assert self.packed is not None
-        ids, positions, segment, cu_seqlens, lengths, owner, weight = (
-            t.to(self.device, non_blocking=True)
-            for t in (
-                batch.ids,
-                batch.positions,
-                batch.segment,
-                batch.cu_seqlens,
-                batch.lengths,
-                batch.owner,
-                batch.weight,
-            )
-        )
-        hidden = self.packed(ids, positions, cu_seqlens, batch.max_length)
-        rows = lengths.shape[0]
-        if self.pooling == "cls":
-            pooled = hidden[cu_seqlens[:-1].long()].float()
-        else:  # the mean of each segment, summed in float32 as sentence-transformers does; padding sums into
-            # one more row, dropped
-            summed = torch.zeros((rows + 1, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-            pooled = summed.index_add_(0, segment, hidden.float())[:rows] / lengths[:, None]
-        return owner, pooled * weight[:, None]
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) float32: sentence-transformers' Pooling, accumulated in float32 as it does."""
@@ -301,7 +278,7 @@ class BatchedEncoder:
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, which re-raises it
             _put(out, _Failed(err), stop)
 
-    def _batches(self, groups: Iterator[tuple[np.ndarray, Tokenised]], n: int) -> Iterator[_Batch | _PackedBatch]:
+    def _batches(self, groups: Iterator[tuple[np.ndarray, Tokenised]], n: int) -> Iterator[_Batch | PackedPlan]:
         """The batches of the tokenised groups, each built (and pinned) just before it runs.
 
         A group's last batch, the one the budget may leave part empty, waits for the next group's sequences
@@ -325,8 +302,8 @@ class BatchedEncoder:
                 )
             lengths = pool.lengths()
             plans = (
-                plan_packed(lengths, self.token_budget)
-                if self.packed
+                plan_packed(lengths, self.token_budget, self.runner.max_rows if self.runner.fixed_shapes else None)
+                if self.runner
                 else plan_batches(lengths, self.token_budget, self.length_multiple)
             )
             if item is not None and len(plans) > 1:  # never behind an idle device: only behind a batch that runs
@@ -335,8 +312,8 @@ class BatchedEncoder:
             for idx in plans:
                 np.subtract.at(remaining, pool.owner[idx], 1)
                 done = int(np.count_nonzero(remaining[np.unique(pool.owner[idx])] == 0))
-                if self.packed:
-                    yield self._build_packed(pool, idx, pool.owner, lengths, done)
+                if self.runner:
+                    yield PackedPlan(pool, idx, lengths, done)
                 else:
                     yield self._build(pool, idx, pool.owner, lengths, done)
 
@@ -375,46 +352,6 @@ class BatchedEncoder:
             ids=tensors[0], mask=tensors[1], owner=tensors[2], weight=tensors[3], texts_done=done, padded=padded
         )
 
-    def _build_packed(
-        self, tok: Tokenised, idx: np.ndarray, owners: np.ndarray, lengths: np.ndarray, done: int
-    ) -> _PackedBatch:
-        import torch
-
-        rows = lengths[idx]
-        used = int(rows.sum())
-        tokens = _round_up(used, self.token_multiple)
-        ids = np.full(tokens, self.pad_id, dtype=np.int64)
-        np.concatenate([tok.ids[k] for k in idx], out=ids[:used], casting="unsafe")
-        cu = np.zeros(len(idx) + 1, dtype=np.int32)
-        np.cumsum(rows, out=cu[1:])
-        positions = np.zeros(tokens, dtype=np.int64)
-        positions[:used] = np.arange(used, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), rows)
-        segment = np.full(tokens, len(idx), dtype=np.int64)
-        segment[:used] = np.repeat(np.arange(len(idx), dtype=np.int64), rows)
-        tensors = [
-            torch.from_numpy(ids),
-            torch.from_numpy(positions),
-            torch.from_numpy(segment),
-            torch.from_numpy(cu),
-            torch.from_numpy(np.maximum(rows, 1).astype(np.float32)),  # as the padded path clamps
-            torch.from_numpy(np.ascontiguousarray(owners[idx], dtype=np.int64)),
-            torch.from_numpy(np.ascontiguousarray(tok.weight[idx], dtype=np.float32)),
-        ]
-        if self.on_cuda:
-            tensors = [t.pin_memory() for t in tensors]
-        ids_t, positions_t, segment_t, cu_t, lengths_t, owner_t, weight_t = tensors
-        return _PackedBatch(
-            ids=ids_t,
-            positions=positions_t,
-            segment=segment_t,
-            cu_seqlens=cu_t,
-            lengths=lengths_t,
-            owner=owner_t,
-            weight=weight_t,
-            max_length=int(rows.max()),
-            texts_done=done,
-        )
-
     # ---- warm-up ----
 
     def warm_up(self, max_length: int, seconds: float = 5.0) -> int:
@@ -423,8 +360,8 @@ class BatchedEncoder:
         Stops after ``seconds``; returns the number of shapes run."""
         import torch
 
-        if self.packed is not None:
-            return self._warm_up_packed(max_length, seconds)
+        if self.runner is not None:
+            return self.runner.warm_up(max_length, seconds, self._warm_up_plan)
         started = time.perf_counter()
         widths = list(range(_round_up(max_length, self.length_multiple), 0, -self.length_multiple))
         ran = 0
@@ -441,31 +378,13 @@ class BatchedEncoder:
                     break
         return ran
 
-    def _warm_up_packed(self, max_length: int, seconds: float) -> int:
-        """Every padded token count (a multiple of ``token_multiple`` up to the budget's), largest first, filled
-        with sequences of ``max_length`` tokens; then a batch of short ones. Stops after ``seconds``."""
-        import torch
-
-        started = time.perf_counter()
-        step = self.token_multiple
-        if step > 1:
-            totals = [min(total, self.token_budget) for total in range(_round_up(self.token_budget, step), 0, -step)]
-        else:  # unpadded: any count may come; one full batch and a short one settle the kernels
-            totals = [max(max_length, self.token_budget // max_length * max_length)]
-        ran = 0
-        for total, length in [*((t, max_length) for t in totals), (min(64, self.token_budget), min(16, max_length))]:
-            lengths = np.full(total // length, length, dtype=np.int64)
-            if total % length:
-                lengths = np.append(lengths, total % length)
-            tok = one_sequence_each([np.full(n, self.pad_id, dtype=np.int64) for n in lengths])
-            with torch.inference_mode():
-                self._pool_packed(self._build_packed(tok, np.arange(len(lengths)), tok.owner, lengths, 0))
-            ran += 1
-            if self.on_cuda:
-                torch.cuda.synchronize(self.device)
-            if time.perf_counter() - started > seconds:
-                break
-        return ran
+    def _warm_up_plan(self, total: int, length: int) -> PackedPlan:
+        """A batch of ``total`` tokens in sequences of ``length`` (the last one shorter), for the warm-up."""
+        lengths = np.full(total // length, length, dtype=np.int64)
+        if total % length:
+            lengths = np.append(lengths, total % length)
+        tok = one_sequence_each([np.full(n, self.pad_id, dtype=np.int64) for n in lengths])
+        return PackedPlan(tok, np.arange(len(lengths)), lengths, 0)
 
 
 class _ProgressReporter:

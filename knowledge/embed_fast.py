@@ -145,6 +145,8 @@ class FastSentenceTransformer:
             length_multiple=GPU_LENGTH_MULTIPLE if on_cuda else 1,
             packed=self.packed.forward if self.packed else None,
             token_multiple=min(GPU_TOKEN_MULTIPLE, token_budget) if on_cuda else 1,
+            # one CUDA graph per token count: the Triton attention's grid is a fixed table (torch's is not)
+            fixed_shapes=on_cuda and self.packed is not None and self.packed.attention == "triton",
         )
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -200,6 +202,8 @@ def fast_path(
     if problem and fast.packed is not None and fast.packed.attention == "triton":
         _log.warning("embedding: Triton attention fails the probe texts, using torch's kernel: %s", problem)
         fast.packed.attention = "torch"
+        assert fast.encoder.runner is not None
+        fast.encoder.runner.eager_only()
         problem = _probe(fast, dim)
     if problem and packed is None and fast.packed is not None:
         _log.warning("embedding: packed batches fail the probe texts, running padded ones: %s", problem)

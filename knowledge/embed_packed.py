@@ -25,8 +25,32 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
+
+
+ATTENTION_BLOCK = 64  # queries per program of the Triton attention kernel (its sweep's best on an H200)
+
+
+def query_blocks(lengths: np.ndarray, size: int | None = None, block: int = ATTENTION_BLOCK) -> np.ndarray:
+    """The Triton attention kernel's table: (2, size) int64, each column a program's (sequence, block of
+    ``block`` queries); every query of every sequence is in one block. Longest sequences first, so that the
+    programs with the most keys start first and the last wave is short. Columns past the blocks: -1 (no work);
+    ``size`` None: exactly the blocks."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    counts = -(-lengths // block)
+    order = np.argsort(-lengths, kind="stable")
+    per_seq = counts[order]
+    total = int(per_seq.sum())
+    size = total if size is None else size
+    if total > size:
+        raise ValueError(f"{total} query blocks do not fit a table of {size}")
+    table = np.full((2, size), -1, dtype=np.int64)
+    table[0, :total] = np.repeat(order, per_seq)
+    table[1, :total] = np.arange(total) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    return table
 
 
 def varlen_attention_available() -> bool:
@@ -76,8 +100,9 @@ class _Layer:
 
 
 class PackedBert:
-    """``forward(ids, positions, cu_seqlens, max_length) -> (tokens, hidden)`` for a transformers
-    ``BertModel`` in inference, over sequences packed end to end (see the module's docstring)."""
+    """``forward(ids, positions, cu_seqlens, max_length, blocks) -> (tokens, hidden)`` for a transformers
+    ``BertModel`` in inference, over sequences packed end to end (see the module's docstring). ``blocks`` is
+    :func:`query_blocks`' table on the device, for the Triton attention kernel (the others ignore it)."""
 
     def __init__(self, model: Any) -> None:
         import torch
@@ -106,18 +131,22 @@ class PackedBert:
         return "triton" if self._add_norm is not None and fits else "torch"
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_length: int,
+        blocks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last hidden states, (tokens, hidden), of the sequences ``ids[cu_seqlens[i]:cu_seqlens[i+1]]``."""
         import torch
 
-        x = torch.nn.functional.embedding(ids, self.word) + self.position[positions]
-        x = torch.nn.functional.layer_norm(x, (self.hidden,), *self.embed_norm[:2], self.embed_norm[2])
+        x = self.add_norm(torch.nn.functional.embedding(ids, self.word), self.position[positions], self.embed_norm)
         tokens = x.shape[0]
         for layer in self.layers:
             qkv = torch.addmm(layer.qkv_bias, x, layer.qkv_weight.t()).view(tokens, 3, self.heads, self.head_dim)
             q, k, v = qkv.unbind(1)
-            context = self._attend(q, k, v, cu_seqlens, max_length).reshape(tokens, self.hidden)
+            context = self._attend(q, k, v, cu_seqlens, max_length, blocks).reshape(tokens, self.hidden)
             x = self.add_norm(torch.addmm(layer.out_bias, context, layer.out_weight.t()), x, layer.norm1)
             up = torch._addmm_activation(layer.up_bias, x, layer.up_weight.t(), use_gelu=True)
             x = self.add_norm(torch.addmm(layer.down_bias, up, layer.down_weight.t()), x, layer.norm2)
@@ -135,7 +164,13 @@ class PackedBert:
         return torch.nn.functional.layer_norm(x + residual, (self.hidden,), norm[0], norm[1], norm[2])
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_length: int,
+        blocks: torch.Tensor | None,
     ) -> torch.Tensor:
         """(tokens, heads, head_dim): each sequence attends only to itself."""
         import torch
@@ -143,7 +178,10 @@ class PackedBert:
         if self.attention == "triton":
             from knowledge.triton_kernels import varlen_attention
 
-            return varlen_attention(q, k, v, cu_seqlens, max_length, 1.0 / math.sqrt(self.head_dim))
+            if blocks is None:  # a caller without the table (BatchedEncoder always builds it): one sync here
+                lengths = torch.diff(cu_seqlens).cpu().numpy()
+                blocks = torch.from_numpy(query_blocks(lengths)).to(q.device)
+            return varlen_attention(q, k, v, cu_seqlens, blocks, 1.0 / math.sqrt(self.head_dim))
         if self.on_cuda:
             from torch.nn.attention.varlen import varlen_attn
 
@@ -154,6 +192,8 @@ class PackedBert:
         # last sequence (padding) stay zero
         out = torch.zeros(q.shape, dtype=q.dtype)
         for start, end in itertools.pairwise(cu_seqlens.tolist()):
+            if start == end:  # a fixed-shape batch's unused rows
+                continue
             qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             scale = 1.0 / math.sqrt(self.head_dim)
             part = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale)

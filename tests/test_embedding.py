@@ -24,28 +24,7 @@ from knowledge.embedding import (
 )
 from tests.conftest import REPO, SHARED
 from tests.helpers import ARTICLE, run_bench
-
-
-def tiny_bert(folder: Path) -> Path:
-    """A random-weight BertModel with m3e-base's architecture class and a vocabulary written here."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    chars = sorted(set("长江黄河中国最长的河流第二北京上海天气很好今天我们你他是在有和了一个人大小山水"))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *"abcdefghijklmnopqrstuvwxyz"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.tiny_models import tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +252,6 @@ def _id_states(ids: Any) -> Any:
 
 
 def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
-    import torch
 
     from knowledge.embed_batches import Tokenised, plan_packed
 
@@ -285,7 +263,7 @@ def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
 
     seen: list[tuple[list[int], list[int], list[int], int]] = []
 
-    def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
+    def packed(ids: Any, positions: Any, cu: Any, max_length: int, blocks: Any) -> Any:
         seen.append((ids.tolist(), positions.tolist(), cu.tolist(), max_length))
         return _id_states(ids)
 
@@ -313,13 +291,12 @@ def test_packed_batches_fit_the_token_budget_and_pool_each_segment() -> None:
 
 
 def test_packed_tokens_are_padded_to_the_multiple_and_the_padding_is_never_pooled() -> None:
-    import torch
 
     from knowledge.embed_batches import one_sequence_each
 
     seen: list[tuple[int, int]] = []
 
-    def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
+    def packed(ids: Any, positions: Any, cu: Any, max_length: int, blocks: Any) -> Any:
         real = int(cu[-1])
         seen.append((len(ids), real))
         assert positions[real:].eq(0).all()
@@ -369,7 +346,7 @@ def test_a_groups_last_batch_waits_for_the_next_groups_sequences() -> None:
         batches: list[list[int]] = []
         done: list[int] = []
 
-        def packed(ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
+        def packed(ids: Any, positions: Any, cu: Any, max_length: int, blocks: Any) -> Any:
             batches.append(torch.diff(cu).tolist())  # noqa: B023 - called within this iteration
             return _id_states(ids)
 

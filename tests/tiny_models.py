@@ -1,4 +1,4 @@
-"""Tiny random-weight chat models with real architectures, built offline for tests.
+"""Tiny random-weight models with real architectures, built offline for tests.
 
 Each builder writes a folder that ``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained(folder)`` load:
 - :func:`tiny_llama` — ``LlamaForCausalLM`` (the Llama-2-chat architecture), tokenizer with ``<s>``/``</s>``;
@@ -6,7 +6,9 @@ Each builder writes a folder that ``AutoTokenizer``/``AutoModelForCausalLM.from_
   Baichuan2's ``<reserved_106>``/``<reserved_107>`` role tokens and a ``generation_config.json`` naming their
   ids as ``user_token_id``/``assistant_token_id``;
 - :func:`tiny_moss` — ``CodeGenForCausalLM`` (MOSS-003 is CodeGen-shaped), a byte-level BPE tokenizer like
-  MOSS's with ``<eoh>``, ``<eom>``, ``<|Human|>`` and ``<|MOSS|>`` added.
+  MOSS's with ``<eoh>``, ``<eom>``, ``<|Human|>`` and ``<|MOSS|>`` added;
+- :func:`tiny_bert` — ``BertModel`` (m3e-base's architecture class), for the embedders, with a WordPiece
+  vocabulary written here.
 
 Tokenizers are trained here with the ``tokenizers`` library on a small Chinese and English text, and weights
 come from a fixed seed, so every build is identical. Each builder takes well under two seconds.
@@ -195,5 +197,27 @@ def tiny_moss(folder: Path) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eom, pad_token_id=tokenizer.eos_token_id
     )
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A random-weight BertModel with m3e-base's architecture class and a vocabulary written here."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    chars = sorted(set("长江黄河中国最长的河流第二北京上海天气很好今天我们你他是在有和了一个人大小山水"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *"abcdefghijklmnopqrstuvwxyz"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

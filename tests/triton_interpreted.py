@@ -24,10 +24,12 @@ def check_add_layer_norm() -> None:
 
 def check_varlen_attention() -> None:
     """Packed sequences (lengths 1, 40, 130: one block, several, a partial last block) from views into one q/k/v
-    product, against SDPA per sequence."""
+    product, against SDPA per sequence; the table's unused programs write nothing."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
+    from knowledge.embed_packed import query_blocks
     from knowledge.triton_kernels import varlen_attention
 
     torch.manual_seed(0)
@@ -35,11 +37,27 @@ def check_varlen_attention() -> None:
     qkv = torch.randn(sum(lengths), 3, heads, d)
     q, k, v = qkv.unbind(1)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    got = varlen_attention(q, k, v, cu, max(lengths), 0.25, block_m=32, block_n=16)
+    blocks = torch.from_numpy(query_blocks(np.array(lengths), size=10, block=32))  # 8 blocks, then 2 unused
+    got = varlen_attention(q, k, v, cu, blocks, 0.25, block_m=32, block_n=16)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         want = F.scaled_dot_product_attention(qs, ks, vs, scale=0.25).transpose(0, 1)
         torch.testing.assert_close(got[start:end], want, rtol=1e-5, atol=1e-5)
+
+
+def check_segment_mean() -> None:
+    """Rows of 3, 0 (an unused row of a fixed layout) and 37 tokens (blocks of 32, the last partial), 300 columns
+    (blocks of 128, the last partial), against the mean of each segment times its weight."""
+    import torch
+
+    from knowledge.triton_kernels import segment_mean
+
+    torch.manual_seed(0)
+    hidden = torch.randn(45, 300)  # 5 padding tokens after the rows: never read
+    cu = torch.tensor([0, 3, 3, 40])
+    weight = torch.tensor([1.0, 0.0, 0.5])
+    want = torch.stack([hidden[0:3].mean(0), torch.zeros(300), hidden[3:40].mean(0) * 0.5])
+    torch.testing.assert_close(segment_mean(hidden, cu, weight), want, rtol=1e-5, atol=1e-5)
 
 
 def check_decode_kernels() -> None:
@@ -81,6 +99,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     check_add_layer_norm()
     check_varlen_attention()
+    check_segment_mean()
     check_decode_kernels()
     check_fused_step_with_kernels()
     print("ok")

@@ -248,6 +248,17 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def auto_dtype(device: str) -> str:
+    """``dtype: auto``: bfloat16 on a GPU with native bfloat16 (compute capability 8.0, Ampere, and later),
+    float16 on older GPUs, float32 on a CPU. On an H200 bfloat16's matrix products ran 2-4 % faster than
+    float16's, and its vectors kept a cosine of 0.99999 to float32's (bench/README.md)."""
+    if not device.startswith("cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.get_device_capability(torch.device(device)) >= (8, 0) else "float16"
+
+
 def missing_model(model: str) -> str | None:
     """Why sentence-transformers could not load ``model`` (a local folder or a hub id) here, found without
     importing it or torch (5-10 s, only to fail); None when it may load.
@@ -304,7 +315,7 @@ class SentenceTransformerEmbedder:
         self.device = resolve_device(device)
         on_cuda = self.device.startswith("cuda")
         if dtype == "auto":
-            dtype = "float16" if on_cuda else "float32"
+            dtype = auto_dtype(self.device)
         local = Path(model).exists()
         model_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
         try:

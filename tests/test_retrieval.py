@@ -11,6 +11,7 @@ from knowledge.evaluation import Question, evaluate, load_questions
 from knowledge.lexical import fts_query, tokenize
 from knowledge.retrieval import RetrievalSettings, Retriever, merge_overlap, reciprocal_rank_fusion
 from knowledge.store import Hit, StoredChunk
+from tests.tiny_models import tiny_cross_encoder
 
 SENTENCES = [f"第{i}段讲述编号为{i}的事件，事件{i}发生在不同的地方。" for i in range(12)]
 
@@ -145,27 +146,6 @@ def test_retriever_refuses_an_empty_question(app: Zhiku, tmp_path: Path) -> None
     with pytest.raises(ValueError, match="empty"):
         Retriever(kb, app.embedder(kb.manifest)).search("  ", 3)
     kb.close()
-
-
-def tiny_cross_encoder(folder: Path) -> Path:
-    """A random-weight BERT cross-encoder with a vocabulary written here (no download)."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set("长江黄河中国最长的河流第二天气很好今"))]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    return folder
 
 
 def test_cross_encoder_reranker_reorders_by_its_own_scores(app: Zhiku, tmp_path: Path) -> None:

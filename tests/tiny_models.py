@@ -7,8 +7,8 @@ Each builder writes a folder that ``AutoTokenizer``/``AutoModelForCausalLM.from_
   ids as ``user_token_id``/``assistant_token_id``;
 - :func:`tiny_moss` — ``CodeGenForCausalLM`` (MOSS-003 is CodeGen-shaped), a byte-level BPE tokenizer like
   MOSS's with ``<eoh>``, ``<eom>``, ``<|Human|>`` and ``<|MOSS|>`` added;
-- :func:`tiny_bert` — ``BertModel`` (m3e-base's architecture class), for the embedders, with a WordPiece
-  vocabulary written here.
+- :func:`tiny_bert` — ``BertModel`` (m3e-base's architecture class), for the embedders, and
+  :func:`tiny_cross_encoder` — ``BertForSequenceClassification``, a reranker; WordPiece vocabularies written here.
 
 Tokenizers are trained here with the ``tokenizers`` library on a small Chinese and English text, and weights
 come from a fixed seed, so every build is identical. Each builder takes well under two seconds.
@@ -201,14 +201,23 @@ def tiny_moss(folder: Path) -> Path:
     return folder
 
 
+def _bert_vocab(folder: Path, chars: str, extra: str = "") -> list[str]:
+    """A WordPiece vocabulary of BERT's special tokens and these characters, written to ``folder/vocab.txt``."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(chars)), *extra]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return vocab
+
+
 def tiny_bert(folder: Path) -> Path:
     """A random-weight BertModel with m3e-base's architecture class and a vocabulary written here."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    chars = sorted(set("长江黄河中国最长的河流第二北京上海天气很好今天我们你他是在有和了一个人大小山水"))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *"abcdefghijklmnopqrstuvwxyz"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    vocab = _bert_vocab(
+        folder,
+        "长江黄河中国最长的河流第二北京上海天气很好今天我们你他是在有和了一个人大小山水",
+        "abcdefghijklmnopqrstuvwxyz",
+    )
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -220,4 +229,23 @@ def tiny_bert(folder: Path) -> Path:
     )
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_cross_encoder(folder: Path) -> Path:
+    """A random-weight BERT cross-encoder (a reranker) with a vocabulary written here."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = _bert_vocab(folder, "长江黄河中国最长的河流第二天气很好今")
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     return folder

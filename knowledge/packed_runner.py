@@ -229,14 +229,15 @@ class PackedRunner:
                 for _ in range(STAGING_SLOTS)
             ]
         slot = self._slots[self._next_slot]
-        if layout.size > slot.ints.numel() or layout.rows > slot.weight.numel():  # a sequence over the budget
+        if layout.size > slot.ints.numel() or layout.rows > slot.weight.numel():
+            # bigger than a fixed layout: a sequence over the budget, or more rows than max_rows (no fixed shapes)
             return (
                 torch.empty(layout.size, dtype=torch.int64, pin_memory=True),
                 torch.empty(layout.rows, dtype=torch.float32, pin_memory=True),
             )
         self._next_slot = (self._next_slot + 1) % len(self._slots)
         if slot.copied is not None:
-            slot.copied.synchronize()  # the GPU has copied the batch before last out of it
+            slot.copied.synchronize()  # the GPU has copied this slot's previous batch
             slot.copied = None
         self._filling = slot
         return slot.ints[: layout.size], slot.weight[: layout.rows]
@@ -293,11 +294,16 @@ class PackedRunner:
         else:  # unpadded: any count may come; one full batch and a short one settle the kernels
             totals = [max(max_length, self.token_budget // max_length * max_length)]
         ran, pool = 0, None
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             for total in totals:
                 plan = plans(total, max_length)
                 if self.fixed_shapes and len(plan.idx) <= self.max_rows:
-                    pool = self._capture(plan, pool)
+                    try:
+                        pool = self._capture(plan, pool)
+                    except RuntimeError as err:  # e.g. an op this torch cannot capture: slower, still right
+                        _log.warning("embedding: no CUDA graphs, batches run eagerly: %s", err)
+                        self.eager_only()
+                        self._scratch_run(plan)
                 else:
                     self._scratch_run(plan)
                 ran += 1

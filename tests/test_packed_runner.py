@@ -37,6 +37,17 @@ def test_packed_plans_cap_their_rows() -> None:
     assert [len(b) for b in plan_packed(lengths, token_budget=100, max_rows=4)] == [4, 2]
 
 
+def _states(ids: Any, positions: Any, cu: Any, max_length: int, blocks: Any) -> Any:
+    """Hidden states (id, 1) per token: a sequence's mean is (its mean id, 1)."""
+    import torch
+
+    return torch.stack([ids.float(), torch.ones(len(ids))], dim=1)
+
+
+def _tokenise(texts: list[str]) -> Any:
+    return one_sequence_each([np.array([ord(c) for c in t], dtype=np.int64) for t in texts])
+
+
 def _fixed_encoder(packed: Any, **options: Any) -> BatchedEncoder:
     return BatchedEncoder(
         lambda ids, mask: None, device="cpu", pad_id=0, pooling="mean", packed=packed, fixed_shapes=True, **options
@@ -56,20 +67,17 @@ def test_fixed_layouts_change_no_vector() -> None:
         hidden[real:] = 1e6  # would show in any vector it was pooled into
         return hidden
 
-    def tokenise(texts: list[str]) -> Any:
-        return one_sequence_each([np.array([ord(c) for c in t], dtype=np.int64) for t in texts])
-
     texts = ["\x03\x03\x03", "\x01\x02", "\x04" * 7, "\x05", "\x02\x06", "\x07" * 5]
     exact = _fixed_encoder(packed, token_budget=12, token_multiple=4)
     exact.runner.fixed_shapes = False  # type: ignore[union-attr]
-    expected = exact.encode(texts, tokenise, dim=2)
+    expected = exact.encode(texts, _tokenise, dim=2)
 
     fixed = _fixed_encoder(packed, token_budget=12, token_multiple=4, max_rows=3)
     seen.clear()
     assert fixed.warm_up(max_length=4) == 4  # 12, 8 and 4 tokens, then short sequences
     assert fixed.runner is not None and sorted(fixed.runner._captured) == [4, 8, 12]
     seen.clear()
-    got = fixed.encode(texts, tokenise, dim=2)
+    got = fixed.encode(texts, _tokenise, dim=2)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert all(cu == 4 and n in (4, 8, 12) for n, cu, _ in seen)  # every batch: 3 rows, a padded count
     assert sum(real for *_, real in seen) == sum(map(len, texts))
@@ -124,18 +132,15 @@ def test_two_threads_share_the_fixed_layouts() -> None:
         threading.Event().wait(0.001)  # lets the other thread run mid-batch
         return torch.stack([ids.float() * (positions.float() + 1), torch.ones(len(ids))], dim=1)
 
-    def tokenise(texts: list[str]) -> Any:
-        return one_sequence_each([np.array([ord(c) for c in t], dtype=np.int64) for t in texts])
-
     encoder = _fixed_encoder(packed, token_budget=16, token_multiple=4, max_rows=4)
     encoder.warm_up(max_length=4)
     inputs = [[chr(1 + (i + j) % 50) * (1 + (i * j) % 6) for j in range(40)] for i in range(4)]
-    expected = [encoder.encode(texts, tokenise, dim=2) for texts in inputs]
+    expected = [encoder.encode(texts, _tokenise, dim=2) for texts in inputs]
     results: dict[int, np.ndarray] = {}
 
     def work(i: int) -> None:
         for _ in range(5):
-            np.testing.assert_allclose(encoder.encode(inputs[i], tokenise, dim=2), expected[i], rtol=1e-6)
+            np.testing.assert_allclose(encoder.encode(inputs[i], _tokenise, dim=2), expected[i], rtol=1e-6)
         results[i] = expected[i]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
@@ -144,3 +149,20 @@ def test_two_threads_share_the_fixed_layouts() -> None:
     for t in threads:
         t.join()
     assert sorted(results) == [0, 1, 2, 3]
+
+
+def test_a_failed_capture_leaves_eager_batches(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from knowledge.packed_runner import PackedRunner
+
+    def cannot_capture(self: Any, plan: Any, pool: Any) -> Any:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(PackedRunner, "_capture", cannot_capture)
+    encoder = _fixed_encoder(_states, token_budget=12, token_multiple=4, max_rows=3)
+    assert encoder.warm_up(max_length=4) == 4
+    assert encoder.runner is not None and not encoder.runner.fixed_shapes and not encoder.runner._captured
+    assert "no CUDA graphs" in caplog.text
+    got = encoder.encode(["\x03\x03", "\x05"], _tokenise, dim=2)
+    np.testing.assert_allclose(got, [[3 / np.sqrt(10), 1 / np.sqrt(10)], [5 / np.sqrt(26), 1 / np.sqrt(26)]], rtol=1e-6)

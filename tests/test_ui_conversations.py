@@ -20,11 +20,20 @@ from app.ui import launch
 from app.ui_handlers import NO_KB, STOPPED_MARK, ChatControls
 from llms.base import GenerationOptions, Message
 from plugins.hookspecs import hookimpl
-from tests.test_ui import TIMEOUT_MS, _free_port, ask, browser, echo_app, echo_config, messages, wait_answered
+from tests.test_ui import (
+    TIMEOUT_MS,
+    _free_port,
+    ask,
+    browser,
+    echo_app,
+    echo_config,
+    messages,
+    readme_picture,
+    wait_answered,
+)
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHAT = [
     {"role": "user", "content": "长江有多长？"},
     {"role": "assistant", "content": "约6300公里[1]"},
@@ -225,7 +234,7 @@ def test_a_conversation_survives_reload_and_restart(browser: Any, config: tuple[
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === 1")
     assert messages(page) == answered
 
-    page.screenshot(path=str(DOCS / "conversations.png"))  # the README's picture of the sidebar
+    readme_picture(page, "conversations.png")  # the README's picture of the sidebar
 
     # 👍 on the answer is stored with it
     page.locator('#chatbot [data-testid="bot"]').first.hover()

@@ -14,7 +14,7 @@ from app import ui_kb
 from app.container import Zhiku
 from app.ui import launch
 from app.ui_handlers import NO_KB
-from tests.test_ui import _free_port, ask, browser, choose, echo_app, echo_config, wait_answered
+from tests.test_ui import _free_port, ask, browser, choose, echo_app, echo_config, readme_picture, wait_answered
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture of test_ui.py
 
@@ -90,7 +90,7 @@ def test_a_file_removed_in_the_browser_stops_appearing_in_sources(browser: Any, 
 
     page.get_by_role("tab", name="知识库 Knowledge bases").click()
     page.wait_for_function("() => document.querySelector('#kb-files')?.innerText.includes('frogs.txt')")
-    page.screenshot(path=str(Path(__file__).resolve().parent.parent / "docs" / "knowledge-bases.png"))
+    readme_picture(page, "knowledge-bases.png")
     page.locator("#kb-file input").click()
     page.get_by_role("option", name="frogs.txt", exact=False).click()
     page.locator("#kb-remove-file").click()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from knowledge.packed_runner import PackedForward, PackedPlan, PackedRunner
+from knowledge.packed_runner import PackedForward, PackedPlan, PackedRunner, round_up
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +87,7 @@ def plan_batches(lengths: np.ndarray, token_budget: int, multiple: int = 1) -> l
         # sorted ascending, so the longest of a batch is its last; grow while the padded size fits
         end = start + 1
         while end < len(order):
-            padded = _round_up(int(lengths[order[end]]), multiple)
+            padded = round_up(int(lengths[order[end]]), multiple)
             if (end - start + 1) * padded > token_budget:
                 break
             end += 1
@@ -112,10 +112,6 @@ def plan_packed(lengths: np.ndarray, token_budget: int, max_rows: int | None = N
     if start < len(order):
         batches.append(order[start:])
     return batches
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -177,7 +173,6 @@ class BatchedEncoder:
         max_rows: int | None = None,
     ) -> None:
         self.forward = forward
-        self.packed = packed
         self.runner = (
             PackedRunner(
                 packed,
@@ -199,7 +194,6 @@ class BatchedEncoder:
         self.length_multiple = length_multiple
         self.first_group = first_group
         self.max_group = max_group
-        self.token_multiple = token_multiple
 
     @property
     def on_cuda(self) -> bool:
@@ -332,7 +326,7 @@ class BatchedEncoder:
     def _build(self, tok: Tokenised, idx: np.ndarray, owners: np.ndarray, lengths: np.ndarray, done: int) -> _Batch:
         import torch
 
-        width = _round_up(int(lengths[idx].max()), self.length_multiple)
+        width = round_up(int(lengths[idx].max()), self.length_multiple)
         ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(idx), width), dtype=np.int64)
         for row, k in enumerate(idx):
@@ -363,7 +357,7 @@ class BatchedEncoder:
         if self.runner is not None:
             return self.runner.warm_up(max_length, seconds, self._warm_up_plan)
         started = time.perf_counter()
-        widths = list(range(_round_up(max_length, self.length_multiple), 0, -self.length_multiple))
+        widths = list(range(round_up(max_length, self.length_multiple), 0, -self.length_multiple))
         ran = 0
         with torch.inference_mode():
             for width in widths:

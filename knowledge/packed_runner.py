@@ -41,7 +41,8 @@ STAGING_SLOTS = 4  # pinned host buffers: batches the host may fill ahead of the
 GRAPH_MIN_AGREEMENT = 0.999  # cosine between a graph's output and the eager run's, checked at capture
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple
 
 
@@ -154,7 +155,7 @@ class PackedRunner:
 
     def tokens_of(self, used: int) -> int:
         """The padded token count of a batch of ``used`` tokens."""
-        return _round_up(used, self.token_multiple)
+        return round_up(used, self.token_multiple)
 
     def fixed_layout(self, tokens: int) -> PackedLayout:
         """The layout every batch of ``tokens`` (padded) takes: at most ``max_rows`` rows, and so at most

@@ -224,9 +224,7 @@ class Retriever:
         with self.kb.snapshot() as snap:
             return self._context(snap, self._search(snap, question, query, k), budget, measure)
 
-    def _context(
-        self, snap: Snapshot, hits: list[Hit], budget: int, measure: Callable[[str], int]
-    ) -> list[Passage]:
+    def _context(self, snap: Snapshot, hits: list[Hit], budget: int, measure: Callable[[str], int]) -> list[Passage]:
         groups: list[list[StoredChunk]] = []
         meta: list[Hit] = []
         taken: set[int] = set()

@@ -121,9 +121,7 @@ class LoginThrottle:
             return ok
 
 
-def make_auth(
-    users: Users, throttle: LoginThrottle | None = None
-) -> Callable[[str, str], Awaitable[bool]]:
+def make_auth(users: Users, throttle: LoginThrottle | None = None) -> Callable[[str, str], Awaitable[bool]]:
     """Gradio's ``auth=`` callable for (name, password hash) pairs. Every hash is checked here, so a bad
     config fails at start-up with the user's name (never the hash). The check runs in a worker thread, so
     a login never stalls the other sessions' streams."""

@@ -34,13 +34,18 @@ if TYPE_CHECKING:
 ATTENTION_BLOCK = 64  # queries per program of the Triton attention kernel (its sweep's best on an H200)
 
 
+def blocks_per_sequence(lengths: np.ndarray, block: int = ATTENTION_BLOCK) -> np.ndarray:
+    """Each sequence's blocks of ``block`` queries (its programs in the attention kernel's table)."""
+    return -(-np.asarray(lengths, dtype=np.int64) // block)
+
+
 def query_blocks(lengths: np.ndarray, size: int | None = None, block: int = ATTENTION_BLOCK) -> np.ndarray:
     """The Triton attention kernel's table: (2, size) int64, each column a program's (sequence, block of
     ``block`` queries); every query of every sequence is in one block. Longest sequences first, so that the
     programs with the most keys start first and the last wave is short. Columns past the blocks: -1 (no work);
     ``size`` None: exactly the blocks."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    counts = -(-lengths // block)
+    counts = blocks_per_sequence(lengths, block)
     order = np.argsort(-lengths, kind="stable")
     per_seq = counts[order]
     total = int(per_seq.sum())

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from knowledge.embed_packed import ATTENTION_BLOCK, query_blocks
+from knowledge.embed_packed import ATTENTION_BLOCK, blocks_per_sequence, query_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -174,14 +174,11 @@ class PackedRunner:
         captured = self._captured.get(tokens) if rows <= self.max_rows else None
         if captured is None:
             lengths = plan.lengths[plan.idx]
-            layout = PackedLayout(tokens, rows, int((-(-lengths // ATTENTION_BLOCK)).sum()))
+            layout = PackedLayout(tokens, rows, int(blocks_per_sequence(lengths).sum()))
             ints, weight = self._to_device(*self._fill(layout, plan))
             return layout.views(ints)[5], self._step(layout, ints, weight, int(lengths.max()))
         layout = captured.layout
-        host_ints, host_weight = self._fill(layout, plan)
-        captured.ints.copy_(host_ints, non_blocking=True)
-        captured.weight.copy_(host_weight, non_blocking=True)
-        self._copied()
+        self._load(captured, plan)
         owner = layout.views(captured.ints)[5]
         if captured.graph is None:
             return owner, self._step(layout, captured.ints, captured.weight, self.max_length)
@@ -252,6 +249,13 @@ class PackedRunner:
             slot.copied = torch.cuda.Event()
             slot.copied.record()
         self._filling = None
+
+    def _load(self, captured: _Captured, plan: PackedPlan) -> None:
+        """The batch into a fixed layout's device buffers (what its graph reads)."""
+        host_ints, host_weight = self._fill(captured.layout, plan)
+        captured.ints.copy_(host_ints, non_blocking=True)
+        captured.weight.copy_(host_weight, non_blocking=True)
+        self._copied()
 
     def _to_device(self, ints: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         on_device = ints.to(self.device, non_blocking=True), weight.to(self.device, non_blocking=True)
@@ -332,10 +336,7 @@ class PackedRunner:
             torch.zeros(layout.size, dtype=torch.int64, device=self.device),
             torch.zeros(layout.rows, dtype=torch.float32, device=self.device),
         )
-        host_ints, host_weight = self._fill(layout, plan)
-        captured.ints.copy_(host_ints, non_blocking=True)
-        captured.weight.copy_(host_weight, non_blocking=True)
-        self._copied()
+        self._load(captured, plan)
         eager = self._step(layout, captured.ints, captured.weight, self.max_length)  # compiles, picks kernels
         if self.on_cuda:
             torch.cuda.synchronize(self.device)

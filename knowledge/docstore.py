@@ -1,8 +1,9 @@
 """The SQLite docstore of a knowledge base: the source of truth.
 
-File records, chunk rows, the deduplicated texts with their vectors, the BM25 index over those texts and a
-``generation`` counter change in one transaction, so a crash leaves either the old or the new state. A
-:class:`Docstore` reads and writes through one connection; inside a read transaction (what
+File records, chunk rows, the deduplicated texts with their vectors and a ``generation`` counter change in one
+transaction, so a crash leaves either the old or the new state. The BM25 index over those texts is a file of its
+own, brought up to date from these rows (:mod:`knowledge.lexical_index`); reader connections attach it as
+``lexical``. A :class:`Docstore` reads and writes through one connection; inside a read transaction (what
 ``KnowledgeBase.snapshot`` opens) every read sees the same commit.
 
 Each text row records the generation that added it, and each deleted text leaves a tombstone with the
@@ -20,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,8 +41,6 @@ CREATE TABLE IF NOT EXISTS chunks(
     heading TEXT NOT NULL, text_id INTEGER NOT NULL, prev_id INTEGER, next_id INTEGER);
 CREATE INDEX IF NOT EXISTS chunks_path ON chunks(path);
 CREATE INDEX IF NOT EXISTS chunks_text ON chunks(text_id);
--- BM25 index over the same texts (rowid = texts.id), updated in the same transactions: never out of sync
-CREATE VIRTUAL TABLE IF NOT EXISTS texts_fts USING fts5(tokens, tokenize = "unicode61 remove_diacritics 0");
 -- texts deleted since the newest vector index file: what a reader removes from that file's vectors
 CREATE TABLE IF NOT EXISTS removed_texts(id INTEGER NOT NULL, gen INTEGER NOT NULL);
 """
@@ -129,6 +128,14 @@ class NewChunk:
     offset: int
     heading: str = ""
     tokens: str = ""  # space-separated search tokens (knowledge.lexical.fts_document of the embedded text)
+
+
+class Inserted(NamedTuple):
+    """The texts a file added: ids, vectors (for the vector index), (id, search tokens) for the BM25 index."""
+
+    ids: list[int]
+    vectors: list[np.ndarray]
+    lexical: list[tuple[int, str]]
 
 
 @dataclass(frozen=True)
@@ -309,7 +316,7 @@ class Docstore:
         where, args = _sources_clause(sources)
         among = f" AND rowid IN (SELECT text_id FROM chunks WHERE 1{where})" if sources else ""
         rows = self.conn.execute(
-            f"SELECT rowid, -bm25(texts_fts) FROM texts_fts WHERE texts_fts MATCH ?{among} "
+            f"SELECT rowid, -bm25(texts_fts) FROM lexical.texts_fts WHERE texts_fts MATCH ?{among} "
             "ORDER BY bm25(texts_fts) LIMIT ?",
             (fts_query, *args, k),
         ).fetchall()
@@ -382,29 +389,14 @@ class Docstore:
             ("SELECT COUNT(*) FROM chunks WHERE path NOT IN (SELECT path FROM files)", "chunks belong to no file"),
         ]
         problems = [f"{n} {what}" for sql, what in checks if (n := one(sql).fetchone()[0])]
-        fts, vectors = one("SELECT COUNT(*) FROM texts_fts").fetchone()[0], self.counts()["vectors"]
-        if fts != vectors:
-            problems.append(f"BM25 index holds {fts} texts, docstore {vectors}")
+        lexical = one("SELECT value FROM lexical.meta WHERE key = 'generation'").fetchone()
+        if lexical is not None and int(lexical[0]) == self.generation():  # a lagging one is caught up, not wrong
+            fts, vectors = one("SELECT COUNT(*) FROM lexical.texts_fts").fetchone()[0], self.counts()["vectors"]
+            if fts != vectors:
+                problems.append(f"BM25 index holds {fts} texts, docstore {vectors}")
         return problems
 
     # ----- writing (inside the caller's transaction) --------------------------------------------
-    def backfill_lexical_index(self) -> None:
-        """Knowledge bases written before the BM25 index existed get it on their first writable open."""
-        one = self.conn.execute
-        if one("SELECT COUNT(*) FROM texts_fts").fetchone()[0] == one("SELECT COUNT(*) FROM texts").fetchone()[0]:
-            return
-        from knowledge.lexical import fts_document
-
-        rows = one(
-            "SELECT t.id, COALESCE((SELECT heading FROM chunks c WHERE c.text_id = t.id LIMIT 1), ''), t.text "
-            "FROM texts t WHERE t.id NOT IN (SELECT rowid FROM texts_fts)"
-        ).fetchall()
-        with self.conn:
-            self.conn.executemany(
-                "INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)",
-                [(i, fts_document(f"{heading}\n{text}" if heading else text)) for i, heading, text in rows],
-            )
-
     def text_ids_of_file(self, path: str) -> set[int]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT text_id FROM chunks WHERE path = ?", (path,))}
 
@@ -426,7 +418,6 @@ class Docstore:
             ]
         for part, marks in batches(unused):
             self.conn.execute(f"DELETE FROM texts WHERE id IN ({marks})", part)
-            self.conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", part)
         self.conn.executemany("INSERT INTO removed_texts(id, gen) VALUES(?, ?)", [(i, generation) for i in unused])
         return unused
 
@@ -445,10 +436,10 @@ class Docstore:
         chunks: Sequence[NewChunk],
         vectors: dict[str, np.ndarray],
         generation: int = 0,
-    ) -> tuple[list[int], list[np.ndarray]]:
+    ) -> Inserted:
         """Store a file's record and chunks in order; texts it does not have yet are added with their vector
-        from ``vectors`` (by text hash), marked as added in ``generation``. Returns the ids and vectors of
-        the new texts.
+        from ``vectors`` (by text hash), marked as added in ``generation``. Returns the new texts' ids, vectors
+        and search tokens.
 
         Ids are given here (the writer holds the lock, so MAX(id) + 1 is free), which lets every table take
         its rows in one ``executemany`` and the neighbour links go in with the chunks: 4 statements per
@@ -463,7 +454,7 @@ class Docstore:
         new_ids: list[int] = []
         new_vecs: list[np.ndarray] = []
         text_rows: list[tuple[int, str, str, bytes, int]] = []
-        fts_rows: list[tuple[int, str]] = []
+        lexical: list[tuple[int, str]] = []
         for c in chunks:
             if c.text_hash in text_ids:
                 continue
@@ -472,12 +463,11 @@ class Docstore:
             vec = np.ascontiguousarray(vectors[c.text_hash], dtype=np.float32)
             text_id = next_text + len(new_ids)
             text_rows.append((text_id, c.text_hash, c.text, vec.tobytes(), generation))
-            fts_rows.append((text_id, c.tokens))
+            lexical.append((text_id, c.tokens))
             text_ids[c.text_hash] = text_id
             new_ids.append(text_id)
             new_vecs.append(vec)
         self.conn.executemany("INSERT INTO texts(id, hash, text, vector, gen) VALUES(?, ?, ?, ?, ?)", text_rows)
-        self.conn.executemany("INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)", fts_rows)
         first = self._next_id("chunks")
         last = first + len(chunks) - 1
         # neighbours within the file, so retrieval can widen a hit without re-reading the document
@@ -499,7 +489,7 @@ class Docstore:
                 for seq, c in enumerate(chunks)
             ],
         )
-        return new_ids, new_vecs
+        return Inserted(new_ids, new_vecs, lexical)
 
     def record_index(self, generation: int) -> None:
         """The vector index file of ``generation`` is on disk: readers start from it, and the tombstones it

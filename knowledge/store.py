@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 import sqlite3
@@ -52,6 +53,7 @@ from knowledge.docstore import (
     open_error,
     reader_mode,
 )
+from knowledge.lexical_index import LEXICAL_DB, LexicalIndex, attach_for_reading
 from knowledge.vectors import FaissKind, VectorIndex, VectorIndexError, VectorIndexKind
 
 __all__ = [
@@ -73,6 +75,7 @@ PREVIOUS_STORE = "previous-store"  # a migrated base's old index files, until `k
 # The vector index kind of a base, from its manifest (each base records its store: faiss, milvus and where)
 KindFor = Callable[[Path, Manifest], VectorIndexKind]
 _MAX_READERS = 8  # read connections kept per knowledge base (one per concurrent snapshot)
+log = logging.getLogger(__name__)
 _INDEX_COST_SHARE = 10  # deferred index writes: at least this many times their own duration apart
 
 
@@ -201,11 +204,13 @@ class KnowledgeBase:
         self._opened_at = file_signature(db) if reader_mode == "immutable" else None
         self._readers: list[sqlite3.Connection] = []
         self._all_readers: list[sqlite3.Connection] = []
+        self._stand_in_readers: set[int] = set()  # readers opened before the BM25 index file existed
         self._readers_lock = threading.Lock()
         self._snapshot_index: tuple[int, VectorIndex] | None = None
         self._snapshot_index_lock = threading.Lock()
         self._index: VectorIndex | None = None  # the writer's working index, at self.manifest.generation
         self._schedule: _IndexSchedule | None = None  # set inside deferred_index(): when to write the index file
+        self._lexical: LexicalIndex | None = None  # the writer's side of the BM25 index
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
@@ -236,6 +241,7 @@ class KnowledgeBase:
             conn = connect_writer(db)
         except sqlite3.Error as err:
             raise StoreError(open_error(name, db, err)) from err
+        kb: KnowledgeBase | None = None
         try:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -254,7 +260,7 @@ class KnowledgeBase:
             try:
                 with kb._writer_lock():  # another writer's lock clears temp files: never write beside one
                     kb._reload_if_stale()
-                    Docstore(conn).backfill_lexical_index()
+                    kb._open_lexical()
                     kb._adopt_index_file()
                     kb._write_manifest()
             except (sqlite3.Error, OSError) as err:  # a read-only folder or a full disk: one clear line
@@ -264,6 +270,8 @@ class KnowledgeBase:
                     "command again",
                 ) from err
         except BaseException:
+            if kb is not None and kb._lexical is not None:
+                kb._lexical.close()
             conn.close()  # a failed open must not leak the connection (a server opens bases all day)
             raise
         return kb
@@ -274,6 +282,11 @@ class KnowledgeBase:
         try:
             mode = reader_mode(db)
             conn = connect_reader(db, mode)
+            try:
+                full = attach_for_reading(conn, root, mode)
+            except BaseException:
+                conn.close()
+                raise
         except WalNeedsWriterError as err:
             raise StoreError(
                 f"knowledge base {name!r} has commits in {DB_NAME}-wal that only a process with write access "
@@ -293,6 +306,8 @@ class KnowledgeBase:
             raise
         kb._all_readers.append(conn)
         kb._readers.append(conn)
+        if not full:
+            kb._stand_in_readers.add(id(conn))
         return kb
 
     @classmethod
@@ -394,23 +409,38 @@ class KnowledgeBase:
 
     def _take_reader(self) -> sqlite3.Connection:
         with self._readers_lock:
-            if self._readers:
-                return self._readers.pop()
+            while self._readers:
+                conn = self._readers.pop()
+                if id(conn) not in self._stand_in_readers or not (self.root / LEXICAL_DB).exists():
+                    return conn
+                self._forget_reader(conn)  # a writer has made the BM25 index file since: attach that
         try:
             conn = connect_reader(self.root / DB_NAME, self._reader_mode)
+            try:
+                full = attach_for_reading(conn, self.root, self._reader_mode)
+            except BaseException:
+                conn.close()
+                raise
         except sqlite3.Error as err:
             raise StoreError(open_error(self.name, self.root / DB_NAME, err)) from err
         with self._readers_lock:
             self._all_readers.append(conn)
+            if not full:
+                self._stand_in_readers.add(id(conn))
         return conn
+
+    def _forget_reader(self, conn: sqlite3.Connection) -> None:
+        """Close a reader (the caller holds _readers_lock)."""
+        self._all_readers.remove(conn)
+        self._stand_in_readers.discard(id(conn))
+        conn.close()
 
     def _give_back(self, conn: sqlite3.Connection) -> None:
         with self._readers_lock:
             if len(self._readers) < _MAX_READERS:
                 self._readers.append(conn)
                 return
-            self._all_readers.remove(conn)
-        conn.close()
+            self._forget_reader(conn)
 
     def _store_location(self) -> tuple[str, str]:
         return (self.manifest.store, self.manifest.store_uri)
@@ -602,10 +632,13 @@ class KnowledgeBase:
         """For bulk writes: commits inside write the index file and manifest only every ``min_interval``
         seconds (and never more than a tenth of the time: the interval grows with the write's cost), and
         once more when the block ends without an error. The rows are the source of truth meanwhile:
-        readers bring the older file up to date from them, and so does the next writer after a crash."""
+        readers bring the older file up to date from them, and so does the next writer after a crash. The
+        BM25 index is brought up to date by a thread of its own meanwhile, and is whole when the block ends."""
         previous, self._schedule = self._schedule, _IndexSchedule(min_interval)
+        lexical = self._lexical.background() if self._lexical is not None else contextlib.nullcontext()
         try:
-            yield
+            with lexical:
+                yield
         finally:
             self._schedule = previous
         if self._writer is not None:  # a read-only base has committed nothing here
@@ -653,6 +686,7 @@ class KnowledgeBase:
         for old in old_files:
             old.replace(kept / old.name)
         self._adopt(_manifest(self.name, docstore.meta()))
+        self._lexical_commit()
         self.kind, self._index = kind, index
         self._write_manifest()
 
@@ -669,6 +703,29 @@ class KnowledgeBase:
                 self._write_index_and_manifest(self._working_index())
             except (sqlite3.Error, OSError) as err:
                 raise _save_error(self.name, self.root, err) from err
+
+    def _open_lexical(self) -> None:
+        """The writer's BM25 index, brought to the newest commit (under the writer lock). A base from before
+        the index had a file of its own gets it, and the old table inside the docstore goes."""
+        self._lexical = LexicalIndex(self.root)
+        self._lexical.catch_up()
+        conn = self._conn()
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'texts_fts'").fetchone():
+            with conn:
+                conn.execute("DROP TABLE texts_fts")
+
+    def _lexical_commit(self, tx: Transaction | None = None) -> None:
+        """Hand the commit just made to the BM25 index. If that fails, the rows are committed all the same: the
+        index lags, and the next commit or open brings it up from the rows."""
+        if self._lexical is None:
+            return
+        try:
+            if tx is None:
+                self._lexical.apply(self.manifest.generation, [], [])
+            else:
+                self._lexical.apply(self.manifest.generation, tx.lexical_added, tx.lexical_removed)
+        except (sqlite3.Error, OSError) as err:
+            log.warning("knowledge base %r: the BM25 index lags (%s); the next write brings it up", self.name, err)
 
     def _adopt_index_file(self) -> None:
         """A base written before index files were recorded: its file of the current generation is the one."""
@@ -715,6 +772,7 @@ class KnowledgeBase:
             raise
         if tx.changed:
             self.manifest = _manifest(self.name, Docstore(conn).meta())
+            self._lexical_commit(tx)
             if self._schedule is None or self._schedule.due():
                 self._write_index_and_manifest(index)
         elif begin is not None:
@@ -754,6 +812,8 @@ class KnowledgeBase:
             readers, self._all_readers, self._readers = self._all_readers, [], []
         for conn in readers:
             conn.close()
+        if self._lexical is not None:
+            self._lexical.close()
         if self._writer is not None:
             self._writer.close()
 
@@ -798,6 +858,8 @@ class Transaction:
         self.generation = generation
         self.changed = False
         self._maybe_unused: set[int] = set()  # texts whose chunks were removed: dropped at the end if unused
+        self.lexical_added: list[tuple[int, str]] = []  # for the BM25 index, after the commit
+        self.lexical_removed: list[int] = []
 
     def has_file(self, path: str) -> bool:
         """Whether the base holds a version of this file (as this transaction sees it)."""
@@ -819,16 +881,18 @@ class Transaction:
         self._maybe_unused.clear()
         if unused:
             self._index.remove(np.asarray(unused, dtype=np.int64))
+            self.lexical_removed += unused
 
     def put_file(self, record: FileRecord, chunks: Sequence[NewChunk], vectors: dict[str, np.ndarray]) -> int:
         """Store a file's chunks in order (replacing any old version). ``vectors`` holds one vector per text
         hash that the knowledge base does not have yet. Returns the number of new vectors."""
         self.remove_file(record.path)
-        new_ids, new_vecs = self._docstore.insert_file(record, chunks, vectors, self.generation)
-        if new_ids:
-            self._index.add(np.asarray(new_ids, dtype=np.int64), np.vstack(new_vecs))
+        new = self._docstore.insert_file(record, chunks, vectors, self.generation)
+        if new.ids:
+            self._index.add(np.asarray(new.ids, dtype=np.int64), np.vstack(new.vectors))
+            self.lexical_added += new.lexical
         self.changed = True
-        return len(new_ids)
+        return len(new.ids)
 
 
 def _manifest(name: str, meta: dict[str, str]) -> Manifest:

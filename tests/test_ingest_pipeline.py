@@ -407,7 +407,7 @@ def test_a_file_is_stored_with_a_few_statements_whatever_its_size(tmp_path: Path
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             record = FileRecord("/a.txt", "x", 1, 1, 0, None, 0.0)
-            new_ids, _ = Docstore(counting).insert_file(record, chunks, vectors, 1)  # type: ignore[arg-type]
+            new_ids = Docstore(counting).insert_file(record, chunks, vectors, 1).ids  # type: ignore[arg-type]
         assert len(new_ids) == 200
         assert counting.statements <= 8
         rows = conn.execute("SELECT id, seq, prev_id, next_id FROM chunks ORDER BY seq").fetchall()

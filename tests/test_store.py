@@ -121,20 +121,6 @@ def test_loading_never_unpickles(kb: KnowledgeBase, tmp_path: Path, monkeypatch:
         assert again.search(EMB.embed_query("一段文字。"), 1)[0].chunk.text == "一段文字。"
 
 
-def test_a_knowledge_base_without_bm25_index_gets_one_on_open(kb: KnowledgeBase, tmp_path: Path) -> None:
-    put(kb, "/a.txt", ["长江是中国最长的河流。", "黄河是中国第二长河。"])
-    assert kb._writer is not None
-    with kb._writer:  # as written by a version before the BM25 index
-        kb._writer.execute("DELETE FROM texts_fts")
-    kb.close()
-    with KnowledgeBase.open(tmp_path / "kb") as again:
-        assert again.check() == []
-        from knowledge.lexical import fts_query
-
-        with again.snapshot() as snap:
-            assert len(snap.lexical_search(fts_query("黄河"), 5)) == 1
-
-
 def test_a_failed_write_during_open_is_one_clear_error_and_closes_the_docstore(
     kb: KnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,9 +146,10 @@ def test_a_failed_write_during_open_is_one_clear_error_and_closes_the_docstore(
     monkeypatch.setattr(store, "atomic_write_bytes", denied)
     with pytest.raises(StoreError, match=r"cannot write to knowledge base .kb.*Permission denied.*write access"):
         KnowledgeBase.open(tmp_path / "kb")
-    [conn] = opened
-    with pytest.raises(sqlite3.ProgrammingError):  # closed
-        conn.execute("SELECT 1")
+    assert len(opened) == 2  # the docstore and the BM25 index
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError):  # closed
+            conn.execute("SELECT 1")
 
 
 @pytest.mark.parametrize(
@@ -195,11 +182,11 @@ def test_an_immutable_reader_notices_a_writer(kb: KnowledgeBase, tmp_path: Path)
 
 
 def test_index_and_manifest_files_follow_the_umask_like_the_docstore(kb: KnowledgeBase, tmp_path: Path) -> None:
-    """Others who may read the docstore (a shared knowledge base) may read the index and manifest too."""
+    """Others who may read the docstore (a shared knowledge base) may read the indexes and manifest too."""
     put(kb, "/a.txt", ["长江是中国最长的河流。"])
     root = tmp_path / "kb"
     modes = {p.name: p.stat().st_mode & 0o777 for p in root.iterdir() if p.suffix in {".sqlite", ".faiss", ".json"}}
-    assert len(modes) == 3 and len(set(modes.values())) == 1, modes
+    assert len(modes) == 4 and len(set(modes.values())) == 1, modes  # docstore, BM25 index, index, manifest
 
 
 def test_a_writable_open_waits_for_the_writer_lock(kb: KnowledgeBase, tmp_path: Path) -> None:

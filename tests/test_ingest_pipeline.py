@@ -124,6 +124,37 @@ def test_parsers_go_on_while_the_embedder_is_busy(app: Zhiku, tmp_path: Path, mo
     assert no_pipeline_threads_left()
 
 
+def test_the_chunks_awaiting_their_commit_are_bounded_and_a_checkpoint_that_would_not_fit_closes_early(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for 5 chunks, checkpoints of 100 files: the run does not wait for a checkpoint that cannot fill (it
+    closes early, and commits make room), and never holds more than 5 chunks, but for a larger file alone."""
+    monkeypatch.setattr(ingest_module, "_MAX_IN_FLIGHT", 5)
+    app.settings.ingest.commit_every = 100
+    write_docs(tmp_path / "docs", 12)  # a chunk each
+    write_docs(tmp_path / "docs" / "big", 1, paragraphs=60)
+    held: list[int] = []
+    reserve = ingest_module._Pipeline._reserve
+
+    def watching(self: Any, chunks: int) -> None:
+        reserve(self, chunks)
+        held.append(self.in_flight)
+
+    monkeypatch.setattr(ingest_module._Pipeline, "_reserve", watching)
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(ingest(app, tmp_path / "docs")), daemon=True)
+    runner.start()
+    runner.join(WAIT_S)
+    assert result, "the ingest waited for room that never came"
+    [report] = result
+    assert (report.failures, report.count("added")) == ([], 13)
+    big = next(o.chunks for o in report.outcomes if "big" in o.path)
+    assert big > 5
+    assert all(n <= 5 or n == big for n in held), held
+    assert len(held) == 13
+    assert no_pipeline_threads_left()
+
+
 def test_the_embedder_goes_on_while_a_checkpoint_is_written(
     app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -246,7 +246,8 @@ class PackedRunner:
         if self.on_cuda and slot is not None:
             import torch
 
-            slot.copied = torch.cuda.Event()
+            # blocking: a thread that waits for it sleeps instead of spinning a core the parsers of an ingest need
+            slot.copied = torch.cuda.Event(blocking=True)
             slot.copied.record()
         self._filling = None
 

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from knowledge.docstore import DB_NAME, batches, connect_writer
+from knowledge.docstore import DB_NAME, WalNeedsWriterError, batches, connect_writer, file_signature
 
 LEXICAL_DB = "lexical.sqlite"
 SCHEMA = """
@@ -42,11 +42,14 @@ log = logging.getLogger(__name__)
 
 def attach_for_reading(conn: sqlite3.Connection, root: Path, mode: str) -> bool:
     """Attach the base's BM25 index to a reader's docstore connection as ``lexical``, opened as the docstore
-    was (``mode``: "ro" or "immutable"). Returns False when a stand-in was attached instead: a base no writer
+    was (``mode``: "ro" or "immutable"; immutable, it must have no commits in a write-ahead log, as the docstore:
+    WalNeedsWriterError). Returns False when a stand-in was attached instead: a base no writer
     has opened since this file existed keeps the table inside the docstore; a base without either gets an
     empty one (lexical search finds nothing)."""
     path = root / LEXICAL_DB
     if path.exists():
+        if mode == "immutable" and file_signature(path)[-1]:
+            raise WalNeedsWriterError()
         query = "mode=ro" if mode == "ro" else "immutable=1"
         conn.execute("ATTACH DATABASE ? AS lexical", (f"{path.resolve().as_uri()}?{query}",))
         return True

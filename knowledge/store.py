@@ -201,7 +201,7 @@ class KnowledgeBase:
         db = root / DB_NAME
         # the docstore file this object reads: a base deleted or rebuilt under the same name is another file
         self._identity = self._file_identity(db)
-        self._opened_at = file_signature(db) if reader_mode == "immutable" else None
+        self._opened_at = self._signature() if reader_mode == "immutable" else None
         self._readers: list[sqlite3.Connection] = []
         self._all_readers: list[sqlite3.Connection] = []
         self._stand_in_readers: set[int] = set()  # readers opened before the BM25 index file existed
@@ -288,11 +288,7 @@ class KnowledgeBase:
                 conn.close()
                 raise
         except WalNeedsWriterError as err:
-            raise StoreError(
-                f"knowledge base {name!r} has commits in {DB_NAME}-wal that only a process with write access "
-                f"to {root} can read",
-                f"open it once as its owner (e.g. `python -m app kb check {name}`), or give this user write access",
-            ) from err
+            raise _wal_needs_writer(name, root) from err
         except sqlite3.Error as err:
             raise StoreError(open_error(name, db, err)) from err
         try:
@@ -358,6 +354,11 @@ class KnowledgeBase:
             return None
         return (st.st_dev, st.st_ino)
 
+    def _signature(self) -> tuple[int, ...]:
+        """Changes whenever a writer touches the docstore or the BM25 index (or their write-ahead logs)."""
+        lexical = self.root / LEXICAL_DB
+        return file_signature(self.root / DB_NAME) + (file_signature(lexical) if lexical.exists() else ())
+
     def replaced(self) -> bool:
         """Whether the base was deleted, or deleted and made again, since this object opened it (its open
         connections keep reading the old file). A reader that sees this must be reopened."""
@@ -371,7 +372,7 @@ class KnowledgeBase:
             return True
         if self._opened_at is not None:
             try:
-                return file_signature(self.root / DB_NAME) != self._opened_at
+                return self._signature() != self._opened_at
             except OSError:
                 return True
         return False
@@ -421,6 +422,8 @@ class KnowledgeBase:
             except BaseException:
                 conn.close()
                 raise
+        except WalNeedsWriterError as err:
+            raise _wal_needs_writer(self.name, self.root) from err
         except sqlite3.Error as err:
             raise StoreError(open_error(self.name, self.root / DB_NAME, err)) from err
         with self._readers_lock:
@@ -839,6 +842,14 @@ class _IndexSchedule:
 
     def wrote(self, seconds: float) -> None:
         self.last, self.cost = time.monotonic(), seconds
+
+
+def _wal_needs_writer(name: str, root: Path) -> StoreError:
+    return StoreError(
+        f"knowledge base {name!r} has commits in a write-ahead log ({DB_NAME}-wal or {LEXICAL_DB}-wal) that only a "
+        f"process with write access to {root} can read",
+        f"open it once as its owner (e.g. `python -m app kb check {name}`), or give this user write access",
+    )
 
 
 def _save_error(name: str, root: Path, err: Exception) -> StoreError:

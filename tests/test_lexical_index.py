@@ -138,6 +138,27 @@ def test_an_id_given_again_while_the_index_lagged_is_not_found_by_its_old_words(
         assert again.check() == []
 
 
+def test_an_immutable_reader_notices_a_writer_that_changed_only_the_index(
+    kb: KnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader opened immutable (a folder it cannot write to) never sees changes by itself: a writer that
+    only brought the index up to date must make it stale too, or it would read a file changing under it."""
+    from knowledge.vectors import FaissKind
+
+    root = tmp_path / "kb"
+    with monkeypatch.context() as m:
+        fail_updates(m)
+        put(kb, "/a.txt", [YANGTZE])
+    kb.close()
+    reader = KnowledgeBase(root, kb.manifest, FaissKind("off"), writer=None, reader_mode="immutable")
+    assert not reader.is_stale()
+    docstore = (root / DB_NAME).stat().st_mtime_ns
+    KnowledgeBase.open(root).close()  # catches the index up
+    assert (root / DB_NAME).stat().st_mtime_ns == docstore  # the docstore itself did not change
+    assert reader.is_stale()
+    reader.close()
+
+
 def test_a_damaged_count_is_a_problem(kb: KnowledgeBase, tmp_path: Path) -> None:
     put(kb, "/a.txt", [YANGTZE, YELLOW])
     conn = sqlite3.connect(tmp_path / "kb" / LEXICAL_DB)

@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 
 def attach_for_reading(conn: sqlite3.Connection, root: Path, mode: str) -> bool:
     """Attach the base's BM25 index to a reader's docstore connection as ``lexical``, opened as the docstore
-    was (``mode``: "ro" or "immutable"; immutable, it must have no commits in a write-ahead log, as the docstore:
-    WalNeedsWriterError). Returns False when a stand-in was attached instead: a base no writer
-    has opened since this file existed keeps the table inside the docstore; a base without either gets an
-    empty one (lexical search finds nothing)."""
+    was (``mode``: "ro" or "immutable"; immutable, it must have no commits waiting in its write-ahead log, as
+    the docstore: else WalNeedsWriterError).
+
+    Returns False when a stand-in was attached instead: a base that no writer has opened since this file
+    existed keeps the table inside the docstore; a base with neither gets an empty one (BM25 finds nothing)."""
     path = root / LEXICAL_DB
     if path.exists():
         if mode == "immutable" and file_signature(path)[-1]:

@@ -501,11 +501,11 @@ _GROUP_MIN_TEXTS = 2048
 # and takes about this many at most, so that commits are not held back long, and the last group, embedded after
 # the last file was parsed, is short
 _GROUP_MAX_TEXTS = 4096
+_GROUP_LINGER_S = 0.5
 # chunks parsed and not yet committed: what bounds the run's memory (about 100 MB of texts, tokens and vectors).
 # Room for several checkpoints, so that the parsers go on while a commit or an embedding call takes its time (H200,
 # 25,983 chunks: parsers waited 1.0 s of a 6.7 s ingest with room for about 5,000)
 _MAX_IN_FLIGHT = 16_384
-_GROUP_LINGER_S = 0.5
 
 
 def _texts_in(item: _Entry | _Checkpoint) -> int:

@@ -223,11 +223,15 @@ def reader_mode(db: Path) -> str:
         conn.close()
 
 
-def connect_reader(db: Path, mode: str) -> sqlite3.Connection:
+def reader_uri(db: Path, mode: str) -> str:
+    """The URI that opens ``db`` for reading in ``mode`` ("ro" or "immutable", see :func:`reader_mode`)."""
     uri = db.resolve().as_uri()  # percent-encodes '?' and '#' in the data dir's path
-    query = "mode=ro" if mode == "ro" else "immutable=1"
+    return f"{uri}?{'mode=ro' if mode == 'ro' else 'immutable=1'}"
+
+
+def connect_reader(db: Path, mode: str) -> sqlite3.Connection:
     # isolation_level=None: transactions are begun explicitly (snapshots)
-    return sqlite3.connect(f"{uri}?{query}", uri=True, check_same_thread=False, isolation_level=None)
+    return sqlite3.connect(reader_uri(db, mode), uri=True, check_same_thread=False, isolation_level=None)
 
 
 def connect_writer(db: Path) -> sqlite3.Connection:

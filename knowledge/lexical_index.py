@@ -26,7 +26,15 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from knowledge.docstore import DB_NAME, WalNeedsWriterError, batches, connect_writer, file_signature
+from knowledge.docstore import (
+    DB_NAME,
+    WalNeedsWriterError,
+    batches,
+    connect_reader,
+    connect_writer,
+    file_signature,
+    reader_uri,
+)
 
 LEXICAL_DB = "lexical.sqlite"
 SCHEMA = """
@@ -51,18 +59,25 @@ def attach_for_reading(conn: sqlite3.Connection, root: Path, mode: str) -> bool:
     if path.exists():
         if mode == "immutable" and file_signature(path)[-1]:
             raise WalNeedsWriterError()
-        query = "mode=ro" if mode == "ro" else "immutable=1"
-        conn.execute("ATTACH DATABASE ? AS lexical", (f"{path.resolve().as_uri()}?{query}",))
+        conn.execute("ATTACH DATABASE ? AS lexical", (reader_uri(path, mode),))
         return True
-    inside = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'texts_fts'").fetchone()
-    if inside:
-        docstore = (root / DB_NAME).resolve().as_uri()
-        query = "mode=ro" if mode == "ro" else "immutable=1"
-        conn.execute("ATTACH DATABASE ? AS lexical", (f"{docstore}?{query}",))
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'texts_fts'").fetchone():
+        conn.execute("ATTACH DATABASE ? AS lexical", (reader_uri(root / DB_NAME, mode),))
     else:
         conn.execute("ATTACH DATABASE ':memory:' AS lexical")
         conn.executescript(_MEMORY_SCHEMA)
     return False
+
+
+def connect_for_reading(root: Path, mode: str) -> tuple[sqlite3.Connection, bool]:
+    """A reader's connection to the base's docstore with its BM25 index attached (:func:`attach_for_reading`,
+    whose answer comes second); closed again if the attach fails."""
+    conn = connect_reader(root / DB_NAME, mode)
+    try:
+        return conn, attach_for_reading(conn, root, mode)
+    except BaseException:
+        conn.close()
+        raise
 
 
 _Change = tuple[int, list[tuple[int, str]], list[int]]  # generation, (id, tokens) added, ids removed
@@ -81,7 +96,7 @@ class LexicalIndex:
             # derived data: a commit lost to a power cut is caught up from the docstore
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
-            self._conn.execute("ATTACH DATABASE ? AS doc", (f"{(root / DB_NAME).resolve().as_uri()}?mode=ro",))
+            self._conn.execute("ATTACH DATABASE ? AS doc", (reader_uri(root / DB_NAME, "ro"),))
         except BaseException:
             self._conn.close()
             raise

@@ -46,14 +46,13 @@ from knowledge.docstore import (
     NewChunk,
     StoredChunk,
     WalNeedsWriterError,
-    connect_reader,
     connect_writer,
     file_signature,
     migrate,
     open_error,
     reader_mode,
 )
-from knowledge.lexical_index import LEXICAL_DB, LexicalIndex, attach_for_reading
+from knowledge.lexical_index import LEXICAL_DB, LexicalIndex, connect_for_reading
 from knowledge.vectors import FaissKind, VectorIndex, VectorIndexError, VectorIndexKind
 
 __all__ = [
@@ -281,12 +280,7 @@ class KnowledgeBase:
         db = root / DB_NAME
         try:
             mode = reader_mode(db)
-            conn = connect_reader(db, mode)
-            try:
-                full = attach_for_reading(conn, root, mode)
-            except BaseException:
-                conn.close()
-                raise
+            conn, full = connect_for_reading(root, mode)
         except WalNeedsWriterError as err:
             raise _wal_needs_writer(name, root) from err
         except sqlite3.Error as err:
@@ -416,12 +410,7 @@ class KnowledgeBase:
                     return conn
                 self._forget_reader(conn)  # a writer has made the BM25 index file since: attach that
         try:
-            conn = connect_reader(self.root / DB_NAME, self._reader_mode)
-            try:
-                full = attach_for_reading(conn, self.root, self._reader_mode)
-            except BaseException:
-                conn.close()
-                raise
+            conn, full = connect_for_reading(self.root, self._reader_mode)
         except WalNeedsWriterError as err:
             raise _wal_needs_writer(self.name, self.root) from err
         except sqlite3.Error as err:

@@ -175,8 +175,10 @@ def test_the_embedder_goes_on_while_a_checkpoint_is_written(
         return real_put(self, *args, **kwargs)
 
     monkeypatch.setattr(store.Transaction, "put_file", slow_put)
-    # one embedding call per file (grouping would otherwise embed all three at once, before any commit)
+    # one embedding call per file (grouping would otherwise embed all three at once, before any commit, when
+    # the files are queued before the embedder looks: it takes what is queued, up to _GROUP_MAX_TEXTS)
     monkeypatch.setattr(ingest_module, "_GROUP_MIN_TEXTS", 1)
+    monkeypatch.setattr(ingest_module, "_GROUP_MAX_TEXTS", 1)
     monkeypatch.setattr(ingest_module, "_GROUP_LINGER_S", 0.0)
     report = ingest(app, tmp_path / "docs")
     assert overlapped == [True], "the embedder waited for the commit"

@@ -631,10 +631,11 @@ class KnowledgeBase:
         try:
             with lexical:
                 yield
+                if self._writer is not None:  # a read-only base has committed nothing here
+                    # while the BM25 thread applies the last commits: the two files do not depend on each other
+                    self.save_index()
         finally:
             self._schedule = previous
-        if self._writer is not None:  # a read-only base has committed nothing here
-            self.save_index()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[Docstore]:

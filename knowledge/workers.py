@@ -1,12 +1,13 @@
 """Run a function over items in worker processes, with a time limit per item, surviving crashed workers.
 
-Each worker is a process with its own pipe that runs one item at a time, so:
+Each worker is a process with its own pipe that runs one item at a time, and has the next one waiting in its
+pipe (_QUEUED), so that it never waits for the caller between items. So:
 
-- a stuck item is ended by killing its own worker only: no other item is in flight on that process, so
-  none is lost or has to be run again (the killed worker is replaced by a fresh one);
-- a worker that dies (``os._exit``, a segfault in a native parser, the OOM killer) fails only its own item;
-- at most ``workers`` items are taken from ``items`` and not yet yielded (plus the results of one round),
-  so memory stays flat whatever the number of items.
+- a stuck item is ended by killing its own worker only: the item waiting behind it has not started, and goes
+  to another worker; none is lost or run twice (the killed worker is replaced by a fresh one);
+- a worker that dies (``os._exit``, a segfault in a native parser, the OOM killer) fails only the item it ran;
+- at most ``(1 + _QUEUED) * workers`` items are taken from ``items`` and not yet yielded (plus the results of
+  one round), so memory stays flat whatever the number of items.
 
 Workers start from multiprocessing's fork server where the platform has one: a clean process, started once
 per caller process, that imported ``preload`` (the function's module, say), from which each worker forks in
@@ -43,6 +44,9 @@ _READY = ("ready",)
 _STOP = ("stop",)
 _END: Any = object()  # no more items
 _JOIN_S = 5.0  # a killed process stuck in uninterruptible I/O (a dead NFS mount) is left behind, not awaited
+# items waiting in a worker's pipe behind the one it runs. Without one, a worker idles from its reply until the
+# caller, a thread among others in a busy process, reads it and sends the next item
+_QUEUED = 1
 
 
 @dataclass(frozen=True)
@@ -138,12 +142,13 @@ class _Worker(Generic[T]):
         self.process.start()
         child.close()  # only the worker holds its end now: a dead worker reads as EOF
         self.ready = False  # it has imported what the function needs, run the initializer, and waits
-        self.item: tuple[T] | None = None  # a 1-tuple, so that None can be an item
-        self.deadline: float | None = None
+        self.items: deque[T] = deque()  # sent and not replied to, in order: it runs the first
+        self.deadline: float | None = None  # of the first
+        self.time_limit = 0.0
 
     @property
     def idle(self) -> bool:
-        return self.ready and self.item is None
+        return self.ready and not self.items
 
     @property
     def dead(self) -> bool:
@@ -152,9 +157,18 @@ class _Worker(Generic[T]):
     def give(self, item: T, time_limit: float) -> None:
         """Send an item; raises OSError when the worker died meanwhile, another error when it cannot be pickled."""
         self.conn.send(("run", item))
-        self.item = (item,)
-        # the clock starts when the worker gets the item: its start-up (imports, initializer) is not counted
-        self.deadline = time.monotonic() + time_limit if time_limit else None
+        self.items.append(item)
+        self.time_limit = time_limit
+        if len(self.items) == 1:
+            # the clock starts when the worker gets the item: its start-up (imports, initializer) is not counted
+            self._start_clock()
+
+    def _start_clock(self) -> None:
+        self.deadline = time.monotonic() + self.time_limit if self.time_limit else None
+
+    def waiting(self) -> list[T]:
+        """The items sent that it has not started (they go to another worker when this one is ended)."""
+        return list(self.items)[1:]
 
     def receive(self) -> tuple[T, Any] | None:
         """Read the pending message, if any; returns (item, result or WorkerFailure) for a reply."""
@@ -169,10 +183,11 @@ class _Worker(Generic[T]):
         if message == _READY:
             self.ready = True
             return None
-        if self.item is None:  # cannot happen: a worker replies only to an item
+        if not self.items:  # cannot happen: a worker replies only to an item
             return None
-        (item,) = self.item
-        self.item = None
+        item = self.items.popleft()
+        if self.items:  # it starts the next one now (as far as this side can tell: a little later)
+            self._start_clock()
         kind, payload = message
         return item, payload if kind == "ok" else WorkerFailure("error", payload)
 
@@ -215,8 +230,8 @@ def run_in_workers(
     ``func`` must be picklable (a module-level function, or a ``functools.partial`` of one) and should catch
     its own expected errors. ``initializer`` (picklable too) runs once in each worker before it takes items:
     warm-up that must not count against ``time_limit`` (seconds, 0 for none), which bounds each item from the
-    moment its worker receives it. ``preload``: modules the fork server imports once for every worker (the
-    function's own, say). Items are taken from ``items`` lazily, one per idle worker. Closing the generator early
+    moment its worker starts it. ``preload``: modules the fork server imports once for every worker (the
+    function's own, say). Items are taken from ``items`` lazily, as workers have room. Closing the generator early
     ends the workers. Raises :class:`WorkerStartError` when a worker dies before it is ready.
     """
     if workers < 1:
@@ -243,25 +258,31 @@ def run_in_workers(
 
     def feed() -> list[tuple[T, R | WorkerFailure]]:
         unsendable: list[tuple[T, R | WorkerFailure]] = []
-        for worker in pool:
-            while worker.idle and (queue or not exhausted):
-                item = take()
-                if item is _END:
-                    break
-                try:
-                    worker.give(item, time_limit)
-                except OSError:
-                    queue.appendleft(item)  # the worker died: it is replaced after the next wait
-                    break
-                except Exception as err:  # noqa: BLE001 - an item that cannot be pickled fails alone
-                    unsendable.append((item, WorkerFailure("error", f"could not pass the item: {_describe(err)}")))
+        # an item to run for every worker first; one to wait behind it only once every worker runs one (none
+        # is starting): no item queues behind another while a worker is free to take it
+        for wanted in range(_QUEUED + 1):
+            if wanted and not all(w.ready and w.items for w in pool):
+                break
+            for worker in pool:
+                while worker.ready and len(worker.items) <= wanted and (queue or not exhausted):
+                    item = take()
+                    if item is _END:
+                        break
+                    try:
+                        worker.give(item, time_limit)
+                    except OSError:
+                        queue.appendleft(item)  # the worker died: it is replaced after the next wait
+                        break
+                    except Exception as err:  # noqa: BLE001 - an item that cannot be pickled fails alone
+                        reason = f"could not pass the item: {_describe(err)}"
+                        unsendable.append((item, WorkerFailure("error", reason)))
         return unsendable
 
     try:
         pool.extend(_Worker(ctx, func, initializer) for _ in range(workers))
         while True:
             done = feed()
-            busy = [w for w in pool if w.item is not None]
+            busy = [w for w in pool if w.items]
             if exhausted and not queue and not busy and not done:
                 return
             deadlines = [w.deadline for w in busy if w.deadline is not None]
@@ -279,18 +300,18 @@ def run_in_workers(
                         detail = _exit_detail(worker.process.exitcode)
                         raise WorkerStartError(f"a worker process ended before it was ready ({detail})")
                     failure = WorkerFailure("crash", _exit_detail(worker.process.exitcode))
-                elif worker.deadline is not None and worker.item is not None and time.monotonic() >= worker.deadline:
+                elif worker.deadline is not None and worker.items and time.monotonic() >= worker.deadline:
                     if (result := worker.receive()) is not None:  # it finished after all
                         done.append(result)
                         continue
-                    # a running function cannot be interrupted: end its process, which holds no other item
+                    # a running function cannot be interrupted: end its process (the items waiting go elsewhere)
                     failure = WorkerFailure("timeout", f"over the time limit of {time_limit:g} s")
                 if failure is None:
                     continue
-                if worker.item is not None:
-                    done.append((worker.item[0], failure))
-                    worker.item = None
-                worker.stop()
+                if worker.items:
+                    queue.extendleft(reversed(worker.waiting()))  # not started: run by another worker
+                    done.append((worker.items[0], failure))
+                worker.stop()  # killed: it holds an item (a stuck one would not read a request to stop)
                 pool.remove(worker)
                 if queue or not exhausted:
                     pool.append(_Worker(ctx, func, initializer))  # takes items once it is ready

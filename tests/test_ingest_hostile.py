@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from knowledge.workers import WorkerFailure, WorkerStartError, run_in_workers
+from knowledge.workers import _QUEUED, WorkerFailure, WorkerStartError, run_in_workers
 from plugins.hookspecs import RegisterLoader, hookimpl
 from tests.helpers import make_corpus
 
@@ -100,9 +100,33 @@ def test_the_runner_takes_items_lazily_so_memory_stays_bounded() -> None:
 
     yielded = 0
     for _ in run_in_workers(square, numbers(), workers=2):
-        assert pulled - yielded <= 2 * 2  # in flight, plus the results of one round
+        assert pulled - yielded <= (1 + _QUEUED) * 2 + 2  # in flight and waiting, plus the results of one round
         yielded += 1
     assert yielded == 40
+
+
+def read_or_upper(path: str) -> str:
+    if path.endswith(".fifo"):
+        with Path(path).open(encoding="utf-8") as fifo:  # blocks until a writer opens it
+            return fifo.read()
+    return path.upper()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_has_its_next_item_before_it_ends_the_one_it_runs(tmp_path: Path) -> None:
+    """So that it never idles until the caller reads its reply: the first item ends only once the runner
+    has taken the second from the source, while the only worker still runs the first."""
+    fifo = tmp_path / "next.fifo"
+    os.mkfifo(fifo)
+
+    def items() -> Iterator[str]:
+        yield str(fifo)
+        with fifo.open("w", encoding="utf-8") as writer:  # the first item reads this
+            writer.write("taken")
+        yield str(tmp_path / "second")
+
+    results = dict(run_in_workers(read_or_upper, items(), workers=1))
+    assert results == {str(fifo): "taken", str(tmp_path / "second"): str(tmp_path / "second").upper()}
 
 
 @pytest.mark.timeout(120)

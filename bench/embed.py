@@ -56,9 +56,11 @@ def random_bert(folder: Path, tiny: bool = False) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     torch.manual_seed(0)
-    chars = [chr(c) for c in range(0x4E00, 0x4E00 + VOCAB - len(SPECIALS))]
+    # like bert-base-chinese's: ASCII characters, CJK and full-width punctuation, then ideographs
+    marks = [chr(c) for c in [*range(0x21, 0x7F), *range(0x3001, 0x3020), *range(0xFF01, 0xFF5F)]]
+    chars = marks + [chr(c) for c in range(0x4E00, 0x4E00 + VOCAB - len(SPECIALS) - len(marks))]
     (folder / "vocab.txt").write_text("\n".join(SPECIALS + chars) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     if tiny:
         config = BertConfig(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64

@@ -218,7 +218,7 @@ def tiny_bert(folder: Path) -> Path:
         "长江黄河中国最长的河流第二北京上海天气很好今天我们你他是在有和了一个人大小山水",
         "abcdefghijklmnopqrstuvwxyz",
     )
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -247,5 +247,5 @@ def tiny_cross_encoder(folder: Path) -> Path:
         num_labels=1,
     )
     BertForSequenceClassification(config).save_pretrained(folder)
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     return folder

@@ -109,6 +109,7 @@ class FastSentenceTransformer:
     ) -> None:
         from tokenizers import Tokenizer
 
+        from knowledge.bert_tokens import BertTokens
         from knowledge.embed_packed import PackedBert, packed_bert_unsupported
 
         self.st_model = st_model
@@ -122,6 +123,8 @@ class FastSentenceTransformer:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        # Chinese BERT vocabularies (m3e, bge-zh): the same ids at a fifth of the tokenizer's CPU time
+        self.bert_tokens = BertTokens.of(self.tokenizer, self.max_length)
         pad_id = hf_tokenizer.pad_token_id
         on_cuda = device.startswith("cuda")
         self.packed: PackedBert | None = None
@@ -158,6 +161,8 @@ class FastSentenceTransformer:
         texts = [prompt + t for t in texts] if prompt else texts
         if self.lower:
             texts = [t.lower() for t in texts]
+        if self.bert_tokens is not None:
+            return one_sequence_each(self.bert_tokens(texts))
         encodings = self._encode_batch(texts)
         return one_sequence_each([np.asarray(e.ids, dtype=np.int64) for e in encodings])
 

@@ -58,6 +58,10 @@ def _simple(cp: int, cjk: bool) -> bool:
     return unicodedata.normalize("NFD", c) == c and unicodedata.ucd_3_2_0.normalize("NFD", c) == c and c.lower() == c
 
 
+class _Misaligned(Exception):
+    """The runs' tokens did not split apart as they were joined."""
+
+
 class BertTokens:
     """``texts -> [ids]`` for one tokenizer: special tokens added, truncated to ``max_length`` as the tokenizer
     does. Build with :meth:`of`."""
@@ -112,7 +116,13 @@ class BertTokens:
                 table[cp] = vocab.get(chr(cp), unk)
         ids = table[table >= 0]
         counts = np.bincount(ids) if len(ids) else np.zeros(0, dtype=np.int64)
-        sentinel = next((chr(cp) for cp in range(*_CJK[0]) if table[cp] >= 0 and counts[table[cp]] == 1), None)
+        # the sentinel's id must come from the sentinel alone: no compatibility ideograph in a run may normalise
+        # to it
+        targets = {unicodedata.normalize("NFD", chr(cp)) for cp in (*range(0xF900, 0xFB00), *range(0x2F800, 0x2FA20))}
+        sentinel = next(
+            (chr(cp) for cp in range(*_CJK[0]) if table[cp] >= 0 and counts[table[cp]] == 1 and chr(cp) not in targets),
+            None,
+        )
         if sentinel is None or table[ord(sentinel)] == unk:
             return None  # no character with an id of its own to split runs apart by
         plain = Tokenizer.from_str(tokenizer.to_str())
@@ -142,7 +152,10 @@ class BertTokens:
         joined = "".join(texts)
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         bounds = np.concatenate([[0], np.cumsum(lengths)])
-        out = self._content_ids(joined, bounds)
+        try:
+            out = self._content_ids(joined, bounds)
+        except _Misaligned:
+            return [np.asarray(e.ids, dtype=np.int64) for e in self._reference.encode_batch(texts)]
         if len(self._prefix) or len(self._suffix):
             out = [np.concatenate([self._prefix, ids[: self._content], self._suffix]) for ids in out]
         else:
@@ -173,6 +186,8 @@ class BertTokens:
         pieces = [p for e in self._encode(calls, add_special_tokens=False) for p in (np.asarray(e.ids, np.int64), mark)]
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         marks = tokens == self._sentinel_id  # after each run (a call's last run: the mark appended above)
+        if int(marks.sum()) != len(runs):
+            raise _Misaligned  # a run gave the sentinel's id after all: the caller takes the tokenizer's path
         run_of = (np.cumsum(marks) - marks)[~marks]
         tokens = tokens[~marks]
         per_run = np.bincount(run_of, minlength=len(runs))[: len(runs)]

@@ -123,3 +123,12 @@ def test_a_tokenizer_that_keeps_case_gets_the_same_ids_too() -> None:
     assert fast is not None
     texts = [CORPUS[i : i + 40] for i in range(0, len(CORPUS), 40)] + ["Zhiku ZHIKU zhiku Ⅻ ǅ"]
     assert [ids.tolist() for ids in fast(texts)] == reference(tokenizer, texts)
+
+
+def test_runs_that_do_not_split_apart_as_joined_take_the_tokenizers_path(tokenizer: Any) -> None:
+    """Should a run ever give the id that separates runs, the batch is the tokenizer's own, not misaligned."""
+    fast = BertTokens.of(tokenizer, MAX_LENGTH)
+    assert fast is not None
+    texts = ["Zhiku 长江 1500 黄河 zhiku river", "天生三桥"]
+    fast._sentinel_id = tokenizer.encode("zhiku", add_special_tokens=False).ids[0]  # as if runs gave it
+    assert [ids.tolist() for ids in fast(texts)] == reference(tokenizer, texts)

@@ -136,7 +136,9 @@ def _serve(func: Callable[[Any], Any], initializer: Callable[[], object] | None,
 
 
 class _Worker(Generic[T]):
-    def __init__(self, ctx: Any, func: Callable[[T], Any], initializer: Callable[[], object] | None) -> None:
+    def __init__(
+        self, ctx: Any, func: Callable[[T], Any], initializer: Callable[[], object] | None, time_limit: float
+    ) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_serve, args=(func, initializer, child), daemon=True)
         self.process.start()
@@ -144,7 +146,7 @@ class _Worker(Generic[T]):
         self.ready = False  # it has imported what the function needs, run the initializer, and waits
         self.items: deque[T] = deque()  # sent and not replied to, in order: it runs the first
         self.deadline: float | None = None  # of the first
-        self.time_limit = 0.0
+        self.time_limit = time_limit  # seconds per item, 0 for none
 
     @property
     def idle(self) -> bool:
@@ -154,11 +156,10 @@ class _Worker(Generic[T]):
     def dead(self) -> bool:
         return self.process.exitcode is not None
 
-    def give(self, item: T, time_limit: float) -> None:
+    def give(self, item: T) -> None:
         """Send an item; raises OSError when the worker died meanwhile, another error when it cannot be pickled."""
         self.conn.send(("run", item))
         self.items.append(item)
-        self.time_limit = time_limit
         if len(self.items) == 1:
             # the clock starts when the worker gets the item: its start-up (imports, initializer) is not counted
             self._start_clock()
@@ -269,7 +270,7 @@ def run_in_workers(
                     if item is _END:
                         break
                     try:
-                        worker.give(item, time_limit)
+                        worker.give(item)
                     except OSError:
                         queue.appendleft(item)  # the worker died: it is replaced after the next wait
                         break
@@ -279,7 +280,7 @@ def run_in_workers(
         return unsendable
 
     try:
-        pool.extend(_Worker(ctx, func, initializer) for _ in range(workers))
+        pool.extend(_Worker(ctx, func, initializer, time_limit) for _ in range(workers))
         while True:
             done = feed()
             busy = [w for w in pool if w.items]
@@ -314,7 +315,7 @@ def run_in_workers(
                 worker.stop()  # killed: it holds an item (a stuck one would not read a request to stop)
                 pool.remove(worker)
                 if queue or not exhausted:
-                    pool.append(_Worker(ctx, func, initializer))  # takes items once it is ready
+                    pool.append(_Worker(ctx, func, initializer, time_limit))  # takes items once it is ready
             done.extend(feed())  # before yielding: the workers go on while the caller handles these results
             yield from done
     finally:

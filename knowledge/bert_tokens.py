@@ -68,7 +68,8 @@ class BertTokens:
 
     def __init__(
         self,
-        tokenizer: Any,
+        reference: Any,
+        runs: Any,
         table: np.ndarray,
         sentinel: str,
         prefix: np.ndarray,
@@ -76,15 +77,15 @@ class BertTokens:
         max_length: int,
         specials: list[str],
     ) -> None:
-        self._tokenizer = tokenizer  # a copy without truncation or special tokens: it tokenises runs only
-        self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        self._reference = reference  # the tokenizer as configured, for the texts the table path leaves to it
+        # a copy without truncation: it tokenises runs, without special tokens
+        self._encode = getattr(runs, "encode_batch_fast", runs.encode_batch)
         self._table = table  # code point -> id, or -1 where the tokenizer's path decides
         self._sentinel = sentinel  # a table character joining runs: it splits their tokens apart again
         self._sentinel_id = int(table[ord(sentinel)])
         self._prefix, self._suffix = prefix, suffix
         self._content = max_length - len(prefix) - len(suffix)
         self._special = re.compile("|".join(re.escape(s) for s in specials) or "(?!)", re.IGNORECASE)
-        self._reference: Any = None  # the tokenizer as configured, for texts holding a special token's text
 
     @classmethod
     def of(cls, tokenizer: Any, max_length: int) -> BertTokens | None:
@@ -107,12 +108,9 @@ class BertTokens:
         if unk is None:
             return None
         table = np.full(_BMP, -1, dtype=np.int64)
-        for low, high in _CJK:
-            for cp in range(low, high + 1):
-                if _simple(cp, cjk=True):
-                    table[cp] = vocab.get(chr(cp), unk)
         for cp in range(_BMP):
-            if table[cp] < 0 and not 0xD800 <= cp <= 0xDFFF and _simple(cp, cjk=False):
+            cjk = any(low <= cp <= high for low, high in _CJK)
+            if not 0xD800 <= cp <= 0xDFFF and _simple(cp, cjk):
                 table[cp] = vocab.get(chr(cp), unk)
         ids = table[table >= 0]
         counts = np.bincount(ids) if len(ids) else np.zeros(0, dtype=np.int64)
@@ -123,22 +121,22 @@ class BertTokens:
             (chr(cp) for cp in range(*_CJK[0]) if table[cp] >= 0 and counts[table[cp]] == 1 and chr(cp) not in targets),
             None,
         )
-        if sentinel is None or table[ord(sentinel)] == unk:
+        sentinel_id = -1 if sentinel is None else int(table[ord(sentinel)])
+        if sentinel is None or sentinel_id == unk:
             return None  # no character with an id of its own to split runs apart by
         plain = Tokenizer.from_str(tokenizer.to_str())
         plain.no_truncation()
         plain.no_padding()
         around = plain.encode(sentinel).ids  # what the post-processor adds around a text
-        if around.count(int(table[ord(sentinel)])) != 1:
+        if around.count(sentinel_id) != 1:
             return None
-        at = around.index(int(table[ord(sentinel)]))
+        at = around.index(sentinel_id)
         prefix, suffix = np.asarray(around[:at], dtype=np.int64), np.asarray(around[at + 1 :], dtype=np.int64)
         if max_length <= len(prefix) + len(suffix):
             return None
         specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.content]
-        fast = cls(plain, table, sentinel, prefix, suffix, max_length, specials)
-        fast._reference = tokenizer
-        want = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(PROBES)]
+        fast = cls(tokenizer, plain, table, sentinel, prefix, suffix, max_length, specials)
+        want = _arrays(tokenizer.encode_batch(PROBES))
         got = fast(PROBES)
         if any(not np.array_equal(a, b) for a, b in zip(want, got, strict=True)):
             log.warning("embedding: the fast BERT token path differs from the tokenizer on probe texts; not used")
@@ -155,7 +153,7 @@ class BertTokens:
         try:
             out = self._content_ids(joined, bounds)
         except _Misaligned:
-            return [np.asarray(e.ids, dtype=np.int64) for e in self._reference.encode_batch(texts)]
+            return _arrays(self._reference.encode_batch(texts))
         if len(self._prefix) or len(self._suffix):
             out = [np.concatenate([self._prefix, ids[: self._content], self._suffix]) for ids in out]
         else:
@@ -164,8 +162,8 @@ class BertTokens:
         # take its own path (a match across two texts only sends both there)
         found = {int(i) for m in self._special.finditer(joined) for i in _texts_at(bounds, m.start(), m.end())}
         special = sorted(found)
-        for i, e in zip(special, self._reference.encode_batch([texts[i] for i in special]), strict=True):
-            out[i] = np.asarray(e.ids, dtype=np.int64)
+        for i, ids in zip(special, _arrays(self._reference.encode_batch([texts[i] for i in special])), strict=True):
+            out[i] = ids
         return out
 
     def _content_ids(self, joined: str, bounds: np.ndarray) -> list[np.ndarray]:
@@ -208,3 +206,7 @@ def _texts_at(bounds: np.ndarray, start: int, end: int) -> range:
     first = int(np.searchsorted(bounds, start, side="right")) - 1
     last = int(np.searchsorted(bounds, max(start, end - 1), side="right")) - 1
     return range(first, last + 1)
+
+
+def _arrays(encodings: Sequence[Any]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, dtype=np.int64) for e in encodings]

@@ -58,11 +58,11 @@ _RENAME_FIX = "rename it (e.g. `convmv -f gbk -t utf-8 --notest -r FOLDER`)"
 
 
 class Transaction(Protocol):
-    def put_file(self, record: FileRecord, chunks: Sequence[NewChunk], vectors: dict[str, np.ndarray]) -> int: ...
+    def put_files(
+        self, files: Sequence[tuple[FileRecord, Sequence[NewChunk]]], vectors: dict[str, np.ndarray]
+    ) -> tuple[set[str], int]: ...
 
     def remove_file(self, path: str) -> int: ...
-
-    def has_file(self, path: str) -> bool: ...
 
 
 class IngestTarget(Protocol):
@@ -771,6 +771,7 @@ class _Pipeline:
                 wanted.update(entry.item.parsed.embed_texts)
                 vectors.update(entry.vectors)
         outcomes = []
+        puts = [(entry.item.record, entry.item.parsed.chunks) for entry in pending if isinstance(entry.item, _Put)]
         with kb.transaction() as tx:
             # another writer may have removed texts since they were found stored (the lock is held now)
             late = sorted(set(wanted) - kb.known_hashes(wanted) - vectors.keys())
@@ -782,16 +783,21 @@ class _Pipeline:
                     removed = tx.remove_file(failure.path)
                     reason = failure.reason + (f"; {_OLD_VERSION_REMOVED}" if removed else "")
                     outcomes.append(replace(failure, reason=reason))
-                    continue
-                rec, parsed = entry.item
-                try:
-                    existed = tx.has_file(rec.path)
-                    self.report.new_vectors += tx.put_file(rec, parsed.chunks, vectors)
-                except sqlite3.Error as err:  # the whole checkpoint rolls back; say where it happened
-                    raise type(err)(f"{err}, while storing {readable(Path(rec.path).name)}") from err
-                outcomes.append(FileOutcome(rec.path, "updated" if existed else "added", len(parsed.chunks)))
+            # all the checkpoint's files in one call: a few statements, not a few per file (see insert_rows)
+            try:
+                held, new_vectors = tx.put_files(puts, vectors) if puts else (set(), 0)
+            except sqlite3.Error as err:  # the whole checkpoint rolls back; say where it happened
+                raise type(err)(f"{err}, while storing {_names(rec.path for rec, _ in puts)}") from err
+        self.report.new_vectors += new_vectors
+        outcomes += [FileOutcome(r.path, "updated" if r.path in held else "added", len(c)) for r, c in puts]
         for outcome in outcomes:  # only after the commit: a reported file is a stored file
             self.record(outcome)
+
+
+def _names(paths: Iterable[str], shown: int = 3) -> str:
+    names = [readable(Path(p).name) for p in paths]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _put_of(entry: _Entry) -> _Put:

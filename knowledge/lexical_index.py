@@ -33,6 +33,7 @@ from knowledge.docstore import (
     connect_reader,
     connect_writer,
     file_signature,
+    insert_rows,
     reader_uri,
 )
 
@@ -163,7 +164,7 @@ class LexicalIndex:
                 return
             for part, marks in batches(list(removed)):
                 conn.execute(f"DELETE FROM texts_fts WHERE rowid IN ({marks})", part)
-            conn.executemany("INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)", added)
+            insert_rows(conn, "INSERT INTO texts_fts(rowid, tokens)", added)
             _set_generation(conn, generation)
 
     @contextlib.contextmanager
@@ -198,8 +199,9 @@ class LexicalIndex:
             from knowledge.lexical import fts_document  # jieba: only when there is something to tokenise
 
             log.info("bringing the BM25 index of %s up to date: %d texts", self.root.name, len(missing))
-            conn.executemany(
-                "INSERT INTO texts_fts(rowid, tokens) VALUES(?, ?)",
+            insert_rows(
+                conn,
+                "INSERT INTO texts_fts(rowid, tokens)",
                 [(i, fts_document(f"{heading}\n{text}" if heading else text)) for i, heading, text in missing],
             )
         _set_generation(conn, target)

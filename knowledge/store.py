@@ -862,15 +862,11 @@ class Transaction:
         self.lexical_added: list[tuple[int, str]] = []  # for the BM25 index, after the commit
         self.lexical_removed: list[int] = []
 
-    def has_file(self, path: str) -> bool:
-        """Whether the base holds a version of this file (as this transaction sees it)."""
-        return self._docstore.file_record(path) is not None
-
     def remove_file(self, path: str) -> int:
         """Drop a file's chunks; the vectors no other chunk uses go at the end of the transaction. Returns
         the chunks removed."""
-        self._maybe_unused.update(self._docstore.text_ids_of_file(path))
-        removed = self._docstore.delete_file(path)
+        self._maybe_unused.update(self._docstore.text_ids_of_files([path]))
+        removed = self._docstore.delete_files([path])
         self.changed = True
         return removed
 
@@ -887,13 +883,26 @@ class Transaction:
     def put_file(self, record: FileRecord, chunks: Sequence[NewChunk], vectors: dict[str, np.ndarray]) -> int:
         """Store a file's chunks in order (replacing any old version). ``vectors`` holds one vector per text
         hash that the knowledge base does not have yet. Returns the number of new vectors."""
-        self.remove_file(record.path)
-        new = self._docstore.insert_file(record, chunks, vectors, self.generation)
+        return self.put_files([(record, chunks)], vectors)[1]
+
+    def put_files(
+        self, files: Sequence[tuple[FileRecord, Sequence[NewChunk]]], vectors: dict[str, np.ndarray]
+    ) -> tuple[set[str], int]:
+        """:meth:`put_file` for several files at once, in a few statements whatever their number. Returns the
+        paths the base held a version of, and the number of new vectors."""
+        paths = [record.path for record, _ in files]
+        if len(set(paths)) < len(paths):
+            raise ValueError("a file given twice to put_files: store its versions in separate calls")
+        held = self._docstore.held_paths(paths)
+        if held:
+            self._maybe_unused.update(self._docstore.text_ids_of_files(sorted(held)))
+            self._docstore.delete_files(sorted(held))
+        new = self._docstore.insert_files(files, vectors, self.generation)
         if new.ids:
             self._index.add(np.asarray(new.ids, dtype=np.int64), np.vstack(new.vectors))
             self.lexical_added += new.lexical
         self.changed = True
-        return len(new.ids)
+        return held, len(new.ids)
 
 
 def _manifest(name: str, meta: dict[str, str]) -> Manifest:

@@ -166,15 +166,15 @@ def test_the_embedder_goes_on_while_a_checkpoint_is_written(
     use_embedder(app, monkeypatch, embedder)
     app.settings.ingest.commit_every = 1
     write_docs(tmp_path / "docs", 3)
-    real_put = store.Transaction.put_file
+    real_put = store.Transaction.put_files
     overlapped: list[bool] = []
 
-    def slow_put(self: Any, *args: Any, **kwargs: Any) -> int:
+    def slow_put(self: Any, *args: Any, **kwargs: Any) -> tuple[set[str], int]:
         if not overlapped:
             overlapped.append(embedder.second_call.wait(WAIT_S))
         return real_put(self, *args, **kwargs)
 
-    monkeypatch.setattr(store.Transaction, "put_file", slow_put)
+    monkeypatch.setattr(store.Transaction, "put_files", slow_put)
     # one embedding call per file (grouping would otherwise embed all three at once, before any commit, when
     # the files are queued before the embedder looks: it takes what is queued, up to _GROUP_MAX_TEXTS)
     monkeypatch.setattr(ingest_module, "_GROUP_MIN_TEXTS", 1)
@@ -260,18 +260,18 @@ def test_a_commit_error_stops_every_stage_and_is_raised(
 
     app.settings.ingest.commit_every = 2
     write_docs(tmp_path / "docs", 8)
-    real_put = store.Transaction.put_file
+    real_put = store.Transaction.put_files
     calls = 0
 
-    def fail_second_checkpoint(self: Any, *args: Any, **kwargs: Any) -> int:
+    def fail_second_checkpoint(self: Any, *args: Any, **kwargs: Any) -> tuple[set[str], int]:
         nonlocal calls
         calls += 1
-        if calls == 3:
+        if calls == 2:
             raise sqlite3.OperationalError("database or disk is full")
         return real_put(self, *args, **kwargs)
 
-    monkeypatch.setattr(store.Transaction, "put_file", fail_second_checkpoint)
-    with pytest.raises(StoreError, match=r"database or disk is full, while storing f02\.txt"):
+    monkeypatch.setattr(store.Transaction, "put_files", fail_second_checkpoint)
+    with pytest.raises(StoreError, match=r"database or disk is full, while storing f0[23]\.txt, f0[23]\.txt\)"):
         ingest(app, tmp_path / "docs")
     monkeypatch.undo()
     assert no_pipeline_threads_left()
@@ -412,41 +412,44 @@ def test_a_base_from_before_generations_were_tracked_is_read_and_migrated(tmp_pa
         assert kb.search(EMB.embed_query("泰山是五岳之首。"), 1)[0].chunk.source == "/b.txt"
 
 
-class _CountingConnection:
-    """Counts the statements a docstore sends (executemany counts once)."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-        self.statements = 0
-
-    def execute(self, *args: Any) -> Any:
-        self.statements += 1
-        return self._conn.execute(*args)
-
-    def executemany(self, *args: Any) -> Any:
-        self.statements += 1
-        return self._conn.executemany(*args)
-
-
-def test_a_file_is_stored_with_a_few_statements_whatever_its_size(tmp_path: Path) -> None:
-    """Rows go in with executemany: statements per file, not per chunk; neighbours are linked in the same
-    insert."""
-    texts = [f"第{i}段：长江流经{i}个省份。" for i in range(200)] + ["第0段：长江流经0个省份。"]
+def test_files_are_stored_with_many_rows_to_a_statement(tmp_path: Path) -> None:
+    """Each statement SQLite steps hands the interpreter lock over (a whole switch interval per step beside a
+    busy thread), so a checkpoint's rows go in many to a statement, whatever the number of files. Neighbours
+    are linked in the same insert, and texts shared between files of one call are stored once."""
+    shared = "各文件共有的一段：长江是中国最长的河流。"
+    files = {
+        f"/{name}.txt": [f"{name}第{i}段：长江流经{i}个省份。" for i in range(300)]
+        + [shared, f"{name}第0段：长江流经0个省份。"]
+        for name in ("a", "b", "c")
+    }
     with KnowledgeBase.open(tmp_path / "kb", create=manifest()) as kb:
         conn = kb._conn()
-        counting = _CountingConnection(conn)
-        chunks = [NewChunk(t, text_hash(t), page=1, offset=i) for i, t in enumerate(texts)]
-        vectors = {c.text_hash: EMB._one(c.text) for c in chunks}
+        statements: list[str] = []
+        batch = [
+            (
+                FileRecord(path, "x", 1, 1, 0, None, 0.0),
+                [NewChunk(t, text_hash(t), page=1, offset=i) for i, t in enumerate(texts)],
+            )
+            for path, texts in files.items()
+        ]
+        vectors = {c.text_hash: EMB._one(c.text) for _, chunks in batch for c in chunks}
         with conn:
             conn.execute("BEGIN IMMEDIATE")
-            record = FileRecord("/a.txt", "x", 1, 1, 0, None, 0.0)
-            new_ids = Docstore(counting).insert_file(record, chunks, vectors, 1).ids  # type: ignore[arg-type]
-        assert len(new_ids) == 200
-        assert counting.statements <= 8
-        rows = conn.execute("SELECT id, seq, prev_id, next_id FROM chunks ORDER BY seq").fetchall()
-        assert len(rows) == 201
-        assert all(r[2] == (rows[i - 1][0] if i else None) for i, r in enumerate(rows))
-        assert all(r[3] == (rows[i + 1][0] if i + 1 < len(rows) else None) for i, r in enumerate(rows))
+            conn.set_trace_callback(statements.append)  # every statement SQLite runs, once per executemany row
+            new_ids = Docstore(conn).insert_files(batch, vectors, 1).ids
+            conn.set_trace_callback(None)
+        assert len(new_ids) == 3 * 300 + 1
+        total = len(files) + len(new_ids) + sum(len(texts) for texts in files.values())
+        assert len(statements) <= 5 + total // 100, statements[:20]  # executemany: one per row
+        for path, texts in files.items():
+            rows = conn.execute(
+                "SELECT c.id, c.prev_id, c.next_id, t.text FROM chunks c JOIN texts t ON t.id = c.text_id "
+                "WHERE path = ? ORDER BY seq",
+                (path,),
+            ).fetchall()
+            assert [r[3] for r in rows] == texts
+            assert all(r[1] == (rows[i - 1][0] if i else None) for i, r in enumerate(rows))
+            assert all(r[2] == (rows[i + 1][0] if i + 1 < len(rows) else None) for i, r in enumerate(rows))
 
 
 def test_the_parallel_pipeline_stores_what_a_serial_run_stores(app: Zhiku, tmp_path: Path) -> None:

@@ -685,18 +685,15 @@ def test_failed_commit_in_process_rolls_back_to_the_previous_state(
     extra = _ingested_with_more_to_come(app, tmp_path, more)
     with app.open_kb("t", readonly=True) as kb:
         before = (kb.counts(), {f.path: f.sha256 for f in kb.files()}, kb.manifest.generation)
-    real_put = store.Transaction.put_file
-    calls = 0
+    real_put = store.Transaction.put_files
 
-    def put_then_fail(self: Any, *args: Any, **kwargs: Any) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 2:  # the first file of the batch went in; the second write fails
-            raise sqlite3.OperationalError("database or disk is full")
-        return real_put(self, *args, **kwargs)
+    def put_then_fail(self: Any, files: Any, vectors: Any) -> tuple[set[str], int]:
+        assert len(files) == 3  # one checkpoint
+        real_put(self, files[:1], vectors)  # the first file of the batch goes in; the write of the rest fails
+        raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(app.settings.ingest, "commit_every", 10)
-    monkeypatch.setattr(store.Transaction, "put_file", put_then_fail)
+    monkeypatch.setattr(store.Transaction, "put_files", put_then_fail)
     with app.open_kb("t", create=True) as kb, pytest.raises(StoreError, match="database or disk is full"):
         app.ingestor(kb).run([extra], progress=False)
     monkeypatch.undo()

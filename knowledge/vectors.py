@@ -23,11 +23,11 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
-from common.files import atomic_write_bytes
+from common.files import atomic_write
 
 
 class VectorIndexError(Exception):
@@ -128,7 +128,14 @@ def _read_faiss_file(path: Path) -> Any:
 
 
 def _save_faiss_file(index: Any, path: Path) -> None:
-    atomic_write_bytes(path, _faiss().serialize_index(index).tobytes())
+    faiss = _faiss()
+
+    def write(fh: BinaryIO) -> None:
+        # streamed in 1 MB pieces: serialize_index().tobytes() makes three whole copies first (a 1 M x 768 base:
+        # 3 GB), and was half of the index write at the end of an ingest
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
+
+    atomic_write(path, write)
 
 
 # The torch path ranks in fp16 and re-scores this many extra candidates in fp32 on the host, so ties and

@@ -662,7 +662,7 @@ def test_failed_index_write_in_process_is_raised_and_leaves_the_base_usable(
 
     with app.open_kb("t", create=True) as kb:
         monkeypatch.setattr(store, "atomic_write_bytes", disk_full)  # after the open, which writes too
-        monkeypatch.setattr(vectors, "atomic_write_bytes", disk_full)  # the index file
+        monkeypatch.setattr(vectors, "atomic_write", disk_full)  # the index file
         with pytest.raises(StoreError, match="could not save knowledge base") as raised:
             app.ingestor(kb).run([extra], progress=False)
         monkeypatch.undo()

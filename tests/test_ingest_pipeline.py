@@ -185,6 +185,30 @@ def test_the_embedder_goes_on_while_a_checkpoint_is_written(
     assert (report.failures, report.count("added")) == ([], 3)
 
 
+def test_the_objects_alive_before_a_run_are_left_out_of_full_collections_until_it_ends(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    class FreezeRecordingEmbedder(HashingEmbedder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen: list[int] = []
+
+        def embed_documents(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+            self.frozen.append(gc.get_freeze_count())
+            return super().embed_documents(texts, progress)
+
+    embedder = FreezeRecordingEmbedder()
+    use_embedder(app, monkeypatch, embedder)
+    write_docs(tmp_path / "docs", 3)
+    before = gc.get_freeze_count()
+    report = ingest(app, tmp_path / "docs")
+    assert (report.failures, report.count("added")) == ([], 3)
+    assert embedder.frozen and min(embedder.frozen) > before
+    assert gc.get_freeze_count() == before == 0
+
+
 def test_small_checkpoints_are_embedded_together_and_committed_one_by_one(
     app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

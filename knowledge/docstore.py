@@ -174,6 +174,8 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
     if not rows:
         return
     width = len(rows[0])
+    if not width or any(len(row) != width for row in rows):  # flattened, they would shift into other columns
+        raise ValueError(f"rows for {head!r} must all have the same number of values, at least one")
     per = max(_MAX_VARIABLES // width, 1)
     one = f"({','.join('?' * width)})"
     for start in range(0, len(rows), per):

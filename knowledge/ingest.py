@@ -796,9 +796,18 @@ class _Pipeline:
 
 
 def _names(paths: Iterable[str], shown: int = 3) -> str:
+    """``a.txt``, or ``5 files (a.txt, b.txt, c.txt and 2 more)``."""
     names = [readable(Path(p).name) for p in paths]
+    if len(names) == 1:
+        return names[0]
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+    return f"{len(names)} files ({', '.join(names[:shown])}{more})"
+
+
+# the collector's frozen objects are one set per process, so the runs that share it (a server ingesting uploads
+# beside a job) are counted per process too: the last one to end makes them collectable again
+_frozen_runs = 0
+_frozen_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -807,11 +816,17 @@ def _start_objects_frozen() -> Iterator[None]:
     transformers) out of the garbage collector's full passes until the run ends. A full pass over them holds
     the interpreter lock for 0.3 s on the H200 box, stalling every stage of the ingest, and the run's own
     objects brought one about in 3 of 4 ingests of 26 k chunks there."""
-    gc.freeze()
+    global _frozen_runs
+    with _frozen_lock:
+        gc.freeze()
+        _frozen_runs += 1
     try:
         yield
     finally:
-        gc.unfreeze()  # all collectable again, as before the run (a concurrent run's objects too: only slower)
+        with _frozen_lock:
+            _frozen_runs -= 1
+            if not _frozen_runs:
+                gc.unfreeze()  # all collectable again, as before the run
 
 
 def _put_of(entry: _Entry) -> _Put:

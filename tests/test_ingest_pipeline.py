@@ -209,6 +209,32 @@ def test_the_objects_alive_before_a_run_are_left_out_of_full_collections_until_i
     assert gc.get_freeze_count() == before == 0
 
 
+def test_overlapping_runs_keep_the_start_objects_frozen_until_the_last_one_ends() -> None:
+    """Runs in one process share the collector's frozen set: the first to end leaves it to the other."""
+    import gc
+
+    first, second = ingest_module._start_objects_frozen(), ingest_module._start_objects_frozen()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.get_freeze_count() > 0
+    second.__exit__(None, None, None)
+    assert gc.get_freeze_count() == 0
+
+
+def test_rows_of_different_widths_are_refused_not_shifted_into_other_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from knowledge.docstore import insert_rows
+
+    conn = sqlite3.connect(tmp_path / "t.db")
+    conn.execute("CREATE TABLE t(a, b)")
+    with pytest.raises(ValueError, match="same number of values"):
+        insert_rows(conn, "INSERT INTO t(a, b)", [(1, 2), (3,), (4, 5, 6)])
+    insert_rows(conn, "INSERT INTO t(a, b)", [(i, -i) for i in range(1200)])  # 3 statements of up to 499 rows
+    assert conn.execute("SELECT COUNT(*), SUM(a + b), MAX(a) FROM t").fetchone() == (1200, 0, 1199)
+
+
 def test_small_checkpoints_are_embedded_together_and_committed_one_by_one(
     app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,7 +321,9 @@ def test_a_commit_error_stops_every_stage_and_is_raised(
         return real_put(self, *args, **kwargs)
 
     monkeypatch.setattr(store.Transaction, "put_files", fail_second_checkpoint)
-    with pytest.raises(StoreError, match=r"database or disk is full, while storing f0[23]\.txt, f0[23]\.txt\)"):
+    with pytest.raises(
+        StoreError, match=r"database or disk is full, while storing 2 files \(f0[23]\.txt, f0[23]\.txt\)"
+    ):
         ingest(app, tmp_path / "docs")
     monkeypatch.undo()
     assert no_pipeline_threads_left()

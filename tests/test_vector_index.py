@@ -167,3 +167,43 @@ def test_hnsw_recall_at_10_against_flat_on_clustered_vectors() -> None:
     for index in (flat, hnsw):
         index.add(ids, base)
     assert overlap_at_k(top_ids(hnsw, queries, 10), top_ids(flat, queries, 10)) >= 0.95
+
+
+@pytest.mark.parametrize("make", [lambda: FaissKind(gpu="off"), lambda: HnswKind()], ids=["flat", "hnsw"])
+def test_a_disk_full_while_the_index_file_is_streamed_is_an_os_error_and_keeps_the_old_file(
+    make: Callable[[], VectorIndexKind], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is streamed through faiss's writer: a failed write must come out as the OSError it is (what the
+    store reports as a save error), with the older file whole and no temp file left."""
+    import errno
+    from typing import BinaryIO
+
+    from common import files
+
+    kind = make()
+    index = kind.create(DIM)
+    index.add(np.arange(100, dtype=np.int64), random_vectors(100))
+    path = tmp_path / kind.file_name(1)
+    index.save(path)
+    before = path.read_bytes()
+    index.add(np.arange(100, 300, dtype=np.int64), random_vectors(200, seed=1))
+
+    class FillsUp:
+        def __init__(self, fh: BinaryIO) -> None:
+            self.fh, self.written = fh, 0
+
+        def write(self, data: bytes) -> int:
+            if self.written + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.fh.write(data)
+
+    def disk_fills_up(target: Path, write: Callable[[BinaryIO], object]) -> None:
+        files.atomic_write(target, lambda fh: write(FillsUp(fh)))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(vectors, "atomic_write", disk_fills_up)
+    with pytest.raises(OSError) as raised:
+        index.save(path)
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and len(kind.load(path)) == 100
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -648,6 +648,13 @@ class Adapters:
             title,
         )
 
+    def reopen(self, conversation_id: str | None, stopper: h.Stopper | None, owner: str) -> tuple[Any, ...]:
+        """:meth:`open` of the conversation the browser had open, when the page loads, unless the user has
+        changed the chat already (a busy server runs this late): its outputs would replace that chat."""
+        if stopper is not None and stopper.touched():
+            return tuple(self.gr.skip() for _ in self.open(None, owner, quiet=True))
+        return self.open(conversation_id, owner, quiet=True)
+
     def search(self, query: str | None, conversation_id: str | None, owner: str) -> Any:
         choices, problem = uc.safe_choices(self.conversations, owner, query or "")
         self.toast(problem)
@@ -924,8 +931,7 @@ def _wire_conversations(
     side.listing.input(switch, inputs=[stopper, side.listing], **switching)
     for start_afresh in (side.new.click, c.clear.click, c.chatbot.clear):  # Clear is a new chat
         start_afresh(switch, inputs=[stopper], **switching)
-    on_load = with_owner(gr, lambda cid, owner: on.open(cid, owner, quiet=True))
-    loaded.then(on_load, inputs=[conversation], outputs=opened, **private)
+    loaded.then(with_owner(gr, on.reopen), inputs=[conversation, stopper], outputs=opened, **private)
     side.search.change(with_owner(gr, on.search), inputs=[side.search, conversation], outputs=[side.listing], **private)
     side.rename.click(with_owner(gr, on.rename), inputs=[conversation, side.title], outputs=[side.listing], **private)
     side.delete.click(

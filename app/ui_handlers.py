@@ -561,6 +561,11 @@ class Stopper:
             for ticket, state in self._running.items():
                 self._running[ticket] = state or STOPPED
 
+    def touched(self) -> bool:
+        """Whether the chat has changed since the page loaded: an answer began, or another chat was opened."""
+        with self._changed:
+            return bool(self._count or self._view)
+
     def switch(self, timeout: float) -> str:
         """Abandon the answers in progress and wait up to ``timeout`` seconds for them to end; returns the
         new view. (Past the timeout, e.g. a model still reading a long prompt, an abandoned answer shows

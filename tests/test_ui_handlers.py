@@ -701,3 +701,24 @@ def test_pdf_sources_can_be_shown_as_their_page(pdf_service: ChatService, backen
     text.write_text("not a pdf", encoding="utf-8")
     assert "not a PDF" in (show_page([PageRef("t", str(text), 1, "")], "t").warning or "")
     assert "no page 9" in (show_page([PageRef("p", first.path, 9, "")], "p").warning or "")
+
+
+def test_the_page_loads_reopening_never_replaces_a_chat_the_user_has_begun(app: Zhiku, service: ChatService) -> None:
+    # on a busy server the load's reopening can run after the first question was answered: it must leave it
+    import gradio as gr
+
+    from app.conversations import ConversationStore
+    from app.ui import Adapters
+
+    conversations = ConversationStore(app.settings.data_dir)
+    on = Adapters(gr, app, PresetStore(app.settings.data_dir), conversations)
+    stopper = copy.deepcopy(Stopper())
+    fresh = on.reopen("", stopper, "")
+    assert fresh[2] == [] and not any(out == gr.skip() for out in fresh[:3])  # a fresh page: the empty chat
+    *_, answered = on.respond("hi", [], stopper, None, None)
+    assert answered[1] and "Hello" in str(answered[1][-1])
+    late = on.reopen("", stopper, "")
+    assert len(late) == len(fresh) and all(out == gr.skip() for out in late)
+    switched = copy.deepcopy(Stopper())
+    switched.switch(timeout=0)  # another chat opened from the list before the load's reopening ran
+    assert all(out == gr.skip() for out in on.reopen("", switched, ""))

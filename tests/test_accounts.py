@@ -256,7 +256,9 @@ def reads(alice_id: str, kb_file: str) -> list[tuple[str | None, str, dict[str, 
     """Events that show a conversation, a preset or a base: alice's own, when she sends them."""
     return [
         ("conv-list", "input", {"conv_list": alice_id}),  # open the conversation
-        (None, "then", {"browserstate": alice_id}),  # a reload with the conversation's id in the browser
+        # a reload with the conversation's id in the browser: a new session (the reopening leaves alone a chat
+        # its session has begun)
+        (None, "then", {"browserstate": alice_id, "session": uuid.uuid4().hex[:12]}),
         ("conv-search", "change", {"conv_search": "蓝鲸"}),
         ("conv-export-md", "click", {"browserstate": alice_id}),
         ("conv-export-json", "click", {"browserstate": alice_id}),

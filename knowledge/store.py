@@ -865,10 +865,12 @@ class Transaction:
     def remove_file(self, path: str) -> int:
         """Drop a file's chunks; the vectors no other chunk uses go at the end of the transaction. Returns
         the chunks removed."""
-        self._maybe_unused.update(self._docstore.text_ids_of_files([path]))
-        removed = self._docstore.delete_files([path])
+        return self._remove_files([path])
+
+    def _remove_files(self, paths: Sequence[str]) -> int:
+        self._maybe_unused.update(self._docstore.text_ids_of_files(paths))
         self.changed = True
-        return removed
+        return self._docstore.delete_files(paths)
 
     def drop_unused_texts(self) -> None:
         """Delete the texts (and vectors) that lost their last chunk in this transaction. Only at the end:
@@ -895,8 +897,7 @@ class Transaction:
             raise ValueError("a file given twice to put_files: store its versions in separate calls")
         held = self._docstore.held_paths(paths)
         if held:
-            self._maybe_unused.update(self._docstore.text_ids_of_files(sorted(held)))
-            self._docstore.delete_files(sorted(held))
+            self._remove_files(sorted(held))
         new = self._docstore.insert_files(files, vectors, self.generation)
         if new.ids:
             self._index.add(np.asarray(new.ids, dtype=np.int64), np.vstack(new.vectors))

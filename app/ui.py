@@ -648,11 +648,11 @@ class Adapters:
             title,
         )
 
-    def reopen(self, conversation_id: str | None, stopper: h.Stopper | None, owner: str) -> tuple[Any, ...]:
+    def reopen(self, conversation_id: str | None, stopper: h.Stopper | None, owner: str) -> Any:
         """:meth:`open` of the conversation the browser had open, when the page loads, unless the user has
         changed the chat already (a busy server runs this late): its outputs would replace that chat."""
         if stopper is not None and stopper.touched():
-            return tuple(self.gr.skip() for _ in self.open(None, owner, quiet=True))
+            return self.gr.skip()  # one skip leaves every output as it is
         return self.open(conversation_id, owner, quiet=True)
 
     def search(self, query: str | None, conversation_id: str | None, owner: str) -> Any:

@@ -279,11 +279,16 @@ class Docstore:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return int(row[0]) if row else 0
 
-    def file_record(self, path: str) -> FileRecord | None:
-        row = self.conn.execute(
-            "SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files WHERE path = ?", (path,)
-        ).fetchone()
-        return FileRecord(*row) if row else None
+    def file_records(self, paths: Sequence[str]) -> dict[str, FileRecord]:
+        """The records of those of ``paths`` the base holds, by path."""
+        found: dict[str, FileRecord] = {}
+        for part, marks in batches(paths):
+            rows = self.conn.execute(
+                f"SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files WHERE path IN ({marks})",
+                part,
+            )
+            found.update((r[0], FileRecord(*r)) for r in rows)
+        return found
 
     def files(self) -> list[FileRecord]:
         rows = self.conn.execute(

@@ -540,9 +540,10 @@ class KnowledgeBase:
         with self.snapshot() as snap:
             return snap.lexical_search(fts_query, k)
 
-    def file_record(self, path: str) -> FileRecord | None:
+    def file_records(self, paths: Sequence[str]) -> dict[str, FileRecord]:
+        """The records of those of ``paths`` the base holds, by path (one snapshot, a query per 500 paths)."""
         with self.snapshot() as snap:
-            return snap.docstore.file_record(path)
+            return snap.docstore.file_records(paths)
 
     def files(self) -> list[FileRecord]:
         with self.snapshot() as snap:

@@ -185,41 +185,47 @@ def test_the_embedder_goes_on_while_a_checkpoint_is_written(
     assert (report.failures, report.count("added")) == ([], 3)
 
 
-def test_the_objects_alive_before_a_run_are_left_out_of_full_collections_until_it_ends(
+def test_a_run_freezes_its_start_objects_and_hands_the_interpreter_lock_over_quickly_until_it_ends(
     app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gc
+    import sys
 
-    class FreezeRecordingEmbedder(HashingEmbedder):
+    class TuningRecordingEmbedder(HashingEmbedder):
         def __init__(self) -> None:
             super().__init__()
-            self.frozen: list[int] = []
+            self.seen: list[tuple[int, float]] = []
 
         def embed_documents(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-            self.frozen.append(gc.get_freeze_count())
+            self.seen.append((gc.get_freeze_count(), sys.getswitchinterval()))
             return super().embed_documents(texts, progress)
 
-    embedder = FreezeRecordingEmbedder()
+    embedder = TuningRecordingEmbedder()
     use_embedder(app, monkeypatch, embedder)
     write_docs(tmp_path / "docs", 3)
-    before = gc.get_freeze_count()
+    before, interval = gc.get_freeze_count(), sys.getswitchinterval()
+    assert interval > ingest_module._SWITCH_INTERVAL_S  # Python's default, 5 ms
     report = ingest(app, tmp_path / "docs")
     assert (report.failures, report.count("added")) == ([], 3)
-    assert embedder.frozen and min(embedder.frozen) > before
-    assert gc.get_freeze_count() == before == 0
+    assert embedder.seen and min(frozen for frozen, _ in embedder.seen) > before
+    assert {switch for _, switch in embedder.seen} == {ingest_module._SWITCH_INTERVAL_S}
+    assert (gc.get_freeze_count(), sys.getswitchinterval()) == (before, interval) and before == 0
 
 
-def test_overlapping_runs_keep_the_start_objects_frozen_until_the_last_one_ends() -> None:
-    """Runs in one process share the collector's frozen set: the first to end leaves it to the other."""
+def test_overlapping_runs_keep_the_process_tuned_until_the_last_one_ends() -> None:
+    """Runs in one process share the collector's frozen set and the switch interval: the first to end leaves
+    them to the other."""
     import gc
+    import sys
 
-    first, second = ingest_module._start_objects_frozen(), ingest_module._start_objects_frozen()
+    interval = sys.getswitchinterval()
+    first, second = ingest_module._process_tuned_for_ingest(), ingest_module._process_tuned_for_ingest()
     first.__enter__()
     second.__enter__()
     first.__exit__(None, None, None)
-    assert gc.get_freeze_count() > 0
+    assert (gc.get_freeze_count() > 0, sys.getswitchinterval()) == (True, ingest_module._SWITCH_INTERVAL_S)
     second.__exit__(None, None, None)
-    assert gc.get_freeze_count() == 0
+    assert (gc.get_freeze_count(), sys.getswitchinterval()) == (0, interval)
 
 
 def test_rows_of_different_widths_are_refused_not_shifted_into_other_columns(tmp_path: Path) -> None:
@@ -523,6 +529,74 @@ def test_the_parallel_pipeline_stores_what_a_serial_run_stores(app: Zhiku, tmp_p
     with app.open_kb("serial") as a, app.open_kb("parallel") as b:
         assert a.counts() == b.counts() and b.check() == []
         assert {f.path: f.chunks for f in a.files()} == {f.path: f.chunks for f in b.files()}
+
+
+def test_files_are_hashed_as_they_are_parsed_not_all_before_the_first_parse(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parsers start on the first file while the rest are still to be hashed: the last file's hashing
+    waits here until a parse has begun, which would never happen if every file were hashed first."""
+    files = write_docs(tmp_path / "docs", 4)
+    parse_began = threading.Event()
+    read_state, parse_file = ingest_module.read_state, ingest_module.parse_file
+
+    def hashing(path: Path, max_bytes: int | None = None) -> Any:
+        if Path(path).name == files[-1].name:
+            assert parse_began.wait(WAIT_S), "every file was hashed before the first parse"
+        return read_state(path, max_bytes)
+
+    def parsing(path: str, *args: Any) -> Any:
+        parse_began.set()
+        return parse_file(path, *args)
+
+    monkeypatch.setattr(ingest_module, "read_state", hashing)
+    monkeypatch.setattr(ingest_module, "parse_file", parsing)  # one parser: in this process
+    report = ingest(app, tmp_path / "docs")
+    assert (report.count("added"), report.failures) == (4, [])
+    assert no_pipeline_threads_left()
+
+
+def test_an_error_while_hashing_stops_the_run_and_leaves_no_thread(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file's own problem (unreadable, too big) fails that file; anything else is raised, as from any stage."""
+    write_docs(tmp_path / "docs", 3)
+
+    def broken(path: Path, max_bytes: int | None = None) -> Any:
+        raise RuntimeError("the hash went wrong")
+
+    monkeypatch.setattr(ingest_module, "read_state", broken)
+    with pytest.raises(RuntimeError, match="the hash went wrong"):
+        ingest(app, tmp_path / "docs")
+    assert no_pipeline_threads_left()
+
+
+def test_a_rerun_with_one_changed_file_among_many_parses_it_without_starting_parsers(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parser processes are started for the files that changed, found by hashing, not for every file found:
+    none for one file, and never more than there are files to parse."""
+    files = write_docs(tmp_path / "docs", 6)
+    app.settings.ingest.workers = 4
+    started: list[int] = []
+    run_in_workers = ingest_module.run_in_workers
+
+    def counting(func: Any, items: Any, *, workers: int, **kwargs: Any) -> Any:
+        started.append(workers)
+        return run_in_workers(func, items, workers=workers, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "run_in_workers", counting)
+    assert ingest(app, tmp_path / "docs").count("added") == 6
+    assert started == [4]
+    files[2].write_text("第二号文件改了：黄河是中国第二长的河流。", encoding="utf-8")
+    report = ingest(app, tmp_path / "docs")
+    assert (report.count("updated"), report.count("unchanged")) == (1, 5)
+    assert started == [4]  # parsed in this process
+    for f in files[:3]:
+        f.write_text(f"{f.name}又改了：珠江是中国南方的大河。", encoding="utf-8")
+    report = ingest(app, tmp_path / "docs")
+    assert (report.count("updated"), report.count("unchanged"), report.failures) == (3, 3, [])
+    assert started == [4, 3]
 
 
 def test_parser_processes_leave_a_quarter_of_the_cores_to_the_ingesting_process() -> None:

@@ -39,6 +39,7 @@ from common.files import atomic_write_bytes
 from knowledge.docstore import (
     DB_NAME,
     FORMAT_VERSION,
+    PAGE_SIZE,
     SCHEMA,
     Docstore,
     FileRecord,
@@ -317,6 +318,7 @@ class KnowledgeBase:
         try:
             conn = connect_writer(building / DB_NAME)
             try:
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes before the file's first write
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(SCHEMA)
                 migrate(conn)

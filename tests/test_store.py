@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
 from collections.abc import Callable
@@ -45,6 +46,50 @@ def test_round_trip_survives_reopen(kb: KnowledgeBase, tmp_path: Path) -> None:
     assert before == after
     assert after[0][0] == "长江是中国最长的河流。"
     assert (tmp_path / "kb" / "manifest.json").exists()
+
+
+def test_a_new_docstore_has_pages_that_hold_a_texts_row_and_an_older_one_keeps_its_own(tmp_path: Path) -> None:
+    """A text's row (a chunk of 500 characters and a 768-d vector) does not fit SQLite's default 4 KiB page: new
+    bases use 32 KiB pages, where it needs no overflow page. A base made with 4 KiB pages opens and takes rows."""
+    import sqlite3
+
+    from knowledge.docstore import DB_NAME, PAGE_SIZE
+
+    m3e = Manifest("m3e-like", 768, 500, 50)
+    rng = np.random.default_rng(0)
+
+    def put_long(base: KnowledgeBase, path: str) -> None:
+        texts = [f"{path}第{i}段：" + "长江是中国最长的河流，流经十一个省级行政区。" * 23 for i in range(3)]
+        chunks = [NewChunk(t, text_hash(t), page=1, offset=i * 500) for i, t in enumerate(texts)]
+        vectors = {c.text_hash: rng.standard_normal(768).astype(np.float32) for c in chunks}
+        with base.transaction() as tx:
+            tx.put_file(FileRecord(path, "0" * 64, 1, 1, len(chunks), "utf-8", 0.0), chunks, vectors)
+
+    def pages(root: Path) -> tuple[int, int]:
+        """The page size, and the overflow pages of the texts table."""
+        with contextlib.closing(sqlite3.connect(root / DB_NAME)) as conn:
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+            overflow = conn.execute("SELECT COUNT(*) FROM dbstat WHERE name = 'texts' AND pagetype = 'overflow'")
+            return int(size), int(overflow.fetchone()[0])
+
+    with KnowledgeBase.open(tmp_path / "new", create=m3e) as new:
+        put_long(new, "a.txt")
+    assert pages(tmp_path / "new") == (PAGE_SIZE, 0) and PAGE_SIZE == 32768
+
+    old = tmp_path / "old"
+    KnowledgeBase.open(old, create=m3e).close()
+    with contextlib.closing(sqlite3.connect(old / DB_NAME)) as conn:  # rebuilt with the default pages of before
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA journal_mode=WAL")
+    with KnowledgeBase.open(old) as base:
+        put_long(base, "a.txt")
+        put_long(base, "b.txt")
+    with KnowledgeBase.open(old, readonly=True) as reopened:
+        assert reopened.counts() == {"files": 2, "chunks": 6, "vectors": 6} and reopened.check() == []
+    size, overflow = pages(old)
+    assert size == 4096 and overflow >= 6  # each row spills over, as in every base made before
 
 
 def test_neighbours_are_linked_in_file_order(kb: KnowledgeBase) -> None:

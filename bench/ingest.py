@@ -1,6 +1,6 @@
 """Ingest throughput in one run: parse-only, embed-only and whole-ingest chunks/s over the same files.
 
-    .venv/bin/python bench/ingest.py [FOLDER ...] [--copies N] [--workers N] [--tiny]
+    .venv/bin/python bench/ingest.py [FOLDER ...] [--copies N] [--workers N] [--rounds N] [--tiny]
 
 FOLDER defaults to ../shared/data/dev. ``--copies N`` adds N copies of the folders' text files, each file's
 paragraphs tagged with its copy's number so that their chunks are new texts to embed; PDFs are parsed once, so
@@ -13,13 +13,20 @@ the whole script in seconds.
 - parse-only: load + clean + chunk in N parser processes (``--workers``, default ``ingest.workers``).
 - embed-only: the distinct chunk texts through the embedder, after a short warm-up.
 - whole ingest: ``Ingestor.run`` into a fresh knowledge base (parsing, embedding, SQLite, index file).
+
+``--rounds N`` runs parse-only and the whole ingest N times each, alternating, and reports their medians and the
+median of each round's ratio: a busy machine's parsing rate drifts by a third between runs of the same code (H200
+box), more than the gap the ratio is about. Each rate comes with the CPU seconds the benchmark's own process used
+(the parser processes are not counted): what the ingesting process takes from the cores the parsers share.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -103,7 +110,13 @@ def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:10.1f} chunks/s" if seconds > 0 else f"{'inf':>10} chunks/s"
 
 
-def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path) -> dict[str, Any]:
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process, all its threads (not the parser processes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path, rounds: int = 1) -> dict[str, Any]:
     # imported here, not by the parser processes, which import this script again (as `python -m app` is not)
     from app.container import Zhiku
     from app.settings import load_settings
@@ -120,13 +133,17 @@ def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path) -> dict[s
     # the parsers' fork server (knowledge/workers.py) starts once per process: before both timed runs, as in a
     # server that ingests uploads; a single CLI ingest pays it once (importing knowledge.ingest, ~0.5 s)
     list(run_in_workers(len, [""], workers=1, preload=PARSER_MODULES))
-    with app.open_kb("parse", create=True) as kb:
-        ingestor = app.ingestor(kb)
-        out["processes"] = ingestor.workers
-        files, _, _ = scan(folders, app.loaders.extensions)
-        started = time.perf_counter()
-        parsed = [r for r in ingestor.parse(files) if isinstance(r, ParsedFile)]
-        out["parse_s"] = time.perf_counter() - started
+    files, _, _ = scan(folders, app.loaders.extensions)
+
+    def parse_only(name: str) -> tuple[list[ParsedFile], float, float]:
+        with app.open_kb(name, create=True) as kb:
+            ingestor = app.ingestor(kb)
+            out["processes"] = ingestor.workers
+            cpu, started = cpu_seconds(), time.perf_counter()
+            parsed = [r for r in ingestor.parse(files) if isinstance(r, ParsedFile)]
+            return parsed, time.perf_counter() - started, cpu_seconds() - cpu
+
+    parsed, parse_s, parse_cpu = parse_only("parse")
     out["files"] = len(files)
     out["pages"] = sum(p.pages for p in parsed)
     out["chunks"] = sum(len(p.chunks) for p in parsed)
@@ -140,13 +157,21 @@ def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path) -> dict[s
     embedder.embed_documents(list(texts.values()))
     out["embed_s"] = time.perf_counter() - started
 
-    with app.open_kb("whole", create=True) as kb:
-        report = app.ingestor(kb).run(folders, progress=False)
-    out["whole_s"] = report.seconds
+    rows = []  # (parse s, its CPU s, whole s, its CPU s) per round
+    for n in range(rounds):
+        if n:  # the first round's parse-only run is the one above
+            _, parse_s, parse_cpu = parse_only(f"parse{n}")
+        with app.open_kb(f"whole{n}", create=True) as kb:
+            cpu = cpu_seconds()
+            report = app.ingestor(kb).run(folders, progress=False)
+            rows.append((parse_s, parse_cpu, report.seconds, cpu_seconds() - cpu))
+    out["rounds"] = rows
+    out["parse_s"] = statistics.median(r[0] for r in rows)
+    out["whole_s"] = statistics.median(r[2] for r in rows)
     out["whole_chunks"] = report.chunks_added
     out["new_vectors"] = report.new_vectors
     out["failed"] = len(report.failures)
-    out["stages"] = report.stages
+    out["stages"] = report.stages  # of the last round
     return out
 
 
@@ -156,28 +181,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=0, help="add N tagged copies of the folders' text files")
     parser.add_argument("--copy-pdfs", action="store_true", help="copy the other files (PDFs) too")
     parser.add_argument("--workers", type=int, default=0, help="parser processes (default: ingest.workers)")
+    parser.add_argument("--rounds", type=int, default=1, help="parse-only and whole ingest N times, alternating")
     parser.add_argument("--tiny", action="store_true", help="a random model on the CPU (smoke test)")
     args = parser.parse_args(argv)
     folders = [f.resolve() for f in args.folders] or [REPO.parent / "shared" / "data" / "dev"]
     with tempfile.TemporaryDirectory(prefix="zhiku-bench-") as tmp:
         if args.copies:
             folders += make_copies(folders, args.copies, Path(tmp) / "copies", args.copy_pdfs)
-        r = run(folders, args.workers, args.tiny, Path(tmp) / "data")
+        r = run(folders, args.workers, args.tiny, Path(tmp) / "data", max(1, args.rounds))
     print(
         f"ingest benchmark: {r['files']} files, {r['pages']} pages, {r['chunks']} chunks ({r['texts']} distinct "
         f"texts); embedder {r['embedder']}; {r['processes']} parser processes; {os.cpu_count()} CPU cores"
     )
-    print(f"parse-only   ({r['processes']} processes): {rate(r['chunks'], r['parse_s'])}  ({r['parse_s']:.2f} s)")
+    median = " (median of rounds)" if len(r["rounds"]) > 1 else ""
+    print(
+        f"parse-only   ({r['processes']} processes): {rate(r['chunks'], r['parse_s'])}  ({r['parse_s']:.2f} s){median}"
+    )
     print(f"embed-only   ({r['embedder']}): {rate(r['texts'], r['embed_s'])}  ({r['embed_s']:.2f} s)")
     print(
         f"whole ingest ({r['processes']} processes): {rate(r['whole_chunks'], r['whole_s'])}  ({r['whole_s']:.2f} s; "
-        f"{r['whole_chunks']} chunks, {r['new_vectors']} new vectors, {r['failed']} files failed)"
+        f"{r['whole_chunks']} chunks, {r['new_vectors']} new vectors, {r['failed']} files failed){median}"
     )
     stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in r["stages"].items())
     print(f"whole ingest, seconds per stage (each in its own thread; they overlap): {stages}")
     slowest = min(r["chunks"] / r["parse_s"], r["texts"] / r["embed_s"]) if r["parse_s"] and r["embed_s"] else 0
     if slowest and r["whole_s"]:
         print(f"whole / slower stage: {r['whole_chunks'] / r['whole_s'] / slowest:.2f}")
+    ratios = []
+    for n, (parse_s, parse_cpu, whole_s, whole_cpu) in enumerate(r["rounds"], 1):
+        ratios.append(r["whole_chunks"] * parse_s / (r["chunks"] * whole_s) if whole_s and r["chunks"] else 0.0)
+        print(
+            f"round {n}: parse-only {rate(r['chunks'], parse_s).strip()} ({parse_s:.2f} s, this process "
+            f"{parse_cpu:.2f} CPU s), whole {rate(r['whole_chunks'], whole_s).strip()} ({whole_s:.2f} s, this process "
+            f"{whole_cpu:.2f} CPU s), whole / parse-only {ratios[-1]:.2f}"
+        )
+    print(f"whole / parse-only: median {statistics.median(ratios):.2f} of {len(ratios)} rounds")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""bench/ingest.py runs end to end on the CPU with its tiny random model (its figures are not checked)."""
+"""bench/ingest.py (with its tiny random model) and bench/commit.py run end to end on the CPU (their figures are not
+checked)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
         "1",
         "--copies",
         "1",
+        "--rounds",
+        "2",
         str(tmp_path / "docs"),
         env={"ZHIKU_DATA_DIR": str(tmp_path / "unused")},
     )
@@ -36,11 +39,12 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
     assert 0 < len(text_files) < len(originals)  # the corpus has a PDF, which is not copied
     assert files == len(originals) + len(text_files)
     assert chunks > files and texts > chunks // 2  # the copies' texts are new texts
-    assert re.fullmatch(r"parse-only   \(1 processes\): +[\d.]+ chunks/s  \([\d.]+ s\)", lines[1]), lines[1]
+    median = r" \(median of rounds\)"
+    assert re.fullmatch(r"parse-only   \(1 processes\): +[\d.]+ chunks/s  \([\d.]+ s\)" + median, lines[1]), lines[1]
     assert re.fullmatch(r"embed-only   \(tiny:random-64\): +[\d.]+ chunks/s  \([\d.]+ s\)", lines[2]), lines[2]
     whole = re.fullmatch(
         r"whole ingest \(1 processes\): +[\d.]+ chunks/s  \([\d.]+ s; (\d+) chunks, (\d+) new vectors, 0 files "
-        r"failed\)",
+        r"failed\)" + median,
         lines[3],
     )
     assert whole and int(whole.group(1)) == chunks and int(whole.group(2)) == texts, lines[3]
@@ -50,3 +54,22 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
     assert set(named) == {"hash", "send_wait", "parse", "embed", "commit", "finish", "index"}, named
     assert all(float(v) >= 0 for v in named.values()) and float(named["parse"]) > 0
     assert re.fullmatch(r"whole / slower stage: [\d.]+", lines[5]), lines[5]
+    for n, line in enumerate(lines[6:8], 1):  # parse-only and whole, alternating, with the process's CPU time
+        assert re.fullmatch(
+            rf"round {n}: parse-only [\d.]+ chunks/s \([\d.]+ s, this process [\d.]+ CPU s\), whole [\d.]+ chunks/s "
+            r"\([\d.]+ s, this process [\d.]+ CPU s\), whole / parse-only [\d.]+",
+            line,
+        ), line
+    assert re.fullmatch(r"whole / parse-only: median [\d.]+ of 2 rounds", lines[8]), lines[8]
+
+
+def test_the_commit_benchmark_prints_a_rate_per_page_size() -> None:
+    lines = run_bench("commit.py", "--chunks", "270", "--dim", "16", "--page-size", "4096", "32768")
+    assert lines[0] == "commit benchmark: 270 chunks of 400 characters, 16-d vectors, 64 files a checkpoint", lines
+    for line, size in zip(lines[1:], (4096, 32768), strict=True):
+        rate = re.fullmatch(
+            rf"page size +{size}: +([\d.]+) us a chunk \([\d.]+ s; leaving the transactions [\d.]+ s\); "
+            r"docstore \d+ MB",
+            line,
+        )
+        assert rate and float(rate.group(1)) > 0, line

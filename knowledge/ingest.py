@@ -345,6 +345,8 @@ def _parse_task(
 
 # a file found: its path, the version the base holds, and its hash, or why it could not be hashed
 _HASH_BLOCK = 500  # files whose stored versions are looked up together
+_HASHED_AHEAD = 4096  # files hashed and not yet taken by the parsers, at most
+_HASH_JOIN_S = 1.0  # how long a run that stops waits for the hashing thread to leave a file it reads
 _Hashed = tuple[Path, FileRecord | None, "FileState | LoadError | OSError"]
 
 
@@ -403,6 +405,9 @@ def scan_paths(paths: Iterable[Path], extensions: frozenset[str], exclude: Itera
             return
         resolved = os.path.realpath(path)
         if resolved in found.seen:
+            return
+        if _has_surrogates(resolved):  # a link with a UTF-8 name to a file or folder without one
+            not_utf8(resolved, "file")
             return
         found.seen.add(resolved)
         if Path(resolved).suffix.lower() not in extensions:
@@ -816,6 +821,7 @@ def _names(paths: Iterable[str], shown: int = 3) -> str:
 _tuned_runs = 0
 _tuned_lock = threading.Lock()
 _saved_switch_interval = 0.0
+_tuned_switch_interval = 0.0
 # seconds a thread runs Python before one waiting for the interpreter lock gets it (Python's default: 0.005)
 _SWITCH_INTERVAL_S = 0.0005
 
@@ -833,11 +839,12 @@ def _process_tuned_for_ingest() -> Iterator[None]:
       stage's thread is running Python: on the H200 box the 12 parsers kept 9.6 cores busy in an ingest, 11.5
       when parsing alone, waiting for it.
     """
-    global _tuned_runs, _saved_switch_interval
+    global _tuned_runs, _saved_switch_interval, _tuned_switch_interval
     with _tuned_lock:
         if not _tuned_runs:
             _saved_switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(_saved_switch_interval, _SWITCH_INTERVAL_S))
+            _tuned_switch_interval = sys.getswitchinterval()  # as the interpreter stores it
         gc.freeze()
         _tuned_runs += 1
     try:
@@ -847,7 +854,8 @@ def _process_tuned_for_ingest() -> Iterator[None]:
             _tuned_runs -= 1
             if not _tuned_runs:
                 gc.unfreeze()  # all collectable again, as before the run
-                sys.setswitchinterval(_saved_switch_interval)
+                if sys.getswitchinterval() == _tuned_switch_interval:  # not changed by someone else meanwhile
+                    sys.setswitchinterval(_saved_switch_interval)
 
 
 def _put_of(entry: _Entry) -> _Put:
@@ -955,6 +963,7 @@ class Ingestor:
         def to_parse(hashed: Iterator[_Hashed]) -> Iterator[ParseTask]:
             """The files that changed, as they are hashed: the parsers start on the first ones meanwhile."""
             for path, old, state in hashed:
+                pipeline.check()  # a stage that failed ends the run here, not after the unchanged files
                 if isinstance(state, LoadError):  # too big, no longer a regular file, still being written
                     failed(FileOutcome(str(path), "failed", reason=str(state)), stale=old is not None)
                 elif isinstance(state, OSError):  # its content is unknown: an old version stays
@@ -1004,7 +1013,7 @@ class Ingestor:
         file's system calls lets the interpreter lock go, and taking it back waits for the other stages' threads.
         Hashed there, one file as each parser took one, 941 files took 0.8-1.0 s of that thread's time in an
         ingest on the H200 box (0.05 s all at once before the parse, or in a thread of their own)."""
-        done = queue.Queue[_Hashed | BaseException | None](maxsize=4096)
+        done = queue.Queue[_Hashed | BaseException | None](maxsize=_HASHED_AHEAD)
         stop = threading.Event()
 
         def put(item: _Hashed | BaseException | None) -> None:
@@ -1044,9 +1053,14 @@ class Ingestor:
         thread.start()
         try:
             yield read()
-        finally:
+        except BaseException:
+            # Ctrl-C or an error: not held up by a read that hangs (a stalled network mount); the thread only
+            # reads, and stops at its next file
             stop.set()
-            thread.join()
+            thread.join(_HASH_JOIN_S)
+            raise
+        stop.set()
+        thread.join()
 
     def parse(self, paths: list[Path]) -> Iterator[ParsedFile | FileOutcome]:
         """Parse files (in parallel) without storing them: for benchmarks and dry runs."""

@@ -546,11 +546,17 @@ def test_names_that_are_not_utf8_fail_alone_and_readably(tmp_path: Path) -> None
     gbk = docs / os.fsdecode(b"\xd6\xd0\xce\xc4")  # "中文" in GBK, as a Windows zip leaves it
     gbk.mkdir()
     (gbk / "inside.txt").write_bytes("泰山是五岳之首。".encode())
+    # a link named in UTF-8 to a file that is not: what would be stored is the file's own path
+    elsewhere = Path(os.path.realpath(tmp_path)) / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / os.fsdecode(b"men\xfa.txt")).write_bytes("菜单。".encode())
+    (docs / "menu-link.txt").symlink_to(elsewhere / os.fsdecode(b"men\xfa.txt"))
     done = run_cli("ingest", str(docs), "--kb", "k", "--json", *cli_config(tmp_path))
     assert done.returncode == 1, done.stderr
     out = json.loads(done.stdout)
     failed = {f["file"]: f["reason"] for f in out["failed"]}
-    assert set(failed) == {f"{docs}/caf\\xe9.txt", f"{docs}/\\xd6\\xd0\\xce\\xc4"}
+    assert set(failed) == {f"{docs}/caf\\xe9.txt", f"{docs}/\\xd6\\xd0\\xce\\xc4", f"{elsewhere}/men\\xfa.txt"}
+    assert failed[f"{elsewhere}/men\\xfa.txt"].startswith("men\\xfa.txt: the file name is not valid UTF-8; rename it")
     assert failed[f"{docs}/caf\\xe9.txt"].startswith("caf\\xe9.txt: the file name is not valid UTF-8; rename it")
     assert failed[f"{docs}/\\xd6\\xd0\\xce\\xc4"].startswith(
         "\\xd6\\xd0\\xce\\xc4: the folder name is not valid UTF-8; nothing under it was ingested; rename it"

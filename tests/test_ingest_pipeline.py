@@ -222,9 +222,11 @@ def test_overlapping_runs_keep_the_process_tuned_until_the_last_one_ends() -> No
     first, second = ingest_module._process_tuned_for_ingest(), ingest_module._process_tuned_for_ingest()
     first.__enter__()
     second.__enter__()
-    first.__exit__(None, None, None)
-    assert (gc.get_freeze_count() > 0, sys.getswitchinterval()) == (True, ingest_module._SWITCH_INTERVAL_S)
-    second.__exit__(None, None, None)
+    try:
+        first.__exit__(None, None, None)
+        assert (gc.get_freeze_count() > 0, sys.getswitchinterval()) == (True, ingest_module._SWITCH_INTERVAL_S)
+    finally:  # a failure must not leave this test process tuned for the tests after it
+        second.__exit__(None, None, None)
     assert (gc.get_freeze_count(), sys.getswitchinterval()) == (0, interval)
 
 
@@ -567,6 +569,61 @@ def test_an_error_while_hashing_stops_the_run_and_leaves_no_thread(
 
     monkeypatch.setattr(ingest_module, "read_state", broken)
     with pytest.raises(RuntimeError, match="the hash went wrong"):
+        ingest(app, tmp_path / "docs")
+    assert no_pipeline_threads_left()
+
+
+def test_a_rerun_looks_stored_versions_up_in_blocks_and_handles_each_kind_of_file(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of two files: unchanged, changed, and a file that now fails its hashing (over the size limit) with a
+    stored version, which goes, spread over block boundaries."""
+    files = write_docs(tmp_path / "docs", 6)
+    assert ingest(app, tmp_path / "docs").count("added") == 6
+    monkeypatch.setattr(ingest_module, "_HASH_BLOCK", 2)
+    files[1].write_text("第一号文件改了：黄河是中国第二长的河流。", encoding="utf-8")
+    files[4].write_text("太大了。" * 400, encoding="utf-8")  # 4,800 bytes
+    app.settings.ingest.max_file_mb = 2000 / 2**20
+    report = ingest(app, tmp_path / "docs")
+    outcomes = {Path(o.path).name: o.status for o in report.outcomes}
+    assert outcomes == {
+        "f00.txt": "unchanged",
+        "f01.txt": "updated",
+        "f02.txt": "unchanged",
+        "f03.txt": "unchanged",
+        "f04.txt": "failed",
+        "f05.txt": "unchanged",
+    }
+    [failure] = report.failures
+    assert "over ingest.max_file_mb" in failure.reason and failure.reason.endswith(ingest_module._OLD_VERSION_REMOVED)
+    with app.open_kb("t", readonly=True) as kb:
+        assert sorted(Path(f.path).name for f in kb.files()) == ["f00.txt", "f01.txt", "f02.txt", "f03.txt", "f05.txt"]
+        assert kb.check() == []
+
+
+def test_a_run_stopped_while_files_wait_hashed_leaves_no_thread(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the first parse, while the hashing thread waits for room to hand over the fourth file (two
+    fit): the run ends, and so does that thread."""
+    files = write_docs(tmp_path / "docs", 8)
+    monkeypatch.setattr(ingest_module, "_HASHED_AHEAD", 2)
+    fourth_hashed = threading.Event()
+    read_state = ingest_module.read_state
+
+    def hashing(path: Path, max_bytes: int | None = None) -> Any:
+        state = read_state(path, max_bytes)
+        if Path(path).name == files[3].name:
+            fourth_hashed.set()
+        return state
+
+    def interrupted(path: str, *args: Any) -> Any:
+        assert fourth_hashed.wait(WAIT_S)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_module, "read_state", hashing)
+    monkeypatch.setattr(ingest_module, "parse_file", interrupted)  # one parser: in this process
+    with pytest.raises(KeyboardInterrupt):
         ingest(app, tmp_path / "docs")
     assert no_pipeline_threads_left()
 

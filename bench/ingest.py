@@ -1,6 +1,6 @@
 """Ingest throughput in one run: parse-only, embed-only and whole-ingest chunks/s over the same files.
 
-    .venv/bin/python bench/ingest.py [FOLDER ...] [--copies N] [--workers N] [--rounds N] [--tiny]
+    .venv/bin/python bench/ingest.py [FOLDER ...] [--copies N] [--workers N] [--rounds N] [--timeline] [--tiny]
 
 FOLDER defaults to ../shared/data/dev. ``--copies N`` adds N copies of the folders' text files, each file's
 paragraphs tagged with its copy's number so that their chunks are new texts to embed; PDFs are parsed once, so
@@ -18,6 +18,8 @@ the whole script in seconds.
 median of each round's ratio: a busy machine's parsing rate drifts by a third between runs of the same code (H200
 box), more than the gap the ratio is about. Each rate comes with the CPU seconds the benchmark's own process used
 (the parser processes are not counted): what the ingesting process takes from the cores the parsers share.
+``--timeline`` prints when the last round's embedding calls, commits and index write ran, against the moment the
+last file was parsed: what the run still does once parsing is over.
 """
 
 from __future__ import annotations
@@ -172,7 +174,24 @@ def run(folders: list[Path], workers: int, tiny: bool, data_dir: Path, rounds: i
     out["new_vectors"] = report.new_vectors
     out["failed"] = len(report.failures)
     out["stages"] = report.stages  # of the last round
+    out["timeline"] = tail(report.events)
     return out
+
+
+def tail(events: list[tuple[str, float, float]], before: float = 1.0) -> str:
+    """The embedding calls, commits and index write that end after ``before`` seconds before the last parse,
+    as ``stage start+seconds`` against the moment the last file was parsed, and the run's end."""
+    parses = [end for stage, _, end in events if stage == "parse"]
+    if not parses:
+        return ""
+    last = parses[-1]
+    shown = [
+        f"{stage} {start - last:+.2f}+{end - start:.2f}"
+        for stage, start, end in sorted(events, key=lambda e: e[1])
+        if stage in ("embed", "commit", "index") and end > last - before
+    ]
+    end = max(e for _, _, e in events)
+    return ", ".join([*shown, f"end {end - last:+.2f}"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-pdfs", action="store_true", help="copy the other files (PDFs) too")
     parser.add_argument("--workers", type=int, default=0, help="parser processes (default: ingest.workers)")
     parser.add_argument("--rounds", type=int, default=1, help="parse-only and whole ingest N times, alternating")
+    parser.add_argument(
+        "--timeline", action="store_true", help="when the last round's embedding calls and commits ran, near the end"
+    )
     parser.add_argument("--tiny", action="store_true", help="a random model on the CPU (smoke test)")
     args = parser.parse_args(argv)
     folders = [f.resolve() for f in args.folders] or [REPO.parent / "shared" / "data" / "dev"]
@@ -216,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{whole_cpu:.2f} CPU s), whole / parse-only {ratios[-1]:.2f}"
         )
     print(f"whole / parse-only: median {statistics.median(ratios):.2f} of {len(ratios)} rounds")
+    if args.timeline:
+        print(f"last round, seconds from the last parse (stage start+duration): {r['timeline']}")
 
 
 if __name__ == "__main__":

@@ -105,15 +105,20 @@ class IngestReport:
     # where the run's time went, for benchmarks and logs (not in the JSON): seconds per stage, each measured in
     # the thread that does it (hash, parse, send_wait, embed, commit, finish, index); stages overlap
     stages: dict[str, float] = field(default_factory=dict)
+    # every timed block as (stage, start, end) in time.perf_counter() seconds, in the order they ended: when each
+    # embedding call and commit ran, against the last parse (bench/ingest.py --timeline)
+    events: list[tuple[str, float, float]] = field(default_factory=list)
 
     @contextlib.contextmanager
     def timing(self, stage: str) -> Iterator[None]:
-        """Add the block's seconds to ``stage`` (also when it raises)."""
+        """Add the block's seconds to ``stage`` (also when it raises), and the block to ``events``."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - started
+            ended = time.perf_counter()
+            self.stages[stage] = self.stages.get(stage, 0.0) + ended - started
+            self.events.append((stage, started, ended))
 
     def count(self, status: Status) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -935,7 +940,9 @@ class Ingestor:
                 if prune:
                     self._prune(roots, found, record)
                 closing = time.perf_counter()
-            report.stages["index"] = time.perf_counter() - closing  # the index file written at the end
+            closed = time.perf_counter()
+            report.stages["index"] = closed - closing  # the index file written at the end
+            report.events.append(("index", closing, closed))
         finally:
             bar.close()
             embed_bar.close()

@@ -24,6 +24,7 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
         "1",
         "--rounds",
         "2",
+        "--timeline",
         str(tmp_path / "docs"),
         env={"ZHIKU_DATA_DIR": str(tmp_path / "unused")},
     )
@@ -61,6 +62,17 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
             line,
         ), line
     assert re.fullmatch(r"whole / parse-only: median [\d.]+ of 2 rounds", lines[8]), lines[8]
+    timeline = re.fullmatch(r"last round, seconds from the last parse \(stage start\+duration\): (.*)", lines[9])
+    assert timeline, lines[9]
+    steps = [
+        re.fullmatch(r"(embed|commit|index|end) ([+-][\d.]+)(\+[\d.]+)?", part)
+        for part in timeline.group(1).split(", ")
+    ]
+    assert all(steps), timeline.group(1)
+    names = [m.group(1) for m in steps if m]
+    # the run ends with the index file, after the last commit, which follows the last embedding call
+    assert names[-2:] == ["index", "end"] and "commit" in names and "embed" in names, names
+    assert len(lines) == 10, lines
 
 
 def test_the_commit_benchmark_prints_a_rate_per_page_size() -> None:

@@ -95,6 +95,9 @@ class FileOutcome:
     reason: str = ""
 
 
+_PER_FILE_STAGES = frozenset({"hash", "send_wait"})
+
+
 @dataclass
 class IngestReport:
     outcomes: list[FileOutcome] = field(default_factory=list)
@@ -105,20 +108,23 @@ class IngestReport:
     # where the run's time went, for benchmarks and logs (not in the JSON): seconds per stage, each measured in
     # the thread that does it (hash, parse, send_wait, embed, commit, finish, index); stages overlap
     stages: dict[str, float] = field(default_factory=dict)
-    # every timed block as (stage, start, end) in time.perf_counter() seconds, in the order they ended: when each
-    # embedding call and commit ran, against the last parse (bench/ingest.py --timeline)
+    # the timed blocks of the stages that run a few times per checkpoint, not per file, as (stage, start, end) in
+    # time.perf_counter() seconds, in the order they ended: when each embedding call and commit ran, against the
+    # last parse (bench/ingest.py --timeline)
     events: list[tuple[str, float, float]] = field(default_factory=list)
 
     @contextlib.contextmanager
     def timing(self, stage: str) -> Iterator[None]:
-        """Add the block's seconds to ``stage`` (also when it raises), and the block to ``events``."""
+        """Add the block's seconds to ``stage`` (also when it raises), and the block to ``events`` unless the
+        stage is timed for every file."""
         started = time.perf_counter()
         try:
             yield
         finally:
             ended = time.perf_counter()
             self.stages[stage] = self.stages.get(stage, 0.0) + ended - started
-            self.events.append((stage, started, ended))
+            if stage not in _PER_FILE_STAGES:  # a million files would keep millions of them
+                self.events.append((stage, started, ended))
 
     def count(self, status: Status) -> int:
         return sum(1 for o in self.outcomes if o.status == status)

@@ -573,6 +573,16 @@ def test_an_error_while_hashing_stops_the_run_and_leaves_no_thread(
     assert no_pipeline_threads_left()
 
 
+def test_the_report_keeps_each_embedding_call_and_commit_but_no_event_per_file(app: Zhiku, tmp_path: Path) -> None:
+    write_docs(tmp_path / "docs", 6)
+    app.settings.ingest.commit_every = 2
+    report = ingest(app, tmp_path / "docs")
+    stages = [stage for stage, _, _ in report.events]
+    assert stages.count("commit") >= 3 and "embed" in stages and stages.count("parse") == 1
+    assert stages[-1] == "index" and all(start <= end for _, start, end in report.events)
+    assert report.stages["hash"] > 0 and not {"hash", "send_wait"} & set(stages)  # timed, but no event per file
+
+
 def test_a_rerun_looks_stored_versions_up_in_blocks_and_handles_each_kind_of_file(
     app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -501,8 +501,19 @@ def small_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
 @pytest.fixture(scope="module")
 def large_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """Its index file (~250 KB) is far larger than the pages one small commit writes (~60 KB)."""
-    return _build_kb(tmp_path_factory.mktemp("large-kb"), 160)
+    """Its index file (~250 KB) is far larger than the pages one small commit writes (~60 KB): its docstore is
+    rebuilt with the 4 KiB pages of the bases made before 2026-12-04. With the 32 KiB pages of a new base, one
+    small commit writes about 300 KB, and a file size limit under the index file's would stop the commit first."""
+    import sqlite3
+
+    config, data, docs = _build_kb(tmp_path_factory.mktemp("large-kb"), 160)
+    with contextlib.closing(sqlite3.connect(data / "kb" / KB / "docstore.sqlite")) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")  # a WAL database keeps its page size
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA journal_mode=WAL")
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    return config, data, docs
 
 
 def _copy(template: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:

@@ -164,6 +164,9 @@ def batches(values: Sequence[Any]) -> Iterator[tuple[list[Any], str]]:
         yield part, ",".join("?" * len(part))
 
 
+# a FileRecord's columns, in its order
+_SELECT_FILES = "SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files"
+
 # the fewest variables a statement may bind in any SQLite build (the default before 3.32)
 _MAX_VARIABLES = 999
 
@@ -289,17 +292,12 @@ class Docstore:
         """The records of those of ``paths`` the base holds, by path."""
         found: dict[str, FileRecord] = {}
         for part, marks in batches(paths):
-            rows = self.conn.execute(
-                f"SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files WHERE path IN ({marks})",
-                part,
-            )
+            rows = self.conn.execute(f"{_SELECT_FILES} WHERE path IN ({marks})", part)
             found.update((r[0], FileRecord(*r)) for r in rows)
         return found
 
     def files(self) -> list[FileRecord]:
-        rows = self.conn.execute(
-            "SELECT path, sha256, size, pages, chunks, encoding, ingested_at FROM files ORDER BY path"
-        ).fetchall()
+        rows = self.conn.execute(f"{_SELECT_FILES} ORDER BY path").fetchall()
         return [FileRecord(*r) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -437,13 +435,6 @@ class Docstore:
         return problems
 
     # ----- writing (inside the caller's transaction) --------------------------------------------
-    def held_paths(self, paths: Sequence[str]) -> set[str]:
-        """Those of ``paths`` the base holds a version of."""
-        held: set[str] = set()
-        for part, marks in batches(paths):
-            held.update(r[0] for r in self.conn.execute(f"SELECT path FROM files WHERE path IN ({marks})", part))
-        return held
-
     def text_ids_of_files(self, paths: Sequence[str]) -> set[int]:
         ids: set[int] = set()
         for part, marks in batches(paths):

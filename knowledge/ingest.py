@@ -532,6 +532,17 @@ _GROUP_LINGER_S = 0.5
 _MAX_IN_FLIGHT = 16_384
 
 
+def _put_unless_stopped(q: queue.Queue[Any], item: object, stop: threading.Event) -> bool:
+    """Put ``item`` on ``q``, waiting for room as long as ``stop`` is not set; False if it was set first."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _texts_in(item: _Entry | _Checkpoint) -> int:
     return len(item.item.parsed.embed_texts) if isinstance(item, _Entry) and isinstance(item.item, _Put) else 0
 
@@ -656,13 +667,8 @@ class _Pipeline:
             self.stop.set()
 
     def _put(self, q: queue.Queue[_Entry | _Checkpoint], item: _Entry | _Checkpoint) -> None:
-        while not self.stop.is_set():
-            try:
-                q.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-        raise _Cancelled
+        if not _put_unless_stopped(q, item, self.stop):
+            raise _Cancelled
 
     def _get(self, q: queue.Queue[_Entry | _Checkpoint], timeout: float | None = None) -> _Entry | _Checkpoint:
         """The next item; queue.Empty after ``timeout`` seconds (None: wait as long as the run goes on)."""
@@ -1030,12 +1036,7 @@ class Ingestor:
         stop = threading.Event()
 
         def put(item: _Hashed | BaseException | None) -> None:
-            while not stop.is_set():
-                try:
-                    done.put(item, timeout=_POLL_S)
-                    return
-                except queue.Full:
-                    continue
+            _put_unless_stopped(done, item, stop)  # stopped: the reader is gone
 
         def work() -> None:
             try:

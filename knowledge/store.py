@@ -898,7 +898,7 @@ class Transaction:
         paths = [record.path for record, _ in files]
         if len(set(paths)) < len(paths):
             raise ValueError("a file given twice to put_files: store its versions in separate calls")
-        held = self._docstore.held_paths(paths)
+        held = set(self._docstore.file_records(paths))
         if held:
             self._remove_files(sorted(held))
         new = self._docstore.insert_files(files, vectors, self.generation)

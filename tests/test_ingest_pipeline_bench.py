@@ -25,6 +25,7 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
         "--rounds",
         "2",
         "--timeline",
+        "--spread",
         str(tmp_path / "docs"),
         env={"ZHIKU_DATA_DIR": str(tmp_path / "unused")},
     )
@@ -58,10 +59,13 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
     for n, line in enumerate(lines[6:8], 1):  # parse-only and whole, alternating, with the process's CPU time
         assert re.fullmatch(
             rf"round {n}: parse-only [\d.]+ chunks/s \([\d.]+ s, this process [\d.]+ CPU s\), whole [\d.]+ chunks/s "
-            r"\([\d.]+ s, this process [\d.]+ CPU s\), whole / parse-only [\d.]+",
+            r"\([\d.]+ s, this process [\d.]+ CPU s, ended [\d.]+ s after its last parse\), whole / parse-only [\d.]+",
             line,
         ), line
-    assert re.fullmatch(r"whole / parse-only: median [\d.]+ of 2 rounds", lines[8]), lines[8]
+    assert re.fullmatch(
+        r"whole / parse-only: median [\d.]+ of 2 rounds; the whole ingest ended a median [\d.]+ s after its last parse",
+        lines[8],
+    ), lines[8]
     timeline = re.fullmatch(r"last round, seconds from the last parse \(stage start\+duration\): (.*)", lines[9])
     assert timeline, lines[9]
     steps = [
@@ -73,6 +77,17 @@ def test_the_ingest_benchmark_prints_parse_embed_and_whole_rates(tmp_path: Path)
     # the run ends with the index file, after the last commit, which follows the last embedding call
     assert names[-2:] == ["index", "end"] and "commit" in names and "embed" in names, names
     assert len(lines) == 10, lines
+
+
+def test_spread_puts_each_non_text_file_before_an_even_share_of_the_text_files() -> None:
+    from bench.ingest import spread
+
+    pdfs = [Path(f"p{n}.pdf") for n in range(3)]
+    texts = [Path(f"t{n}.txt") for n in range(6)] + [Path("t6.md")]
+    p0, p1, p2 = pdfs
+    t0, t1, t2, t3, t4, t5, t6 = texts
+    assert spread([*pdfs, *texts]) == [p0, t0, t1, p1, t2, t3, p2, t4, t5, t6]
+    assert spread(texts) == texts and spread(pdfs) == pdfs
 
 
 def test_the_commit_benchmark_prints_a_rate_per_page_size() -> None:

@@ -25,6 +25,7 @@ sliding-window attention) run through a plain one-request-at-a-time loop over th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -32,6 +33,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -260,6 +262,8 @@ class DecodeEngine:
         self._runner: _Runner | None = None
         self._inflight: _Launched | None = None  # a step sent to the device whose tokens are not delivered yet
         self._hold = threading.Lock()  # held by the worker during each iteration; hold() pauses it
+        self._shut = False  # shutdown() was called: no more requests
+        self._exit_hook = False  # shutdown() is registered to run at interpreter exit
         _warn_ignored_generation_config(model, name)
 
     # --- consumer side -------------------------------------------------------------------------------------
@@ -282,12 +286,30 @@ class DecodeEngine:
             )
         req = _Request(prompt, max_new_tokens, stop_ids, sampling or Sampling())
         with self._cv:
+            if self._shut:
+                raise RuntimeError(f"{self.name}: the decode engine was shut down")
             self._pending.append(req)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._run, name=f"decode-{self.name}", daemon=True)
                 self._worker.start()
+                if not self._exit_hook:
+                    # a daemon worker still inside a torch operation while the interpreter tears down aborts the
+                    # process ("terminate called without an active exception"): a CLI chat that has printed its
+                    # answer, a bench. A weak reference: the hook keeps no model alive.
+                    atexit.register(_shutdown_engine, weakref.ref(self))
+                    self._exit_hook = True
             self._cv.notify()
         return TokenStream(self, req)
+
+    def shutdown(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Stop the worker after its current step and wait for it; requests not finished end with an error, and
+        new ones are refused. Run at interpreter exit for every engine that started a worker."""
+        with self._cv:
+            self._shut = True
+            worker = self._worker
+            self._cv.notify_all()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
     def _cancel(self, req: _Request) -> None:
         req.cancelled = True
@@ -310,10 +332,20 @@ class DecodeEngine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._pending and not self._active and self._inflight is None:
+                    while not self._shut and not self._pending and not self._active and self._inflight is None:
                         if not self._cv.wait(IDLE_EXIT_S) and not self._pending:
                             self._worker = None
                             return
+                    shut = self._shut
+                    if shut:
+                        waiting = list(self._pending)
+                        self._pending.clear()
+                        self._worker = None
+                if shut:
+                    self._inflight = None
+                    error = RuntimeError(f"{self.name}: the decode engine was shut down")
+                    self._fail([*self._active, *waiting], self._runner, error)
+                    return
                 with self._hold:
                     try:
                         self._iterate()
@@ -418,6 +450,12 @@ class DecodeEngine:
                 fused_step=self.fused_step,
             )
         return _SerialRunner(self.model)
+
+
+def _shutdown_engine(ref: weakref.ref[DecodeEngine]) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
 
 
 # --- picking tokens --------------------------------------------------------------------------------------------

@@ -276,6 +276,41 @@ def test_the_idle_worker_ends_and_comes_back(folders: dict[str, Path], monkeypat
     assert list(engine.submit(prompt, max_new_tokens=5)) == first
 
 
+def test_shutdown_ends_the_worker_and_its_requests_and_is_registered_for_interpreter_exit(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon worker still inside a torch operation when the interpreter tears down aborts the process
+    ("terminate called without an active exception": bench/chat.py in CI, once its last reply was read). So the
+    first worker of each engine registers the engine's shutdown at exit, through a weak reference."""
+    import gc
+    import threading
+
+    tiny = _load(folders["llama"], "llama")
+    hooks: list[tuple[Any, tuple[Any, ...]]] = []
+    monkeypatch.setattr(decode.atexit, "register", lambda func, *args: hooks.append((func, args)))
+    engine = DecodeEngine(tiny.model, window=256)
+    prompt = tiny.prompt(PROMPTS[0])
+    with engine.hold():  # the worker waits at its first step
+        running = engine.submit(prompt, max_new_tokens=50)
+        stopper = threading.Thread(target=engine.shutdown)
+        stopper.start()
+        deadline = time.monotonic() + 10
+        while not engine._shut and time.monotonic() < deadline:
+            time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="shut down") as raised:
+        list(running)
+    stopper.join(10)
+    assert not stopper.is_alive() and engine._worker is None
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.submit(prompt, max_new_tokens=5)
+    assert len(hooks) == 1
+    hook, args = hooks[0]
+    hook(*args)  # at exit, on an engine already shut down: nothing to do
+    del engine, running, raised
+    gc.collect()
+    assert args[0]() is None  # the hook kept no engine (nor its model) alive
+
+
 def test_requests_that_do_not_fit_are_refused(folders: dict[str, Path]) -> None:
     tiny = _load(folders["llama"], "llama")
     engine = DecodeEngine(tiny.model, window=256)

@@ -138,10 +138,16 @@ def spread(files: list[Path]) -> list[Path]:
     return out
 
 
+def last_parse(events: list[tuple[str, float, float]]) -> float | None:
+    """When the last parse ended (None without one)."""
+    parses = [end for stage, _, end in events if stage == "parse"]
+    return parses[-1] if parses else None
+
+
 def after_last_parse(events: list[tuple[str, float, float]]) -> float:
     """Seconds from the end of the last parse to the end of the run (0 without a parse)."""
-    parses = [end for stage, _, end in events if stage == "parse"]
-    return max(e for _, _, e in events) - parses[-1] if parses else 0.0
+    last = last_parse(events)
+    return 0.0 if last is None else max(e for _, _, e in events) - last
 
 
 def run(
@@ -212,10 +218,9 @@ def run(
 def tail(events: list[tuple[str, float, float]], before: float = 1.0) -> str:
     """The embedding calls, commits and index write that end after ``before`` seconds before the last parse,
     as ``stage start+seconds`` against the moment the last file was parsed, and the run's end."""
-    parses = [end for stage, _, end in events if stage == "parse"]
-    if not parses:
+    last = last_parse(events)
+    if last is None:
         return ""
-    last = parses[-1]
     shown = [
         f"{stage} {start - last:+.2f}+{end - start:.2f}"
         for stage, start, end in sorted(events, key=lambda e: e[1])

@@ -3,9 +3,12 @@ API keys, who owns which base) read and written that way."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,6 +39,53 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+WRITEBACK_EVERY = 8 << 20  # bytes written between two writeback requests
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writing the range's dirty pages, do not wait
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """Linux's sync_file_range(2) from the C library (Python's os lacks it), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def writing_back(fh: BinaryIO, every: int = WRITEBACK_EVERY) -> Callable[[bytes], int]:
+    """``fh.write`` for a large file written from its start, which also has the kernel start writing each
+    ``every`` bytes to disk once they are written (Linux; elsewhere plain ``fh.write``). The fsync that ends
+    :func:`atomic_write` then waits for the last piece, not the whole file: ``bench/index_write.py`` saved an 80 MB
+    vector index, the end of every bulk ingest of ~26 k chunks, in a median 0.038-0.062 s instead of 0.060-0.091 s
+    (2-core machine, ext4; 4 runs of 10 saves each). The fsync still decides durability; this only starts the disk
+    earlier."""
+    start_writeback = _sync_file_range()
+    try:
+        fd = fh.fileno()
+    except (AttributeError, OSError, ValueError):  # no file of the OS's underneath (io.UnsupportedOperation)
+        start_writeback = None
+    if start_writeback is None:
+        return fh.write
+    pending = [0, 0]  # [offset of the bytes not yet handed to writeback, their count]
+
+    def write(data: bytes) -> int:
+        n = fh.write(data)
+        pending[1] += n
+        if pending[1] >= every:
+            fh.flush()  # the bytes must be the kernel's before it can write them
+            start_writeback(fd, pending[0], pending[1], _SYNC_FILE_RANGE_WRITE)  # a failure: the fsync waits longer
+            pending[0] += pending[1]
+            pending[1] = 0
+        return n
+
+    return write
 
 
 def read_json_object(path: Path, error: type[ZhikuError]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
-from common.files import atomic_write
+from common.files import atomic_write, writing_back
 
 
 class VectorIndexError(Exception):
@@ -132,8 +132,8 @@ def _save_faiss_file(index: Any, path: Path) -> None:
 
     def write(fh: BinaryIO) -> None:
         # streamed in 1 MB pieces: serialize_index().tobytes() makes three whole copies first (a 1 M x 768 base:
-        # 3 GB), and was half of the index write at the end of an ingest
-        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
+        # 3 GB), and was half of the index write at the end of an ingest; the disk starts on them as they come
+        faiss.write_index(index, faiss.PyCallbackIOWriter(writing_back(fh)))
 
     atomic_write(path, write)
 

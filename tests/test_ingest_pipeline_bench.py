@@ -100,3 +100,11 @@ def test_the_commit_benchmark_prints_a_rate_per_page_size() -> None:
             line,
         )
         assert rate and float(rate.group(1)) > 0, line
+
+
+def test_the_index_write_benchmark_prints_both_saves() -> None:
+    lines = run_bench("index_write.py", "--rows", "300", "--dim", "16", "--repeats", "2")
+    assert lines[0] == "index write benchmark: 300 x 16 flat index, 0 MB, 2 saves each", lines
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["writing back", "plain"], lines
+    for line in lines[1:]:
+        assert re.search(r"median [\d.]+ s \([\d.]+-[\d.]+\), \d+ MB/s$", line), line

@@ -4,12 +4,17 @@ picks the backend, and the HNSW index keeps its tombstones and its recall."""
 
 from __future__ import annotations
 
+import io
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
 
+from common import files
 from knowledge import vectors
 from knowledge.vectors import FaissIndex, FaissKind, HnswIndex, HnswKind, VectorIndexError, VectorIndexKind
 from tests.vector_index_contract import DIM, VectorIndexContract, random_vectors, unit
@@ -176,9 +181,6 @@ def test_a_disk_full_while_the_index_file_is_streamed_is_an_os_error_and_keeps_t
     """The file is streamed through faiss's writer: a failed write must come out as the OSError it is (what the
     store reports as a save error), with the older file whole and no temp file left."""
     import errno
-    from typing import BinaryIO
-
-    from common import files
 
     kind = make()
     index = kind.create(DIM)
@@ -207,3 +209,44 @@ def test_a_disk_full_while_the_index_file_is_streamed_is_an_os_error_and_keeps_t
     assert raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and len(kind.load(path)) == 100
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_large_file_is_handed_to_the_disk_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``every`` bytes written, the kernel is asked to start writing them (contiguous ranges, each already
+    in the file when asked); the file holds exactly what was written. A handle without an OS file, or a system
+    without the call, writes plainly."""
+    requests: list[tuple[int, int, int]] = []
+
+    def recording(fd: int, offset: int, count: int, flags: int) -> int:
+        assert os.fstat(fd).st_size >= offset + count, "asked before the bytes reached the kernel"
+        requests.append((offset, count, flags))
+        return 0
+
+    monkeypatch.setattr(files, "_sync_file_range", lambda: recording)
+    pieces = [bytes([n]) * 3 for n in range(10)]
+    target = tmp_path / "big.bin"
+
+    def write(fh: BinaryIO) -> None:
+        write_piece = files.writing_back(fh, every=8)
+        for piece in pieces:
+            assert write_piece(piece) == 3
+
+    files.atomic_write(target, write)
+    assert target.read_bytes() == b"".join(pieces)
+    assert requests == [(0, 9, 2), (9, 9, 2), (18, 9, 2)]  # the last 3 bytes: left to the fsync
+
+    assert files.writing_back(io.BytesIO()) is not None  # no fileno: plain writes
+    monkeypatch.setattr(files, "_sync_file_range", lambda: None)
+    with open(tmp_path / "plain.bin", "wb") as fh:
+        assert files.writing_back(fh) == fh.write
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_the_writeback_call_is_the_c_librarys(tmp_path: Path) -> None:
+    start_writeback = files._sync_file_range()
+    assert start_writeback is not None
+    with open(tmp_path / "f.bin", "wb") as fh:
+        fh.write(b"x" * 10_000)
+        fh.flush()
+        assert start_writeback(fh.fileno(), 0, 10_000, 2) == 0
+        assert start_writeback(-1, 0, 10, 2) == -1  # a bad descriptor is refused, not ignored: the call is real

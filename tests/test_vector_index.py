@@ -235,7 +235,8 @@ def test_a_large_file_is_handed_to_the_disk_as_it_is_written(tmp_path: Path, mon
     assert target.read_bytes() == b"".join(pieces)
     assert requests == [(0, 9, 2), (9, 9, 2), (18, 9, 2)]  # the last 3 bytes: left to the fsync
 
-    assert files.writing_back(io.BytesIO()) is not None  # no fileno: plain writes
+    buffer = io.BytesIO()
+    assert files.writing_back(buffer) == buffer.write  # no OS file underneath: plain writes
     monkeypatch.setattr(files, "_sync_file_range", lambda: None)
     with open(tmp_path / "plain.bin", "wb") as fh:
         assert files.writing_back(fh) == fh.write

@@ -212,6 +212,22 @@ def test_a_run_freezes_its_start_objects_and_hands_the_interpreter_lock_over_qui
     assert (gc.get_freeze_count(), sys.getswitchinterval()) == (before, interval) and before == 0
 
 
+def test_parsing_alone_is_tuned_as_a_run_is_until_it_ends(app: Zhiku, tmp_path: Path) -> None:
+    """Parse-only is what a run's rate is measured against: the same collector and switch interval."""
+    import gc
+    import sys
+
+    files = write_docs(tmp_path / "docs", 3)
+    before, interval = gc.get_freeze_count(), sys.getswitchinterval()
+    with app.open_kb("t", create=True) as kb:
+        seen = [
+            (type(result).__name__, gc.get_freeze_count() > before, sys.getswitchinterval())
+            for result in app.ingestor(kb).parse(files)
+        ]
+    assert seen == [("ParsedFile", True, ingest_module._SWITCH_INTERVAL_S)] * 3
+    assert (gc.get_freeze_count(), sys.getswitchinterval()) == (before, interval)
+
+
 def test_overlapping_runs_keep_the_process_tuned_until_the_last_one_ends() -> None:
     """Runs in one process share the collector's frozen set and the switch interval: the first to end leaves
     them to the other."""

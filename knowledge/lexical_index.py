@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS texts_fts USING fts5(tokens, tokenize = "unicode61 remove_diacritics 0");
 """
 FTS_TABLE = "lexical.texts_fts"  # how docstore queries name the table on an attached connection
+# FTS5's automerge: merge this many segments of a level into one of the next as commits add more (its default).
+# A bulk ingest sets 0: each commit only adds its segment, and FTS5 still merges a level at 16 (crisismerge)
+_AUTOMERGE = 4
 _MEMORY_SCHEMA = SCHEMA.replace("IF NOT EXISTS ", "IF NOT EXISTS lexical.")
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,8 @@ class LexicalIndex:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
             self._conn.execute("ATTACH DATABASE ? AS doc", (reader_uri(root / DB_NAME, "ro"),))
+            if self._automerge() != _AUTOMERGE:  # a bulk ingest that never ended (killed) left it off
+                self._set_automerge(_AUTOMERGE)
         except BaseException:
             self._conn.close()
             raise
@@ -133,6 +138,11 @@ class LexicalIndex:
         if self._queue is not None:  # already inside one
             yield
             return
+        # no merging while the commits come. This thread (FTS5, ~60 us a text) is often the last to finish an
+        # ingest, and merging is ~15 % of its CPU: 26 k texts took a median 1.22 CPU s instead of 1.41 (2-core
+        # machine); 15 ingests of 26 k chunks on the H200 box, each paired with one that merged, ended a median
+        # 0.13 s sooner, sooner in 11. The segments left are merged as later commits write
+        self._try_set_automerge(0)
         changes: queue.Queue[_Change | None] = queue.Queue()
         self._queue = changes
         thread = threading.Thread(target=self._drain, args=(changes,), name="lexical-index", daemon=True)
@@ -143,6 +153,22 @@ class LexicalIndex:
             changes.put(None)
             thread.join()
             self._queue = None
+            self._try_set_automerge(_AUTOMERGE)
+
+    def _automerge(self) -> int:
+        row = self._conn.execute("SELECT v FROM texts_fts_config WHERE k = 'automerge'").fetchone()
+        return _AUTOMERGE if row is None else int(row[0])  # no row: FTS5's default
+
+    def _set_automerge(self, pages: int) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("INSERT INTO texts_fts(texts_fts, rank) VALUES('automerge', ?)", (pages,))
+
+    def _try_set_automerge(self, pages: int) -> None:
+        """A setting for speed only: a failure to write it is logged, and the ingest goes on."""
+        try:
+            self._set_automerge(pages)
+        except (sqlite3.Error, OSError) as err:
+            log.warning("the BM25 index of %s: could not set automerge to %d (%s)", self.root.name, pages, err)
 
     def _drain(self, changes: queue.Queue[_Change | None]) -> None:
         warned = False

@@ -99,6 +99,54 @@ def test_a_bulk_write_indexes_on_a_thread_of_its_own_and_is_whole_when_it_ends(
     assert threads[-1] == threading.current_thread().name  # a single write indexes at once
 
 
+def automerge(root: Path) -> int:
+    """FTS5's automerge setting in the base's BM25 index (never set: FTS5's default, 4)."""
+    conn = sqlite3.connect(root / LEXICAL_DB)
+    try:
+        row = conn.execute("SELECT v FROM texts_fts_config WHERE k = 'automerge'").fetchone()
+        return 4 if row is None else int(row[0])
+    finally:
+        conn.close()
+
+
+def test_a_bulk_write_leaves_merging_to_the_end_and_puts_it_back(kb: KnowledgeBase, tmp_path: Path) -> None:
+    assert automerge(tmp_path / "kb") == 4
+    with kb.deferred_index():
+        put(kb, "/a.txt", [YANGTZE])
+        during = automerge(tmp_path / "kb")
+        put(kb, "/b.txt", [YELLOW])
+    assert (during, automerge(tmp_path / "kb")) == (0, 4)
+    assert found(kb, "长江") == {YANGTZE} and found(kb, "黄河") == {YELLOW}
+
+
+def test_a_bulk_write_that_was_killed_leaves_merging_off_until_the_next_writer_opens(
+    kb: KnowledgeBase, tmp_path: Path
+) -> None:
+    put(kb, "/a.txt", [YANGTZE])
+    conn = sqlite3.connect(tmp_path / "kb" / LEXICAL_DB)
+    with conn:  # as a killed ingest leaves it
+        conn.execute("INSERT INTO texts_fts(texts_fts, rank) VALUES('automerge', 0)")
+    conn.close()
+    kb.close()
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    assert automerge(tmp_path / "kb") == 4
+    assert found(kb, "长江") == {YANGTZE}
+    kb.close()
+
+
+def test_a_bulk_write_whose_merge_setting_cannot_be_written_goes_on(
+    kb: KnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: LexicalIndex, pages: int) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(LexicalIndex, "_set_automerge", broken)
+    with caplog.at_level(logging.WARNING), kb.deferred_index():
+        put(kb, "/a.txt", [YANGTZE])
+    assert caplog.text.count("could not set automerge") == 2  # off at the start, back at the end
+    assert found(kb, "长江") == {YANGTZE} and kb.check() == []
+
+
 @pytest.mark.parametrize("then", ["next write", "reopen"])
 def test_a_failed_index_update_loses_nothing_and_is_caught_up(
     kb: KnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, then: str

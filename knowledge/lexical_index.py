@@ -102,7 +102,7 @@ class LexicalIndex:
             self._conn.executescript(SCHEMA)
             self._conn.execute("ATTACH DATABASE ? AS doc", (reader_uri(root / DB_NAME, "ro"),))
             if self._automerge() != _AUTOMERGE:  # a bulk ingest that never ended (killed) left it off
-                self._set_automerge(_AUTOMERGE)
+                self._try_set_automerge(_AUTOMERGE)
         except BaseException:
             self._conn.close()
             raise
@@ -159,16 +159,16 @@ class LexicalIndex:
         row = self._conn.execute("SELECT v FROM texts_fts_config WHERE k = 'automerge'").fetchone()
         return _AUTOMERGE if row is None else int(row[0])  # no row: FTS5's default
 
-    def _set_automerge(self, pages: int) -> None:
+    def _set_automerge(self, segments: int) -> None:
         with self._lock, self._conn:
-            self._conn.execute("INSERT INTO texts_fts(texts_fts, rank) VALUES('automerge', ?)", (pages,))
+            self._conn.execute("INSERT INTO texts_fts(texts_fts, rank) VALUES('automerge', ?)", (segments,))
 
-    def _try_set_automerge(self, pages: int) -> None:
-        """A setting for speed only: a failure to write it is logged, and the ingest goes on."""
+    def _try_set_automerge(self, segments: int) -> None:
+        """A setting for speed only: a failure to write it is logged, and the ingest (or the open) goes on."""
         try:
-            self._set_automerge(pages)
+            self._set_automerge(segments)
         except (sqlite3.Error, OSError) as err:
-            log.warning("the BM25 index of %s: could not set automerge to %d (%s)", self.root.name, pages, err)
+            log.warning("the BM25 index of %s: could not set automerge to %d (%s)", self.root.name, segments, err)
 
     def _drain(self, changes: queue.Queue[_Change | None]) -> None:
         warned = False

@@ -68,6 +68,13 @@ def fail_updates(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LexicalIndex, "_apply", broken)
 
 
+def fail_automerge(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: LexicalIndex, segments: int) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(LexicalIndex, "_set_automerge", broken)
+
+
 def test_the_index_follows_every_commit(kb: KnowledgeBase, tmp_path: Path) -> None:
     put(kb, "/a.txt", [YANGTZE])
     put(kb, "/b.txt", [YELLOW])
@@ -134,11 +141,7 @@ def test_a_bulk_write_that_was_killed_leaves_merging_off_until_the_next_writer_o
     conn.close()
     kb.close()
     if setting == "unwritable":  # a setting for speed only: the base opens all the same
-
-        def broken(self: LexicalIndex, segments: int) -> None:
-            raise sqlite3.OperationalError("disk I/O error")
-
-        monkeypatch.setattr(LexicalIndex, "_set_automerge", broken)
+        fail_automerge(monkeypatch)
     with caplog.at_level(logging.WARNING):
         kb = KnowledgeBase.open(tmp_path / "kb")
     assert automerge(tmp_path / "kb") == (4 if setting == "written" else 0)
@@ -150,10 +153,7 @@ def test_a_bulk_write_that_was_killed_leaves_merging_off_until_the_next_writer_o
 def test_a_bulk_write_whose_merge_setting_cannot_be_written_goes_on(
     kb: KnowledgeBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(self: LexicalIndex, segments: int) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(LexicalIndex, "_set_automerge", broken)
+    fail_automerge(monkeypatch)
     with caplog.at_level(logging.WARNING), kb.deferred_index():
         put(kb, "/a.txt", [YANGTZE])
     assert caplog.text.count("could not set automerge") == 2  # off at the start, back at the end

@@ -11,7 +11,7 @@ sentence-transformers gives for a few probe texts (see PROBE_MIN_COSINE), checke
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -166,11 +166,26 @@ class FastSentenceTransformer:
         encodings = self._encode_batch(texts)
         return one_sequence_each([np.asarray(e.ids, dtype=np.int64) for e in encodings])
 
-    def encode(self, texts: Sequence[str], task: Task, dim: int, progress: Progress | None = None) -> np.ndarray:
+    def encode(
+        self,
+        texts: Sequence[str],
+        task: Task,
+        dim: int,
+        progress: Progress | None = None,
+        ready: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """``ready``: texts already tokenised (text -> ids, :meth:`tokenise`'s), taken as they are."""
         import torch
 
+        def tokenise(batch: list[str]) -> Tokenised:
+            if not ready:
+                return self.tokenise(batch, task)
+            todo = [t for t in batch if t not in ready]
+            fresh = dict(zip(todo, self.tokenise(todo, task).ids, strict=True)) if todo else {}
+            return one_sequence_each([ready[t] if t in ready else fresh[t] for t in batch])
+
         try:
-            return self.encoder.encode(texts, lambda batch: self.tokenise(batch, task), dim, progress)
+            return self.encoder.encode(texts, tokenise, dim, progress)
         except torch.OutOfMemoryError as err:
             raise RuntimeError(
                 f"the GPU ran out of memory embedding batches of {self.encoder.token_budget} tokens; "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -128,6 +128,26 @@ class Embedder(Protocol):
 
     def embed_query(self, text: str) -> np.ndarray:
         """(dim,) float32, L2-normalised."""
+        ...
+
+
+@runtime_checkable
+class Pretokenising(Protocol):
+    """An embedder whose tokenising can run ahead of its embedding calls. A GPU ingest tokenises each file's
+    texts as it arrives, in a thread of its own, so that an embedding call finds them ready: the device then
+    waits for no tokeniser, and the tokenising is spread over the whole parse instead of falling inside each
+    call (where it held the device back: bench/README.md)."""
+
+    def tokenise_documents(self, texts: Sequence[str]) -> list[Any] | None:
+        """One opaque item per text for :meth:`embed_tokenised`; None when this embedder cannot (its own
+        ``embed_documents`` tokenises)."""
+        ...
+
+    def embed_tokenised(
+        self, texts: Sequence[str], tokens: Mapping[str, Any], progress: Progress | None = None
+    ) -> np.ndarray:
+        """``embed_documents(texts)``, taking each text's tokens from ``tokens`` (text -> an item of
+        :meth:`tokenise_documents`) where there, tokenising the rest."""
         ...
 
 
@@ -379,6 +399,16 @@ class SentenceTransformerEmbedder:
         if self._fast is not None:
             return np.asarray(self._fast.encode(texts, "document", self.dim, progress), dtype=np.float32)
         return embed_in_length_order(texts, self._encode, self.batch_size, self.dim, progress)
+
+    def tokenise_documents(self, texts: Sequence[str]) -> list[Any] | None:
+        return None if self._fast is None else self._fast.tokenise(list(texts), "document").ids
+
+    def embed_tokenised(
+        self, texts: Sequence[str], tokens: Mapping[str, Any], progress: Progress | None = None
+    ) -> np.ndarray:
+        if self._fast is None:
+            return self.embed_documents(texts, progress)
+        return np.asarray(self._fast.encode(texts, "document", self.dim, progress, ready=tokens), dtype=np.float32)
 
     def embed_query(self, text: str) -> np.ndarray:
         if self._fast is not None:

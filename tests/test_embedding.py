@@ -198,6 +198,38 @@ def test_fast_path_keeps_the_models_prompt_and_pooling(tmp_path: Path, bert_dir:
     assert float((emb.embed_documents(texts) * expected).sum(axis=1).min()) >= 0.999
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_texts_tokenised_ahead_give_the_vectors_of_raw_texts(tmp_path: Path, bert_dir: Path, packed: bool) -> None:
+    """An ingest tokenises texts before their embedding call: the call takes those tokens as they are (the
+    model's document prompt included), tokenises only the others, and gives the same vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(bert_dir), device="cpu")
+    st.prompts = {"query": "", "document": "北京："}
+    st.save(str(tmp_path / "prompted"))
+    emb = SentenceTransformerEmbedder(
+        str(tmp_path / "prompted"), device="cpu", max_seq_length=64, token_budget=128, packed=packed
+    )
+    texts = varied_texts(40, seed=2)
+    expected = emb.embed_documents(texts)
+    tokens = emb.tokenise_documents(texts)
+    assert tokens is not None and len(tokens) == len(texts)
+    half = {t: ids for t, ids in list(zip(texts, tokens, strict=True))[::2]}
+    tokenised_in_call: list[str] = []
+    real_tokenise = emb._fast.tokenise
+
+    def tokenise(batch: list[str], task: Any) -> Any:
+        tokenised_in_call.extend(batch)
+        return real_tokenise(batch, task)
+
+    emb._fast.tokenise = tokenise
+    np.testing.assert_allclose(emb.embed_tokenised(texts, half), expected, atol=1e-6)
+    assert sorted(tokenised_in_call) == sorted(texts[1::2])  # the others only
+    tokenised_in_call.clear()
+    np.testing.assert_allclose(emb.embed_tokenised(texts, dict(zip(texts, tokens, strict=True))), expected, atol=1e-6)
+    assert tokenised_in_call == []
+
+
 def test_models_the_fast_path_cannot_reproduce_use_encode(tmp_path: Path, bert_dir: Path) -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
@@ -211,6 +243,8 @@ def test_models_the_fast_path_cannot_reproduce_use_encode(tmp_path: Path, bert_d
     reference = SentenceTransformer(str(tmp_path / "max"), device="cpu")
     expected = reference.encode_document(texts, normalize_embeddings=True, show_progress_bar=False)
     np.testing.assert_allclose(emb.embed_documents(texts), expected, atol=1e-5)
+    assert emb.tokenise_documents(texts) is None  # encode tokenises: nothing to do ahead
+    np.testing.assert_allclose(emb.embed_tokenised(texts, {}), expected, atol=1e-5)
 
 
 def test_batches_fit_the_token_budget_in_length_order() -> None:

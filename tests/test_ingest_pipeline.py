@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +285,27 @@ def test_small_checkpoints_are_embedded_together_and_committed_one_by_one(
     assert len(transactions) == 4  # one checkpoint per file, as configured
 
 
+class PretokenisingEmbedder(HashingEmbedder):
+    """Tokenises ahead (a Pretokenising embedder, as the GPU fast path is): records which thread tokenised how
+    many texts, and how many texts each embedding call found tokenised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenised: list[tuple[str, int]] = []  # (thread name, texts)
+        self.ready: list[tuple[int, int]] = []  # per embedding call: (texts, of them tokenised ahead)
+
+    def tokenise_documents(self, texts: Sequence[str]) -> list[Any] | None:
+        self.tokenised.append((threading.current_thread().name, len(texts)))
+        return [("tokens of", t) for t in texts]
+
+    def embed_tokenised(
+        self, texts: Sequence[str], tokens: Mapping[str, Any], progress: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        assert all(tokens[t] == ("tokens of", t) for t in tokens), "tokens handed to another text's call"
+        self.ready.append((len(texts), sum(t in tokens for t in texts)))
+        return self.embed_documents(texts, progress)
+
+
 class FailingEmbedder(HashingEmbedder):
     """Fails on any batch holding a text with the marker, like a model that chokes on one input."""
 
@@ -294,10 +315,60 @@ class FailingEmbedder(HashingEmbedder):
         return super().embed_documents(texts, progress)
 
 
-def test_a_file_the_embedder_fails_on_fails_alone_with_its_name(
+class FailingPretokenisingEmbedder(PretokenisingEmbedder, FailingEmbedder):
+    """The same failure, its texts tokenised ahead."""
+
+
+def test_texts_are_tokenised_ahead_in_a_thread_of_their_own_and_the_embedder_takes_those_tokens(
     app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    embedder = FailingEmbedder()
+    embedder = PretokenisingEmbedder()
+    use_embedder(app, monkeypatch, embedder)
+    app.settings.ingest.commit_every = 2
+    write_docs(tmp_path / "docs", 6, paragraphs=3)
+    report = ingest(app, tmp_path / "docs")
+    assert (report.failures, report.count("added")) == ([], 6)
+    assert {name for name, _ in embedder.tokenised} == {"ingest-tokenise"}
+    with app.open_kb("t") as kb:
+        texts = kb.counts()["vectors"]
+        assert texts == report.chunks_added >= 6 and kb.check() == []
+    assert sum(n for _, n in embedder.tokenised) == texts  # each once
+    assert sum(n for n, _ in embedder.ready) == embedder.calls == texts
+    assert all(n == ahead for n, ahead in embedder.ready)  # every text came tokenised
+    assert "tokenise" in report.stages
+    assert no_pipeline_threads_left()
+
+
+@pytest.mark.parametrize("how", ["cannot", "fails"])
+def test_an_embedder_that_cannot_or_fails_to_tokenise_ahead_tokenises_in_its_calls(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """None: it is asked once, and never again. An error: those texts are tokenised by their embedding call."""
+    embedder = PretokenisingEmbedder()
+    asked: list[int] = []
+
+    def tokenise(texts: Sequence[str]) -> list[Any] | None:
+        asked.append(len(texts))
+        if how == "fails":
+            raise ValueError("a text the tokenizer chokes on")
+        return None
+
+    monkeypatch.setattr(embedder, "tokenise_documents", tokenise)
+    use_embedder(app, monkeypatch, embedder)
+    app.settings.ingest.commit_every = 1
+    monkeypatch.setattr(ingest_module, "_TOKENISE_TEXTS", 1)  # a call per file, were they all asked
+    write_docs(tmp_path / "docs", 4)
+    report = ingest(app, tmp_path / "docs")
+    assert (report.failures, report.count("added"), embedder.calls) == ([], 4, 4)
+    assert len(asked) == (1 if how == "cannot" else 4)
+    assert sum(ahead for _, ahead in embedder.ready) == 0  # every text tokenised in its embedding call
+
+
+@pytest.mark.parametrize("failing", [FailingEmbedder, FailingPretokenisingEmbedder], ids=["plain", "tokenised-ahead"])
+def test_a_file_the_embedder_fails_on_fails_alone_with_its_name(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: type[HashingEmbedder]
+) -> None:
+    embedder = failing()
     use_embedder(app, monkeypatch, embedder)
     app.settings.ingest.commit_every = 3
     docs = tmp_path / "docs"

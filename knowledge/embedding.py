@@ -133,10 +133,11 @@ class Embedder(Protocol):
 
 @runtime_checkable
 class Pretokenising(Protocol):
-    """An embedder whose tokenising can run ahead of its embedding calls. A GPU ingest tokenises each file's
-    texts as it arrives, in a thread of its own, so that an embedding call finds them ready: the device then
-    waits for no tokeniser, and the tokenising is spread over the whole parse instead of falling inside each
-    call (where it held the device back: bench/README.md)."""
+    """An embedder whose tokenising can run ahead of its embedding calls (the fast path of
+    :class:`SentenceTransformerEmbedder`). An ingest tokenises each file's texts as it arrives, in a thread of its
+    own, so that an embedding call finds them ready: the device then waits for no tokeniser, and the tokenising
+    is spread over the whole parse instead of falling inside each call, where it held an H200 back
+    (bench/README.md)."""
 
     def tokenise_documents(self, texts: Sequence[str]) -> list[Any] | None:
         """One opaque item per text for :meth:`embed_tokenised`; None when this embedder cannot (its own

@@ -137,11 +137,11 @@ class Pretokenising(Protocol):
     :class:`SentenceTransformerEmbedder`). An ingest tokenises each file's texts as it arrives, in a thread of its
     own, so that an embedding call finds them ready: the device then waits for no tokeniser, and the tokenising
     is spread over the whole parse instead of falling inside each call, where it held an H200 back
-    (bench/README.md)."""
+    (bench/README.md). :meth:`tokenise_documents` then runs while embedding calls run: it must be thread-safe."""
 
     def tokenise_documents(self, texts: Sequence[str]) -> list[Any] | None:
         """One opaque item per text for :meth:`embed_tokenised`; None when this embedder cannot (its own
-        ``embed_documents`` tokenises)."""
+        ``embed_documents`` tokenises). An ingest asks with no texts first, to know."""
         ...
 
     def embed_tokenised(

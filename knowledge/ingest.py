@@ -535,6 +535,7 @@ _GROUP_LINGER_S = 0.5
 # are still ready long before their embedding call, which waits for 2,048
 _TOKENISE_TEXTS = 512
 _TOKENISE_LINGER_S = 0.1
+_TOKENISE_FAILURES = 3  # calls that fail before a run stops tokenising ahead (its embedding calls tokenise then)
 # chunks parsed and not yet committed: what bounds the run's memory (about 100 MB of texts, tokens and vectors).
 # Room for several checkpoints, so that the parsers go on while a commit or an embedding call takes its time (H200,
 # 25,983 chunks: parsers waited 1.0 s of a 6.7 s ingest with room for about 5,000)
@@ -554,6 +555,17 @@ def _put_unless_stopped(q: queue.Queue[Any], item: object, stop: threading.Event
 
 def _texts_in(item: _Entry | _Checkpoint) -> int:
     return len(item.item.parsed.embed_texts) if isinstance(item, _Entry) and isinstance(item.item, _Put) else 0
+
+
+def _tokenising_ahead(embedder: Embedder) -> Pretokenising | None:
+    """``embedder`` where it tokenises ahead (it says so for no texts), else None."""
+    if not isinstance(embedder, Pretokenising):
+        return None
+    try:
+        return embedder if embedder.tokenise_documents([]) is not None else None
+    except Exception as err:  # noqa: BLE001 - its embedding calls tokenise: the ingest goes on without this
+        log.warning("the embedder cannot tokenise ahead of its embedding calls: %s", _one_line(err))
+        return None
 
 
 def _is_last(item: _Entry | _Checkpoint) -> bool:
@@ -596,15 +608,15 @@ class _Pipeline:
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.committed = -1  # number of the last checkpoint committed (written by the commit thread only)
-        self.embed_lock = threading.Lock()  # one embedding call at a time: embedders need not be thread-safe
+        # one embedding call at a time: embedders need not be thread-safe (a Pretokenising one's tokenising must)
+        self.embed_lock = threading.Lock()
         self.checkpoint = 0
         self.in_checkpoint = 0
         self.threads = [
             threading.Thread(target=self._guard, args=(self._embed_stage,), name="ingest-embed", daemon=True),
             threading.Thread(target=self._guard, args=(self._commit_stage,), name="ingest-commit", daemon=True),
         ]
-        embedder = ingestor.embedder
-        self.tokeniser = embedder if isinstance(embedder, Pretokenising) else None
+        self.tokeniser = _tokenising_ahead(ingestor.embedder)
         if self.tokeniser is not None:
             self.threads.append(
                 threading.Thread(target=self._guard, args=(self._tokenise_stage,), name="ingest-tokenise", daemon=True)
@@ -727,34 +739,45 @@ class _Pipeline:
 
     # ----- the tokenise stage -----
     def _tokenise_stage(self) -> None:
-        assert self.tokeniser is not None
-        able = True  # until the embedder says it cannot (tokenise_documents gives None)
+        failures = 0
         while True:
             items = self._gather(self.to_tokenise, _TOKENISE_TEXTS, _TOKENISE_TEXTS, _TOKENISE_LINGER_S)
             puts = [item for item in items if isinstance(item, _Entry) and isinstance(item.item, _Put)]
             wanted = {h: t for entry in puts for h, t in _put_of(entry).parsed.embed_texts.items()}
-            if able and wanted:
+            if failures < _TOKENISE_FAILURES and wanted:
                 with self.report.timing("tokenise"):
-                    tokens = self._tokenise(list(wanted.values()))
-                able = tokens is not None
-                if tokens:
-                    by_hash = dict(zip(wanted, tokens, strict=True))
+                    # only the texts the base lacks (an edited file's others are stored): the embed stage asks too
+                    hashes = sorted(wanted.keys() - self.ingestor.kb.known_hashes(wanted))
+                    tokens = self._tokenise([wanted[h] for h in hashes])
+                if tokens is None:
+                    failures += 1
+                else:
+                    by_hash = dict(zip(hashes, tokens, strict=True))
                     for entry in puts:
-                        entry.tokens = {h: by_hash[h] for h in _put_of(entry).parsed.embed_texts}
+                        texts = _put_of(entry).parsed.embed_texts
+                        entry.tokens = {h: by_hash[h] for h in texts if h in by_hash}
             for item in items:
                 self._put(self.to_embed, item)
             if _is_last(items[-1]):
                 return
 
     def _tokenise(self, texts: list[str]) -> list[Any] | None:
-        """The texts' tokens; [] when tokenising them failed: their embedding call tokenises them again, and a
-        file it fails on fails alone, with its name."""
+        """The texts' tokens (none to tokenise: []); None when tokenising them failed: their embedding call
+        tokenises them again, and a file it fails on fails alone, with its name."""
         assert self.tokeniser is not None
-        try:
-            return self.tokeniser.tokenise_documents(texts)
-        except Exception as err:  # noqa: BLE001 - left to the embedding call, which says which file it was
-            log.debug("tokenising ahead failed (%s); the embedding call tokenises these texts", _one_line(err))
+        if not texts:
             return []
+        try:
+            tokens = self.tokeniser.tokenise_documents(texts)
+            if tokens is None or len(tokens) != len(texts):
+                raise ValueError(f"{0 if tokens is None else len(tokens)} results for {len(texts)} texts")
+            return tokens
+        except Exception as err:  # noqa: BLE001 - left to the embedding call, which says which file it was
+            log.warning(
+                "tokenising texts ahead of their embedding failed; their embedding call tokenises them: %s",
+                _one_line(err),
+            )
+            return None
 
     # ----- the embed stage -----
     def _embed_stage(self) -> None:

@@ -328,7 +328,7 @@ def test_texts_are_tokenised_ahead_in_a_thread_of_their_own_and_the_embedder_tak
     write_docs(tmp_path / "docs", 6, paragraphs=3)
     report = ingest(app, tmp_path / "docs")
     assert (report.failures, report.count("added")) == ([], 6)
-    assert {name for name, _ in embedder.tokenised} == {"ingest-tokenise"}
+    assert {name for name, n in embedder.tokenised if n} == {"ingest-tokenise"}
     with app.open_kb("t") as kb:
         texts = kb.counts()["vectors"]
         assert texts == report.chunks_added >= 6 and kb.check() == []
@@ -339,29 +339,59 @@ def test_texts_are_tokenised_ahead_in_a_thread_of_their_own_and_the_embedder_tak
     assert no_pipeline_threads_left()
 
 
-@pytest.mark.parametrize("how", ["cannot", "fails"])
+@pytest.mark.parametrize("how", ["cannot", "fails", "miscounts"])
 def test_an_embedder_that_cannot_or_fails_to_tokenise_ahead_tokenises_in_its_calls(
-    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """None: it is asked once, and never again. An error: those texts are tokenised by their embedding call."""
+    """None for no texts: it is asked that once, and the run starts no tokenise thread. An error (or a result
+    per text missing): those texts are tokenised by their embedding call, and after a few such calls the run
+    stops asking."""
     embedder = PretokenisingEmbedder()
     asked: list[int] = []
 
     def tokenise(texts: Sequence[str]) -> list[Any] | None:
         asked.append(len(texts))
-        if how == "fails":
+        if how == "cannot":
+            return None
+        if how == "fails" and texts:
             raise ValueError("a text the tokenizer chokes on")
-        return None
+        return [("tokens of", t) for t in texts[1:]]  # miscounts: one result short
 
     monkeypatch.setattr(embedder, "tokenise_documents", tokenise)
     use_embedder(app, monkeypatch, embedder)
     app.settings.ingest.commit_every = 1
     monkeypatch.setattr(ingest_module, "_TOKENISE_TEXTS", 1)  # a call per file, were they all asked
-    write_docs(tmp_path / "docs", 4)
+    write_docs(tmp_path / "docs", 6)
     report = ingest(app, tmp_path / "docs")
-    assert (report.failures, report.count("added"), embedder.calls) == ([], 4, 4)
-    assert len(asked) == (1 if how == "cannot" else 4)
-    assert sum(ahead for _, ahead in embedder.ready) == 0  # every text tokenised in its embedding call
+    assert (report.failures, report.count("added"), embedder.calls) == ([], 6, 6)
+    # the question with no texts, then (fails, miscounts) three failing calls of the six files' texts
+    assert asked == ([0] if how == "cannot" else [0, 1, 1, 1])
+    assert embedder.ready == []  # nothing came tokenised: embed_documents embedded every text
+    assert ("tokenise" in report.stages) is (how != "cannot")
+    warned = [r.getMessage() for r in caplog.records if "tokenising texts ahead" in r.getMessage()]
+    assert len(warned) == (0 if how == "cannot" else 3)
+
+
+def test_a_rerun_tokenises_ahead_only_the_texts_the_base_lacks(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embedder = PretokenisingEmbedder()
+    use_embedder(app, monkeypatch, embedder)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    paragraphs = [f"第{j}段。" + "长江是中国最长的河流，全长约六千三百公里。" * 12 for j in range(4)]
+    (docs / "long.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    first = ingest(app, docs)
+    stored = embedder.calls
+    assert first.count("added") == 1 and stored >= 4  # a text per paragraph at least
+    embedder.tokenised.clear()
+    embedder.calls = 0
+    (docs / "long.txt").write_text("\n\n".join([*paragraphs[:-1], "最后一段改了。"]), encoding="utf-8")
+    again = ingest(app, docs)
+    assert again.count("updated") == 1
+    # the texts it still shares with its stored version were neither tokenised nor embedded again
+    assert 0 < embedder.calls < stored
+    assert sum(n for _, n in embedder.tokenised) == embedder.calls
 
 
 @pytest.mark.parametrize("failing", [FailingEmbedder, FailingPretokenisingEmbedder], ids=["plain", "tokenised-ahead"])
@@ -376,6 +406,8 @@ def test_a_file_the_embedder_fails_on_fails_alone_with_its_name(
     bad = docs / "坏文件.txt"
     bad.write_text("这是一个坏段落，模型处理不了。", encoding="utf-8")
     report = ingest(app, docs)
+    if isinstance(embedder, PretokenisingEmbedder):  # the good files' texts came tokenised, also file by file
+        assert embedder.ready and all(n == ahead for n, ahead in embedder.ready)
     [failure] = report.failures
     assert failure.path == str(bad.resolve())
     assert failure.reason.startswith("坏文件.txt: the embedding model failed on this file (RuntimeError: CUDA")
@@ -395,14 +427,16 @@ def test_a_file_the_embedder_fails_on_fails_alone_with_its_name(
         assert str(bad.resolve()) not in {f.path for f in kb.files()} and kb.check() == []
 
 
+@pytest.mark.parametrize("kind", [HashingEmbedder, PretokenisingEmbedder], ids=["plain", "tokenised-ahead"])
 def test_a_commit_error_stops_every_stage_and_is_raised(
-    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: type[HashingEmbedder]
 ) -> None:
     import sqlite3
 
     import knowledge.store as store
     from knowledge.store import StoreError
 
+    use_embedder(app, monkeypatch, kind())
     app.settings.ingest.commit_every = 2
     write_docs(tmp_path / "docs", 8)
     real_put = store.Transaction.put_files
@@ -438,7 +472,11 @@ class InterruptPlugin:
         register(".stop", interrupting_loader)
 
 
-def test_ctrl_c_keeps_what_was_committed_and_a_rerun_converges(app: Zhiku, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", [HashingEmbedder, PretokenisingEmbedder], ids=["plain", "tokenised-ahead"])
+def test_ctrl_c_keeps_what_was_committed_and_a_rerun_converges(
+    app: Zhiku, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: type[HashingEmbedder]
+) -> None:
+    use_embedder(app, monkeypatch, kind())
     app.plugins.register(InterruptPlugin())
     app.settings.ingest.commit_every = 2
     docs = tmp_path / "docs"

@@ -557,6 +557,11 @@ def _texts_in(item: _Entry | _Checkpoint) -> int:
     return len(item.item.parsed.embed_texts) if isinstance(item, _Entry) and isinstance(item.item, _Put) else 0
 
 
+def _puts(items: list[_Entry | _Checkpoint]) -> list[_Entry]:
+    """The entries of files to store (not failed files' drops, nor checkpoint marks)."""
+    return [item for item in items if isinstance(item, _Entry) and isinstance(item.item, _Put)]
+
+
 def _tokenising_ahead(embedder: Embedder) -> Pretokenising | None:
     """``embedder`` where it tokenises ahead (it says so for no texts), else None."""
     if not isinstance(embedder, Pretokenising):
@@ -742,7 +747,7 @@ class _Pipeline:
         failures = 0
         while True:
             items = self._gather(self.to_tokenise, _TOKENISE_TEXTS, _TOKENISE_TEXTS, _TOKENISE_LINGER_S)
-            puts = [item for item in items if isinstance(item, _Entry) and isinstance(item.item, _Put)]
+            puts = _puts(items)
             wanted = {h: t for entry in puts for h, t in _put_of(entry).parsed.embed_texts.items()}
             if failures < _TOKENISE_FAILURES and wanted:
                 with self.report.timing("tokenise"):
@@ -787,7 +792,7 @@ class _Pipeline:
             group = self._gather(self.to_embed, _GROUP_MIN_TEXTS, _GROUP_MAX_TEXTS, _GROUP_LINGER_S)
             for h in [h for h, (_, number) in recent.items() if number <= self.committed]:
                 del recent[h]  # in the docstore now
-            self._embed_group([g for g in group if isinstance(g, _Entry) and isinstance(g.item, _Put)], recent)
+            self._embed_group(_puts(group), recent)
             for item in group:
                 if isinstance(item, _Entry) and item.failed:
                     self._release([item])
